@@ -1,0 +1,202 @@
+"""The search supernet (SPEC sections 1, 3 and 5) for the three edge kinds.
+
+``SearchNetwork(C=16, num_classes=10, layers=8, edge="adarts", k=4)``:
+input ``(B, 3, H, W)`` (H, W divisible by 4 so that both reductions halve evenly),
+output logits ``(B, num_classes)``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn.edges import AttentionMixedOp, MixedOp, PartialMixedOp
+from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
+from .genotypes import Genotype
+
+EDGES = ("adarts", "pcdarts", "darts")
+
+
+def _make_edge(kind: str, C: int, stride: int, k: int) -> nn.Module:
+    if kind == "adarts":
+        return AttentionMixedOp(C, stride, k)
+    if kind == "pcdarts":
+        return PartialMixedOp(C, stride, k)
+    return MixedOp(C, stride)
+
+
+def num_edges(steps: int) -> int:
+    """Edges of a cell with ``steps`` intermediate nodes: node i takes i + 2 inputs."""
+    return sum(2 + i for i in range(steps))
+
+
+def normalized_betas(beta: torch.Tensor, steps: int) -> torch.Tensor:
+    """Edge normalisation: softmax of beta over the edges entering each node.
+
+    ``beta: (num_edges,) -> (num_edges,)``; node i's edges are the next ``i + 2`` entries.
+    """
+    parts, start = [], 0
+    for i in range(steps):
+        n = 2 + i
+        parts.append(F.softmax(beta[start:start + n], dim=-1))
+        start += n
+    return torch.cat(parts)
+
+
+class SearchCell(nn.Module):
+    """A supernet cell: 2 inputs ``(B, C_pp, H, W)``, ``(B, C_p, H, W)`` -> ``(B, 4C, H', W')``."""
+
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, edge, k):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(_make_edge(edge, C, stride, k))
+
+    def forward(self, s0, s1, weights, edge_weights: Optional[torch.Tensor]):
+        s0 = self.preprocess0(s0)
+        s1 = self.preprocess1(s1)
+        states = [s0, s1]
+        offset = 0
+        for _ in range(self._steps):
+            if edge_weights is None:
+                s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            else:
+                s = sum(self._ops[offset + j](h, weights[offset + j], edge_weights[offset + j])
+                        for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """The search supernet: stem Conv3x3(3 -> stem_multiplier*C) + BN, ``layers`` cells
+    (reductions at ``layers//3`` and ``2*layers//3``), global average pool, linear classifier.
+
+    ``edge``: ``"adarts"`` (attention-selected partial channels), ``"pcdarts"`` (first C/k
+    channels + shuffle) or ``"darts"`` (all channels). ADARTS and PC-DARTS use edge
+    normalisation (beta); DARTS has no beta.
+
+    Architecture parameters: ``alphas_normal``, ``alphas_reduce`` ``(14, 8)`` and, except for
+    DARTS, ``betas_normal``, ``betas_reduce`` ``(14,)``, initialised ``1e-3 * randn``. They are
+    registered parameters (saved in ``state_dict``, seen by data parallelism) but kept apart
+    from the weights: use :meth:`weight_parameters` and :meth:`arch_parameters`.
+    """
+
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3):
+        super().__init__()
+        if edge not in EDGES:
+            raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
+        if edge != "darts" and (C % k != 0):
+            raise ValueError(f"C={C} channels are not divisible by k={k}")
+        if layers < 1 or C < 1 or num_classes < 1:
+            raise ValueError(f"C, num_classes and layers must be positive, got C={C}, "
+                             f"num_classes={num_classes}, layers={layers}")
+        self._C, self._num_classes, self._layers = C, num_classes, layers
+        self._steps, self._multiplier = steps, multiplier
+        self.edge, self.k = edge, k
+
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, edge, k)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        n_edges, n_ops = num_edges(steps), len(PRIMITIVES)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        if edge != "darts":
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+        else:
+            self.betas_normal = self.betas_reduce = None
+        self._arch_names = {"alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"}
+
+    # -- parameter groups ---------------------------------------------------------------
+    def arch_parameters(self) -> List[nn.Parameter]:
+        """The alpha and beta tensors only."""
+        return [p for p in (self.alphas_normal, self.alphas_reduce, self.betas_normal, self.betas_reduce)
+                if p is not None]
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Every network weight (attention MLPs included), no architecture parameter."""
+        for name, p in self.named_parameters():
+            if name not in self._arch_names:
+                yield p
+
+    def new_arch_like(self) -> "SearchNetwork":
+        """A fresh network of the same configuration with this one's architecture parameters."""
+        net = SearchNetwork(self._C, self._num_classes, self._layers, self.edge, self.k, self._steps,
+                            self._multiplier).to(self.alphas_normal.device)
+        with torch.no_grad():
+            for a, b in zip(net.arch_parameters(), self.arch_parameters()):
+                a.copy_(b)
+        return net
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, 3, H, W)`` -> logits ``(B, num_classes)``."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"SearchNetwork: expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(f"SearchNetwork: H and W must be divisible by 4 (two reductions), got {tuple(x.shape)}")
+        w_normal = F.softmax(self.alphas_normal, dim=-1)
+        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        if self.betas_normal is not None:
+            e_normal = normalized_betas(self.betas_normal, self._steps)
+            e_reduce = normalized_betas(self.betas_reduce, self._steps)
+        else:
+            e_normal = e_reduce = None
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1))
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``self(x)`` against ``target: (B,)`` int64."""
+        return F.cross_entropy(self(x), target)
+
+    # -- derivation ---------------------------------------------------------------------
+    def edge_weights(self, reduce: bool) -> torch.Tensor:
+        """``(14, 8)``: softmax(alpha), times the node-normalised beta where the edge has one."""
+        alpha = self.alphas_reduce if reduce else self.alphas_normal
+        beta = self.betas_reduce if reduce else self.betas_normal
+        w = F.softmax(alpha.detach(), dim=-1)
+        if beta is not None:
+            w = w * normalized_betas(beta.detach(), self._steps)[:, None]
+        return w
+
+    def genotype(self) -> Genotype:
+        """Derive the discrete cell (SPEC section 3)."""
+        from .genotypes import derive
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return Genotype(
+            normal=derive(self.edge_weights(False), self._steps), normal_concat=concat,
+            reduce=derive(self.edge_weights(True), self._steps), reduce_concat=concat,
+        )
