@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Retrain driver: train the network of a genotype from scratch and report test accuracy.
+
+    python python/retrain.py --genotype runs/search-digits-adarts/genotype.json
+    python python/retrain.py --dataset cifar10 --data ~/data --genotype ADARTS_V1   # SPEC section 1
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adarts_kernels.data import DataError  # noqa: E402
+from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
+from adarts_kernels.nas.train import RETRAIN_PRESETS, RetrainConfig, run_retrain  # noqa: E402
+
+
+def main(argv=None):
+    d = RetrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--genotype", default=d.genotype,
+                   help=f"a published cell ({', '.join(sorted(PUBLISHED))}) or the path of a genotype.json")
+    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"])
+    p.add_argument("--data", default=None, metavar="DIR")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--out", default=None, help="run directory (default runs/retrain-<dataset>)")
+    p.add_argument("--preset", default=None, choices=sorted(RETRAIN_PRESETS),
+                   help="darts: C=36, 20 cells, 600 epochs, auxiliary, drop-path 0.3, cutout 16; "
+                        "digits: the small default for the embedded data set")
+    p.add_argument("--C", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--auxiliary", dest="auxiliary", action="store_true", default=None)
+    p.add_argument("--no-auxiliary", dest="auxiliary", action="store_false")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--cutout", type=int, default=None, help="cutout length (0: off)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use at most N images of each split (quick smoke runs)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = RetrainConfig(
+        genotype=a.genotype, dataset=a.dataset, data=a.data, download=a.download,
+        out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C, layers=a.layers,
+        batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary, drop_path=a.drop_path,
+        cutout=a.cutout, limit=a.limit, seed=a.seed, device=a.device, progress=not a.no_progress, resume=a.resume)
+    try:
+        run_retrain(cfg)
+    except (DataError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Architecture search driver: ADARTS (default), PC-DARTS or DARTS.
+
+    python python/search.py                                   # digits, embedded, no download
+    python python/search.py --dataset cifar10 --data ~/data   # SPEC section 4 defaults
+    python python/search.py --dataset cifar10 --data ~/data --preset pcdarts --edge pcdarts
+    python python/search.py ... --resume                      # continue an interrupted run
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adarts_kernels.data import DataError  # noqa: E402
+from adarts_kernels.nas.train import SEARCH_PRESETS, SearchConfig, run_search  # noqa: E402
+
+
+def main(argv=None):
+    d = SearchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"])
+    p.add_argument("--data", default=None, metavar="DIR", help="root holding cifar-10-batches-py / cifar-100-python")
+    p.add_argument("--download", action="store_true", help="download CIFAR into --data if missing")
+    p.add_argument("--out", default=None, help="run directory (default runs/search-<dataset>-<edge>)")
+    p.add_argument("--preset", default=None, choices=sorted(SEARCH_PRESETS),
+                   help="adarts: SPEC defaults (batch 64, lr 0.025, 80 epochs); pcdarts: batch 256, lr 0.1, "
+                        "50 epochs; digits: the small default for the embedded data set")
+    p.add_argument("--edge", default=d.edge, choices=["adarts", "pcdarts", "darts"])
+    p.add_argument("--k", type=int, default=d.k, help="1/k of the channels go through the candidates")
+    p.add_argument("--C", type=int, default=None, help="initial channels")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="weight lr (default: the preset's, scaled linearly "
+                                                          "with the batch size)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs without architecture updates")
+    p.add_argument("--unrolled", action="store_true", help="second-order architecture gradient")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use at most N images of each split (quick smoke runs)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    cfg = SearchConfig(
+        dataset=a.dataset, data=a.data, download=a.download,
+        out=a.out or os.path.join("runs", f"search-{a.dataset}-{a.edge}"), preset=a.preset, edge=a.edge, k=a.k,
+        C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
+        warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, limit=a.limit, seed=a.seed, device=a.device,
+        progress=not a.no_progress, resume=a.resume)
+    try:
+        result = run_search(cfg)
+    except (DataError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"genotype written to {os.path.join(result['out'], 'genotype.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
