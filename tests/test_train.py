@@ -1,0 +1,623 @@
+"""Search / retrain loops (adarts_kernels.nas.train), the Architect and the CLI drivers.
+
+Every run uses a tiny slice of the embedded digits data (``limit=32`` images per split,
+8x8 images, C=4, 3 cells, batch 16) so that one epoch takes about a second on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adarts_kernels.data import DataError
+from adarts_kernels.nas import genotypes as G
+from adarts_kernels.nas import train as train_mod
+from adarts_kernels.nas.architect import Architect
+from adarts_kernels.nas.search_model import SearchNetwork
+from adarts_kernels.nas.train import RetrainConfig, SearchConfig, run_retrain, run_search
+from adarts_kernels.utils import io as io_mod
+from adarts_kernels.utils.io import load_checkpoint, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+N_EDGES, N_OPS = 14, 8
+
+TINY_SEARCH = dict(dataset="digits", image_size=8, limit=32, C=4, layers=3, batch_size=16, epochs=1,
+                   warmup_epochs=0, progress=False, device="cpu")
+TINY_RETRAIN = dict(dataset="digits", image_size=8, limit=32, C=4, layers=3, batch_size=16, epochs=1,
+                    auxiliary=False, progress=False, device="cpu")
+
+
+def search_cfg(out, **kw) -> SearchConfig:
+    return SearchConfig(out=str(out), **{**TINY_SEARCH, **kw})
+
+
+def retrain_cfg(out, **kw) -> RetrainConfig:
+    return RetrainConfig(out=str(out), **{**TINY_RETRAIN, **kw})
+
+
+def initial_arch(cfg: SearchConfig) -> dict:
+    """The architecture parameters run_search starts from (same seed, same construction)."""
+    c = cfg.resolved()
+    torch.manual_seed(c.seed)
+    net = SearchNetwork(c.C, 10, c.layers, edge=c.edge, k=c.k)
+    return {n: p.detach().clone() for n, p in net.named_parameters() if n in ARCH_NAMES}
+
+
+def assert_tree_equal(a, b, where="") -> None:
+    """Bitwise equality of nested dicts / lists / tensors / plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def load_driver(name: str):
+    path = REPO / "python" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_adarts_driver_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Interrupted(Exception):
+    """Raised by an on_epoch_end hook to simulate a run killed after an epoch."""
+
+
+def interrupt_after(epoch_to_stop: int):
+    def hook(epoch, rec):
+        assert rec["epoch"] == epoch + 1
+        if epoch == epoch_to_stop:
+            raise Interrupted(f"stopped after epoch {epoch}")
+    return hook
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These networks are tiny: one intra-op thread is as fast as two, and immune to the
+    huge slow-downs of an oversubscribed CPU (OpenMP spin-waits when other processes run)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def search_runs(tmp_path_factory):
+    """Memoised tiny searches: ``search_runs(**overrides) -> out dir`` (each runs once)."""
+    cache = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("search")
+            run_search(search_cfg(out, **kw))
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def two_epoch_search(search_runs):
+    """The uninterrupted reference for the resume tests: adarts, 2 epochs."""
+    return search_runs(edge="adarts", epochs=2)
+
+
+@pytest.fixture(scope="module")
+def retrain_pc_darts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("retrain")
+    result = run_retrain(retrain_cfg(out, genotype="PC_DARTS"))
+    return out, result
+
+
+# ----------------------------------------------------------------------------- 1. search outputs
+
+@pytest.mark.parametrize("edge", ["adarts", "pcdarts", "darts"])
+def test_one_epoch_search_writes_outputs_and_moves_arch(search_runs, edge):
+    out = search_runs(edge=edge)
+    assert sorted(os.listdir(out)) == ["cells.png", "checkpoint.pt", "genotype.json", "log.jsonl"]
+
+    # log.jsonl: one record per epoch
+    recs = read_jsonl(out / "log.jsonl")
+    assert len(recs) == 1
+    rec = recs[0]
+    for key in ("epoch", "train_loss", "train_acc", "valid_acc", "genotype", "normal_skip_connect",
+                "alpha_normal", "alpha_reduce"):
+        assert key in rec, key
+    assert rec["epoch"] == 1
+    assert rec["train_loss"] > 0 and 0 <= rec["train_acc"] <= 100 and 0 <= rec["valid_acc"] <= 100
+    assert rec["arch_loss"] is not None and rec["arch_loss"] > 0  # architecture steps did run
+    for key in ("alpha_normal", "alpha_reduce"):
+        alpha = torch.tensor(rec[key], dtype=torch.float64)
+        assert alpha.shape == (N_EDGES, N_OPS)
+        assert torch.allclose(alpha.sum(1), torch.ones(N_EDGES, dtype=torch.float64), atol=1e-5)
+        assert (alpha > 0).all()
+    if edge == "darts":
+        assert "beta_normal" not in rec and "beta_reduce" not in rec
+    else:
+        for key in ("beta_normal", "beta_reduce"):
+            beta = torch.tensor(rec[key], dtype=torch.float64)
+            assert beta.shape == (N_EDGES,)
+            start = 0
+            for node in range(4):  # normalised over the edges entering each node
+                n = 2 + node
+                assert beta[start:start + n].sum().item() == pytest.approx(1.0, abs=1e-5)
+                start += n
+
+    # genotype.json, consistent with the log
+    geno = G.load(str(out / "genotype.json"))
+    assert G.to_dict(geno) == rec["genotype"]
+    assert rec["normal_skip_connect"] == G.count_skips(geno.normal)
+    assert len(geno.normal) == 8 and len(geno.reduce) == 8
+
+    # cells.png
+    with open(out / "cells.png", "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+    # checkpoint layout
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["kind"] == "search" and ckpt["epoch"] == 0
+    assert ckpt["config"]["edge"] == edge and ckpt["config"]["C"] == 4 and ckpt["config"]["limit"] == 32
+    assert ckpt["genotype"] == rec["genotype"]
+    assert without_seconds(ckpt["history"]) == without_seconds(recs)
+    for key in ("w_opt", "a_opt", "sched", "rng"):
+        assert key in ckpt
+
+    # the architecture moved away from its initial values (warm-up 0: arch steps ran)
+    init = initial_arch(search_cfg(out, edge=edge))
+    assert set(init) == ({"alphas_normal", "alphas_reduce"} if edge == "darts" else set(ARCH_NAMES))
+    for name, p0 in init.items():
+        p = ckpt["model"][name]
+        assert p.shape == p0.shape
+        assert not torch.equal(p, p0), f"{name} unchanged by the search"
+    # and the logged alpha is the softmax of the saved one
+    assert torch.allclose(torch.tensor(rec["alpha_normal"]), F.softmax(ckpt["model"]["alphas_normal"], -1),
+                          atol=1e-6)
+
+
+def test_warmup_covering_all_epochs_leaves_arch_untouched(tmp_path):
+    cfg = search_cfg(tmp_path, edge="pcdarts", epochs=1, warmup_epochs=1)
+    run_search(cfg)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    init = initial_arch(cfg)
+    assert set(init) == set(ARCH_NAMES)
+    for name, p0 in init.items():
+        assert torch.equal(ckpt["model"][name], p0), f"{name} changed during warm-up"
+    # ... while the weights were trained
+    torch.manual_seed(cfg.seed)
+    fresh = SearchNetwork(4, 10, 3, edge="pcdarts").state_dict()
+    assert not torch.equal(ckpt["model"]["stem.0.weight"], fresh["stem.0.weight"])
+    rec = read_jsonl(tmp_path / "log.jsonl")[0]
+    assert rec["arch_loss"] is None
+    assert ckpt["a_opt"]["state"] == {}  # Adam never stepped
+
+
+# ----------------------------------------------------------------------------- 2. second order
+
+def test_second_order_search_runs_and_moves_arch(search_runs):
+    out = search_runs(edge="adarts", unrolled=True)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["config"]["unrolled"] is True
+    init = initial_arch(search_cfg(out, edge="adarts"))
+    first = load_checkpoint(search_runs(edge="adarts") / "checkpoint.pt")
+    for name, p0 in init.items():
+        p = ckpt["model"][name]
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, p0), f"{name} unchanged by the second-order search"
+    # the unrolled step really is a different update than the first-order one
+    assert any(not torch.equal(ckpt["model"][n], first["model"][n]) for n in init)
+    assert len(read_jsonl(out / "log.jsonl")) == 1
+    G.load(str(out / "genotype.json"))
+
+
+def _batches(n=8, size=8, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.randn(n, 3, size, size, generator=g).to(dtype)
+    yt = torch.randint(0, 10, (n,), generator=g)
+    xv = torch.randn(n, 3, size, size, generator=g).to(dtype)
+    yv = torch.randint(0, 10, (n,), generator=g)
+    return xt, yt, xv, yv
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["first", "second"])
+@pytest.mark.parametrize("edge", ["adarts", "darts"])
+def test_architect_step_changes_only_arch_parameters(edge, unrolled):
+    torch.manual_seed(0)
+    model = SearchNetwork(4, 10, 3, edge=edge)
+    model.train()
+    xt, yt, xv, yv = _batches()
+    w_opt = torch.optim.SGD(model.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
+    # one weight step so that the momentum buffers exist (the unrolled step reads them)
+    w_opt.zero_grad()
+    model.loss(xt, yt).backward()
+    w_opt.step()
+    w_opt.zero_grad(set_to_none=True)
+
+    arch = Architect(model, lr=0.01, unrolled=unrolled)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n not in ARCH_NAMES}
+    alphas = {n: p.detach().clone() for n, p in model.named_parameters() if n in ARCH_NAMES}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    momenta = [w_opt.state[p]["momentum_buffer"].clone() for p in model.weight_parameters()]
+
+    loss = arch.step(xt, yt, xv, yv, eta=0.05, weight_optimizer=w_opt)
+    assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss)
+
+    for n, p in model.named_parameters():
+        if n in ARCH_NAMES:
+            assert not torch.equal(p.detach(), alphas[n]), f"arch parameter {n} not updated"
+        else:
+            assert torch.equal(p.detach(), weights[n]), f"weight {n} changed by the architecture step"
+    for m0, p in zip(momenta, model.weight_parameters()):
+        assert torch.equal(w_opt.state[p]["momentum_buffer"], m0), "momentum buffer changed"
+    if unrolled:  # the look-ahead and finite differences run forwards; buffers must be restored
+        for n, b in model.named_buffers():
+            assert torch.equal(b, buffers[n]), f"buffer {n} not restored after the unrolled step"
+
+
+def _smooth(model: nn.Module) -> nn.Module:
+    """ReLU -> Softplus, MaxPool -> AvgPool: a twice-differentiable network, so that the
+    finite-difference Hessian-vector product converges (ReLU kinks are ~1e-6 away in a
+    random supernet, which a perturbation of size R=0.01 crosses)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(mod, name, nn.Softplus(beta=2.0))
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(mod, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                count_include_pad=False))
+    return model
+
+
+@pytest.mark.parametrize("edge", ["darts", "pcdarts"])
+def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
+    torch.manual_seed(0)
+    model = SearchNetwork(4, 10, 3, edge=edge)
+    with torch.no_grad():
+        for a in model.arch_parameters():
+            a.normal_(0.0, 1.0)
+    xt, yt, xv, yv = _batches()
+    params = model.arch_parameters()
+    expected = torch.autograd.grad(model.loss(xv, yv), params)
+    assert any(e.abs().max() > 0 for e in expected)
+
+    arch = Architect(model, unrolled=True)
+    for a in params:
+        a.grad = None
+    arch._unrolled_grads(xt, yt, xv, yv, 0.0, None)
+    for a, e in zip(params, expected):
+        torch.testing.assert_close(a.grad, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("edge", ["darts", "pcdarts"])
+def test_unrolled_gradient_matches_exact_second_order(edge):
+    """grad_alpha L_val(w - eta*(dL_train/dw + wd*w + mu*m), alpha), by double backprop."""
+    torch.manual_seed(0)
+    model = _smooth(SearchNetwork(4, 10, 3, edge=edge)).double()
+    with torch.no_grad():
+        for a in model.arch_parameters():
+            a.normal_(0.0, 1.0)
+    xt, yt, xv, yv = _batches(dtype=torch.float64)
+    eta, mu, wd = 0.5, 0.9, 3e-4
+    w_opt = torch.optim.SGD(model.weight_parameters(), lr=0.01, momentum=mu, weight_decay=wd)
+    w_opt.zero_grad()
+    model.loss(xt, yt).backward()
+    w_opt.step()
+    w_opt.zero_grad(set_to_none=True)
+
+    named = dict(model.named_parameters())
+    arch_params = model.arch_parameters()
+    wnames = [n for n in named if n not in ARCH_NAMES]
+    ws = [named[n] for n in wnames]
+    g_train = torch.autograd.grad(model.loss(xt, yt), ws, create_graph=True)
+    look_ahead = {n: w - eta * (g + wd * w + mu * w_opt.state[w]["momentum_buffer"])
+                  for n, w, g in zip(wnames, ws, g_train)}
+    look_ahead.update({n: named[n] for n in ARCH_NAMES if n in named})
+    loss_val = F.cross_entropy(torch.func.functional_call(model, look_ahead, (xv,)), yv)
+    exact = torch.autograd.grad(loss_val, arch_params)
+    first_order = torch.autograd.grad(model.loss(xv, yv), arch_params)
+
+    weights_before = [w.detach().clone() for w in ws]
+    arch = Architect(model, unrolled=True)
+    for a in arch_params:
+        a.grad = None
+    arch._unrolled_grads(xt, yt, xv, yv, eta, w_opt)
+    for w, w0 in zip(ws, weights_before):
+        assert torch.equal(w.detach(), w0)
+    for a, e, f in zip(arch_params, exact, first_order):
+        tol = 2e-2 * e.abs().max().item()
+        # the second-order term matters here, so the comparison can tell the two apart
+        assert (e - f).abs().max().item() > 10 * tol
+        torch.testing.assert_close(a.grad, e, rtol=0.0, atol=tol)
+
+
+# ----------------------------------------------------------------------------- 3. retrain
+
+def _check_retrain_out(out, result, geno_dict):
+    assert {"checkpoint.pt", "log.jsonl", "result.json", "cells.png"} <= set(os.listdir(out))
+    with open(out / "result.json") as f:
+        saved = json.load(f)
+    assert 0.0 <= saved["test_acc"] <= 100.0
+    assert saved["test_loss"] > 0
+    assert saved["params"] > 0
+    assert saved["genotype"] == geno_dict
+    assert saved["test_acc"] == result["test_acc"]
+    recs = read_jsonl(out / "log.jsonl")
+    assert len(recs) == 1 and recs[0]["epoch"] == 1
+    for key in ("lr", "drop_path", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds"):
+        assert key in recs[0], key
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["kind"] == "retrain" and ckpt["epoch"] == 0
+    assert ckpt["genotype"] == geno_dict
+    assert without_seconds(ckpt["history"]) == without_seconds(recs)
+    with open(out / "cells.png", "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+
+def test_retrain_published_genotype(retrain_pc_darts):
+    out, result = retrain_pc_darts
+    _check_retrain_out(out, result, G.to_dict(G.PC_DARTS))
+
+
+def test_retrain_searched_genotype_json(tmp_path, search_runs):
+    geno_path = search_runs(edge="adarts") / "genotype.json"
+    result = run_retrain(retrain_cfg(tmp_path, genotype=str(geno_path), auxiliary=True))
+    _check_retrain_out(tmp_path, result, G.to_dict(G.load(str(geno_path))))
+
+
+# ----------------------------------------------------------------------------- 4. resume
+
+def test_search_resume_is_bitwise_identical(tmp_path, two_epoch_search):
+    a = two_epoch_search
+    cfg = search_cfg(tmp_path, edge="adarts", epochs=2)
+    with pytest.raises(Interrupted):
+        run_search(cfg, on_epoch_end=interrupt_after(0))
+    mid = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert mid["epoch"] == 0
+    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1
+    assert not (tmp_path / "genotype.json").exists()
+
+    seen = []
+    result = run_search(dataclasses.replace(cfg, resume=True), on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [1]  # only the missing epoch ran
+
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ca["epoch"] == cb["epoch"] == 1
+    for key in ("model", "w_opt", "a_opt", "sched", "rng", "genotype"):
+        assert_tree_equal(ca[key], cb[key], key)
+    assert without_seconds(ca["history"]) == without_seconds(cb["history"])
+    recs_a, recs_b = read_jsonl(a / "log.jsonl"), read_jsonl(tmp_path / "log.jsonl")
+    assert len(recs_a) == len(recs_b) == 2
+    assert without_seconds(recs_a) == without_seconds(recs_b)
+    assert G.load(str(a / "genotype.json")) == G.load(str(tmp_path / "genotype.json"))
+    assert result["genotype"] == ca["genotype"]
+
+
+def test_retrain_resume_with_drop_path_is_bitwise_identical(tmp_path):
+    # 3 epochs, interrupted after the second: drop-path is 0 in epoch 1, so only an
+    # interruption after a drop-path epoch tells whether the global RNG state is restored
+    kw = dict(genotype="PC_DARTS", epochs=3, auxiliary=True, drop_path=0.3, cutout=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    res_a = run_retrain(retrain_cfg(a, **kw))
+    with pytest.raises(Interrupted):
+        run_retrain(retrain_cfg(b, **kw), on_epoch_end=interrupt_after(1))
+    assert load_checkpoint(b / "checkpoint.pt")["epoch"] == 1
+    assert not (b / "result.json").exists()
+    res_b = run_retrain(retrain_cfg(b, resume=True, **kw))
+
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert ca["epoch"] == cb["epoch"] == 2
+    assert any(k.startswith("auxiliary_head") for k in ca["model"])
+    for key in ("model", "opt", "sched", "rng", "genotype"):
+        assert_tree_equal(ca[key], cb[key], key)
+    recs_a, recs_b = read_jsonl(a / "log.jsonl"), read_jsonl(b / "log.jsonl")
+    assert [r["drop_path"] for r in recs_a] == pytest.approx([0.0, 0.1, 0.2])  # drop-path was used
+    assert without_seconds(recs_a) == without_seconds(recs_b)
+    assert res_a["test_acc"] == res_b["test_acc"] and res_a["test_loss"] == res_b["test_loss"]
+
+
+# ----------------------------------------------------------------------------- 5. atomic checkpoint
+
+def test_checkpoint_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatch, two_epoch_search):
+    real_save = torch.save
+    calls = []
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls.append(obj.get("epoch") if isinstance(obj, dict) else None)
+        if len(calls) == 2:
+            f.write(b"\x80\x02 half a checkpoint")
+            raise OSError("simulated: disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(io_mod.torch, "save", flaky_save)
+    cfg = search_cfg(tmp_path, edge="adarts", epochs=2)
+    with pytest.raises(OSError, match="simulated"):
+        run_search(cfg)
+    assert calls == [0, 1]
+    monkeypatch.undo()
+
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # no temporary left behind
+    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1  # the log matches the checkpoint
+
+    run_search(dataclasses.replace(cfg, resume=True))
+    final = load_checkpoint(tmp_path / "checkpoint.pt")
+    ref = load_checkpoint(two_epoch_search / "checkpoint.pt")
+    assert final["epoch"] == 1
+    assert_tree_equal(ref["model"], final["model"], "model")
+    assert without_seconds(read_jsonl(tmp_path / "log.jsonl")) == \
+        without_seconds(read_jsonl(two_epoch_search / "log.jsonl"))
+
+
+# ----------------------------------------------------------------------------- 6. refusals
+
+def test_existing_run_without_resume_is_refused(tmp_path, two_epoch_search):
+    shutil.copy(two_epoch_search / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_search(search_cfg(tmp_path, edge="adarts", epochs=2))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_retrain_existing_run_without_resume_is_refused(tmp_path, retrain_pc_darts):
+    out, _ = retrain_pc_darts
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS"))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, two_epoch_search):
+    shutil.copy(two_epoch_search / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"\bC\b.*checkpoint 4 vs now 8"):
+        run_search(search_cfg(tmp_path, edge="adarts", epochs=2, C=8, resume=True))
+    with pytest.raises(ValueError, match="edge"):
+        run_search(search_cfg(tmp_path, edge="pcdarts", epochs=2, resume=True))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # untouched
+
+
+def test_retrain_resume_with_other_settings_or_genotype_is_refused(tmp_path, retrain_pc_darts):
+    out, _ = retrain_pc_darts
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="layers"):
+        run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS", layers=4, resume=True))
+    with pytest.raises(ValueError, match="genotype"):
+        run_retrain(retrain_cfg(tmp_path, genotype="DARTS_V2", resume=True))
+
+
+def test_unknown_genotype_name_lists_valid_names(tmp_path):
+    with pytest.raises(ValueError) as info:
+        run_retrain(retrain_cfg(tmp_path / "out", genotype="NO_SUCH_CELL"))
+    msg = str(info.value)
+    assert "NO_SUCH_CELL" in msg
+    for name in G.PUBLISHED:
+        assert name in msg
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SearchConfig(dataset="mnist").resolved(), "mnist"),
+    (lambda: RetrainConfig(dataset="mnist").resolved(), "mnist"),
+    (lambda: SearchConfig(preset="huge").resolved(), "huge"),
+    (lambda: RetrainConfig(preset="huge").resolved(), "huge"),
+    (lambda: SearchConfig(limit=0).resolved(), "limit"),
+    (lambda: SearchConfig(epochs=0).resolved(), "epochs"),
+], ids=["search-dataset", "retrain-dataset", "search-preset", "retrain-preset", "limit", "epochs"])
+def test_bad_config_values_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("runner", ["search", "retrain"])
+def test_missing_cifar_dir_raises_data_error_naming_it(tmp_path, runner):
+    missing = tmp_path / "no_such_data_dir"
+    if runner == "search":
+        call = lambda: run_search(SearchConfig(dataset="cifar10", data=str(missing), out=str(tmp_path / "o"),
+                                               progress=False, device="cpu"))
+    else:
+        call = lambda: run_retrain(RetrainConfig(dataset="cifar10", data=str(missing), out=str(tmp_path / "o"),
+                                                 progress=False, device="cpu"))
+    with pytest.raises(DataError) as info:
+        call()
+    assert str(missing) in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 7. CLI drivers
+
+@pytest.fixture(scope="module")
+def search_cli():
+    return load_driver("search")
+
+
+@pytest.fixture(scope="module")
+def retrain_cli():
+    return load_driver("retrain")
+
+
+@pytest.mark.parametrize("driver", ["search", "retrain"])
+def test_cli_missing_cifar_data_is_exit_code_2(driver, search_cli, retrain_cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main = (search_cli if driver == "search" else retrain_cli).main
+    missing = tmp_path / "nonexistent"
+    rc = main(["--dataset", "cifar10", "--data", str(missing), "--out", str(tmp_path / "o"),
+               "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "error:" in err and str(missing) in err
+
+
+def test_cli_retrain_unknown_genotype_is_exit_code_2(retrain_cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = retrain_cli.main(["--genotype", "NO_SUCH_CELL", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "error:" in err and "NO_SUCH_CELL" in err and "PC_DARTS" in err
+
+
+def test_cli_search_existing_run_is_exit_code_2(search_cli, tmp_path, monkeypatch, capsys, two_epoch_search):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(two_epoch_search / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    rc = search_cli.main(["--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "--resume" in err
+
+
+@pytest.mark.parametrize("driver", ["search", "retrain"])
+def test_cli_help_exits_0(driver, search_cli, retrain_cli, capsys):
+    main = (search_cli if driver == "search" else retrain_cli).main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--resume" in out and "--limit" in out
+
+
+def test_cli_tiny_search_then_retrain(search_cli, retrain_cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    s_out, r_out = tmp_path / "s", tmp_path / "r"
+    rc = search_cli.main(["--limit", "32", "--C", "4", "--layers", "3", "--batch-size", "16", "--epochs", "1",
+                          "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--out", str(s_out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "genotype written to" in captured.out
+    geno = G.load(str(s_out / "genotype.json"))
+    ckpt = load_checkpoint(s_out / "checkpoint.pt")
+    assert ckpt["config"]["image_size"] == 16 and ckpt["config"]["limit"] == 32
+    assert ckpt["config"]["edge"] == "adarts" and ckpt["config"]["warmup_epochs"] == 0
+    assert len(read_jsonl(s_out / "log.jsonl")) == 1
+
+    rc = retrain_cli.main(["--genotype", str(s_out / "genotype.json"), "--limit", "32", "--C", "4",
+                           "--layers", "3", "--batch-size", "16", "--epochs", "1", "--no-auxiliary",
+                           "--no-progress", "--device", "cpu", "--out", str(r_out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "test accuracy" in captured.out
+    with open(r_out / "result.json") as f:
+        result = json.load(f)
+    assert result["genotype"] == G.to_dict(geno) and 0 <= result["test_acc"] <= 100
+    assert not (tmp_path / "runs").exists()  # --out was honoured
