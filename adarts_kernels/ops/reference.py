@@ -1,0 +1,157 @@
+"""Plain-PyTorch reference of the fused ADARTS edge operations, forward and backward.
+
+These functions are the specification every backend (C++ CPU, CUDA, Triton) must match,
+the bodies of the ``adarts::`` custom ops, and the test oracle. Accumulation is in
+float32 for half-precision inputs; outputs have the input dtype.
+
+Notation: ``x: (B, C, H, W)``, ``a: (B, C)`` the channel attention, ``idx: (n,)`` int64
+the selected channels (distinct, in ``[0, C)``), ``y: (B, n, H', W')`` the mixed-op output
+on the selected channels, ``beta`` a 0-dim tensor (the edge's normalised beta).
+
+Conventions shared by all backends:
+
+- max pooling (global and 2x2) routes its gradient to the *first* maximum in row-major
+  order within the window (what PyTorch's CPU max pooling does);
+- top-k: ``idx`` lists the ``n`` highest batch-summed scores in descending order, equal
+  scores ordered by the lower channel index.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _acc(t: Tensor) -> Tensor:
+    """float32 for half precision inputs, unchanged otherwise (float32, float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ----------------------------------------------------------------------------- 1. scoring
+
+def attention_pools(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Global average and max over H*W in one pass: ``avg, mx: (B, C)`` (accumulation
+    dtype), ``arg: (B, C)`` int64 flat H*W position of the first maximum."""
+    xf = _acc(x).flatten(2)
+    avg = xf.mean(dim=2)
+    mx, arg = xf.max(dim=2)          # CPU and CUDA both return the first maximum
+    return avg, mx, arg
+
+
+def attention_score_fwd(x: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tuple[Tensor, Tensor]:
+    """``a = sigmoid(relu(avg @ w1.T) @ w2.T + relu(mx @ w1.T) @ w2.T)``, ``idx = topk(a.sum(0), n)``.
+
+    ``x: (B, C, H, W)``, ``w1: (C/2, C)``, ``w2: (C, C/2)`` -> ``a: (B, C)`` (dtype of x),
+    ``idx: (n_select,)`` int64.
+    """
+    avg, mx, _ = attention_pools(x)
+    w1f, w2f = _acc(w1), _acc(w2)
+    z = F.relu(avg @ w1f.t()) @ w2f.t() + F.relu(mx @ w1f.t()) @ w2f.t()
+    a = torch.sigmoid(z)
+    idx = torch.sort(a.sum(dim=0), descending=True, stable=True).indices[:n_select]
+    return a.to(x.dtype), idx
+
+
+def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``a`` w.r.t. ``x: (B, C, H, W)``, ``w1``, ``w2``; pools recomputed from x.
+
+    ``dz = grad_a * a * (1 - a)``; for ``v`` in (avg, mx): ``h_v = relu(v @ w1.T)``,
+    ``dw2 += dz.T @ h_v``, ``dh_v = (dz @ w2) * (h_v > 0)``, ``dw1 += dh_v.T @ v``,
+    ``dv = dh_v @ w1``; ``dx = d_avg / (H*W)`` everywhere plus ``d_mx`` at the first maximum.
+    """
+    B, C, H, W = x.shape
+    avg, mx, arg = attention_pools(x)
+    w1f, w2f, af = _acc(w1), _acc(w2), _acc(a)
+    dz = _acc(grad_a) * af * (1 - af)
+    h_avg, h_mx = F.relu(avg @ w1f.t()), F.relu(mx @ w1f.t())
+    dw2 = dz.t() @ (h_avg + h_mx)
+    dh_avg = (dz @ w2f) * (h_avg > 0)
+    dh_mx = (dz @ w2f) * (h_mx > 0)
+    dw1 = dh_avg.t() @ avg + dh_mx.t() @ mx
+    d_avg, d_mx = dh_avg @ w1f, dh_mx @ w1f
+    dx = (d_avg / (H * W))[:, :, None].expand(B, C, H * W).clone()
+    dx.scatter_add_(2, arg[:, :, None], d_mx[:, :, None])
+    return dx.view(B, C, H, W).to(x.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. gather
+
+def attention_gather_fwd(x: Tensor, a: Tensor, idx: Tensor) -> Tensor:
+    """``x_sel[b, j] = x[b, idx[j]] * a[b, idx[j]]``: ``(B, n, H, W)``, without forming ``x * a``."""
+    xs = _acc(x).index_select(1, idx)
+    return (xs * _acc(a).index_select(1, idx)[:, :, None, None]).to(x.dtype)
+
+
+def attention_gather_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
+    """``dx[b, idx[j]] = grad[b, j] * a[b, idx[j]]`` (zero on other channels),
+    ``da[b, idx[j]] = sum_hw grad[b, j] * x[b, idx[j]]`` (zero elsewhere)."""
+    g = _acc(grad)
+    xs = _acc(x).index_select(1, idx)
+    a_sel = _acc(a).index_select(1, idx)
+    dx = torch.zeros(x.shape, dtype=g.dtype, device=x.device)
+    dx.index_copy_(1, idx, g * a_sel[:, :, None, None])
+    da = torch.zeros(a.shape, dtype=g.dtype, device=a.device)
+    da.index_copy_(1, idx, (g * xs).sum(dim=(2, 3)))
+    return dx.to(x.dtype), da.to(a.dtype)
+
+
+# ----------------------------------------------------------------------------- 3. write-back
+
+def _base(x: Tensor, a: Tensor, stride: int) -> Tensor:
+    """The bypass value before the write: ``x * a`` (stride 1) or ``a * maxpool2x2(x)`` (stride 2),
+    equal to ``maxpool2x2(x * a)`` since ``a > 0``."""
+    xa = _acc(x)
+    if stride == 2:
+        xa = F.max_pool2d(xa, 2, 2)
+    return xa * _acc(a)[:, :, None, None]
+
+
+def attention_writeback_fwd(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor],
+                            stride: int) -> Tensor:
+    """``out = beta * base`` with ``out[:, idx] = beta * y``; ``base`` as in :func:`_base`.
+
+    ``y: (B, n, H/stride, W/stride)`` -> ``out: (B, C, H/stride, W/stride)`` (dtype of x).
+    ``beta=None`` means 1.
+    """
+    out = _base(x, a, stride).index_copy(1, idx, _acc(y))
+    if beta is not None:
+        out = out * _acc(beta)
+    return out.to(x.dtype)
+
+
+def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor],
+                            stride: int) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients w.r.t. ``x, a, y, beta``. The edge output is not kept: the ``beta``
+    gradient ``sum(grad * out / beta)`` is recomputed from x, a, idx and y.
+
+    Non-selected channels ``c``: ``da[b, c] = beta * sum(grad * m)`` with ``m = x`` (stride
+    1) or ``maxpool2x2(x)`` (stride 2), ``dx = beta * a * grad`` routed through the pooling
+    (first maximum of each 2x2 window). Selected channels: ``dy[b, j] = beta * grad[b, idx[j]]``,
+    ``dx = da = 0``.
+    """
+    B, C = x.shape[:2]
+    g = _acc(grad)
+    bf = _acc(beta) if beta is not None else torch.ones((), dtype=g.dtype, device=g.device)
+    keep = torch.ones(C, dtype=g.dtype, device=g.device).index_fill(0, idx, 0.0)   # 1 on bypass channels
+    g_keep = g * keep[None, :, None, None]
+    xf, af = _acc(x), _acc(a)
+    if stride == 1:
+        m = xf
+        dx = g_keep * af[:, :, None, None] * bf
+    else:
+        m, arg = F.max_pool2d(xf, 2, 2, return_indices=True)
+        dm = g_keep * af[:, :, None, None] * bf
+        dx = torch.zeros(xf.shape, dtype=g.dtype, device=g.device).flatten(2)
+        dx.scatter_(2, arg.flatten(2), dm.flatten(2))
+        dx = dx.view(xf.shape)
+    da = (g_keep * m).sum(dim=(2, 3)) * bf
+    g_sel = g.index_select(1, idx)
+    dy = g_sel * bf
+    dbeta = None
+    if beta is not None:
+        dbeta = (g_keep * m * af[:, :, None, None]).sum() + (g_sel * _acc(y)).sum()
+        dbeta = dbeta.reshape(beta.shape).to(beta.dtype)
+    return dx.to(x.dtype), da.to(a.dtype), dy.to(y.dtype), dbeta
