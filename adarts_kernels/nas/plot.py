@@ -6,7 +6,6 @@ the global matplotlib backend (and pyplot's state) is never touched.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
 from matplotlib.transforms import Bbox
+
+from ..utils.io import atomic_write
 
 __all__ = ["plot_genotype"]
 
@@ -259,21 +260,7 @@ def plot_genotype(genotype: Any, path: str, title: Optional[str] = None) -> str:
     if title:
         fig.suptitle(title, fontsize=14)
 
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", facecolor="white")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, "wb", lambda f: fig.savefig(f, format="png", facecolor="white"))
     return path
 

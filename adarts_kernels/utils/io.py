@@ -59,7 +59,8 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: "str | os.PathLike", mode: str, write: Callable[[Any], None], **open_kw) -> str:
+def atomic_write(path: "str | os.PathLike", mode: str, write: Callable[[Any], None], **open_kw) -> str:
+    """Open a temporary file beside ``path`` in ``mode``, ``write(f)``, fsync, rename onto ``path``."""
     path = os.fspath(path)
     tmp = _tmp_path(path)
     try:
@@ -83,12 +84,12 @@ def atomic_torch_save(obj: Any, path: "str | os.PathLike") -> str:
 
     Returns ``path``.  On any error the temporary file is removed and the error re-raised.
     """
-    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    return atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: "str | os.PathLike", encoding: str = "utf-8") -> str:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_torch_save`). Returns ``path``."""
-    return _atomic_write(path, "w", lambda f: f.write(text), encoding=encoding)
+    return atomic_write(path, "w", lambda f: f.write(text), encoding=encoding)
 
 
 def load_checkpoint(path: "str | os.PathLike", map_location: Any = "cpu") -> Any:
