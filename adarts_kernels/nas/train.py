@@ -89,17 +89,7 @@ class SearchConfig:
         name = self.preset or ("digits" if self.dataset == "digits" else "adarts")
         if name not in SEARCH_PRESETS:
             raise ValueError(f"unknown search preset {name!r}; expected one of {sorted(SEARCH_PRESETS)}")
-        p = SEARCH_PRESETS[name]
-        c = dataclasses.replace(self, preset=name)
-        for key in ("C", "layers", "epochs", "warmup_epochs"):
-            if getattr(c, key) is None:
-                setattr(c, key, p[key])
-        if c.batch_size is None:
-            c.batch_size = p["batch_size"]
-        if c.lr is None:  # linear scaling rule (SPEC section 4)
-            c.lr = p["lr"] * c.batch_size / p["batch_size"]
-        _check_common(c)
-        return c
+        return _apply_preset(dataclasses.replace(self, preset=name), SEARCH_PRESETS[name])
 
 
 @dataclass
@@ -134,18 +124,20 @@ class RetrainConfig:
         name = self.preset or ("digits" if self.dataset == "digits" else "darts")
         if name not in RETRAIN_PRESETS:
             raise ValueError(f"unknown retrain preset {name!r}; expected one of {sorted(RETRAIN_PRESETS)}")
-        p = RETRAIN_PRESETS[name]
-        c = dataclasses.replace(self, preset=name)
-        for key in ("C", "layers", "epochs", "auxiliary", "drop_path", "cutout"):
-            if getattr(c, key) is None:
-                setattr(c, key, p[key])
-        if c.batch_size is None:
-            c.batch_size = p["batch_size"]
-        if c.lr is None:
-            c.lr = p["lr"] * c.batch_size / p["batch_size"]
-        G.load(c.genotype)  # fail early on an unknown name or a bad file
-        _check_common(c)
-        return c
+        G.load(self.genotype)  # fail early on an unknown name or a bad file
+        return _apply_preset(dataclasses.replace(self, preset=name), RETRAIN_PRESETS[name])
+
+
+def _apply_preset(c, preset: dict):
+    """Fill ``c``'s unset fields from ``preset``; an unset lr follows the linear scaling rule
+    (SPEC section 4): the preset's lr times batch size over the preset's batch size."""
+    for key, value in preset.items():
+        if key != "lr" and getattr(c, key) is None:
+            setattr(c, key, value)
+    if c.lr is None:
+        c.lr = preset["lr"] * c.batch_size / preset["batch_size"]
+    _check_common(c)
+    return c
 
 
 def _check_common(c) -> None:
@@ -211,6 +203,26 @@ def _check_same_run(saved: dict, now: dict, keys) -> None:
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
+
+
+def _restore(ckpt: Optional[dict], cfg, run_keys, objects: dict) -> Tuple[List[dict], int, JsonlLogger]:
+    """Load ``objects`` (name -> thing with ``load_state_dict``) and the RNG state from
+    ``ckpt``; return the log so far, the first epoch to run, and the log file rewritten to
+    match the checkpoint exactly."""
+    history: List[dict] = []
+    start_epoch = 0
+    if ckpt is not None:
+        _check_same_run(ckpt["config"], dataclasses.asdict(cfg), run_keys)
+        for key, obj in objects.items():
+            obj.load_state_dict(ckpt[key])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+        _set_rng_state(ckpt["rng"])
+        print(f"[resume] {cfg.out}: continuing after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+    logger = JsonlLogger(os.path.join(cfg.out, LOG), append=False)
+    for rec in history:
+        logger.log(rec)
+    return history, start_epoch, logger
 
 
 @torch.no_grad()
@@ -298,21 +310,8 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
 
     run_keys = ("dataset", "edge", "k", "C", "layers", "batch_size", "epochs", "seed", "unrolled", "image_size",
                 "limit")
-    history: List[dict] = []
-    start_epoch = 0
-    if ckpt is not None:
-        _check_same_run(ckpt["config"], dataclasses.asdict(cfg), run_keys)
-        model.load_state_dict(ckpt["model"])
-        w_opt.load_state_dict(ckpt["w_opt"])
-        architect.load_state_dict(ckpt["a_opt"])
-        sched.load_state_dict(ckpt["sched"])
-        history = ckpt["history"]
-        start_epoch = ckpt["epoch"] + 1
-        _set_rng_state(ckpt["rng"])
-        print(f"[resume] {cfg.out}: continuing after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
-    logger = JsonlLogger(os.path.join(cfg.out, LOG), append=False)
-    for rec in history:              # the log always matches the checkpoint
-        logger.log(rec)
+    history, start_epoch, logger = _restore(ckpt, cfg, run_keys, {
+        "model": model, "w_opt": w_opt, "a_opt": architect, "sched": sched})
 
     n_weights = sum(p.numel() for p in model.weight_parameters())
     print(f"search: {cfg.edge} supernet C={cfg.C} layers={cfg.layers} k={cfg.k}, {n_weights:,} weights; "
@@ -422,22 +421,9 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
 
     run_keys = ("dataset", "C", "layers", "batch_size", "epochs", "seed", "auxiliary", "image_size", "limit")
-    history: List[dict] = []
-    start_epoch = 0
-    if ckpt is not None:
-        _check_same_run(ckpt["config"], dataclasses.asdict(cfg), run_keys)
-        if ckpt.get("genotype") != G.to_dict(genotype):
-            raise ValueError(f"cannot resume {cfg.out}: the checkpoint was trained with another genotype")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        history = ckpt["history"]
-        start_epoch = ckpt["epoch"] + 1
-        _set_rng_state(ckpt["rng"])
-        print(f"[resume] {cfg.out}: continuing after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
-    logger = JsonlLogger(os.path.join(cfg.out, LOG), append=False)
-    for rec in history:
-        logger.log(rec)
+    if ckpt is not None and ckpt.get("genotype") != G.to_dict(genotype):
+        raise ValueError(f"cannot resume {cfg.out}: the checkpoint was trained with another genotype")
+    history, start_epoch, logger = _restore(ckpt, cfg, run_keys, {"model": model, "opt": opt, "sched": sched})
 
     n_params = count_parameters(model)
     print(f"retrain: C={cfg.C} layers={cfg.layers} aux={cfg.auxiliary}, {n_params / 1e6:.3f}M weights "
