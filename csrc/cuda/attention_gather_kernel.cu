@@ -1,0 +1,325 @@
+// CUDA kernels of adarts_C::attention_gather_fwd / attention_gather_bwd.
+//
+// Specification: adarts_kernels/ops/reference.py (attention_gather_fwd/bwd):
+//   forward   out[b, j] = x[b, idx[j]] * a[b, idx[j]]                      (B, n, HW)
+//   backward  dx[b, c] = grad[b, j] * a[b, c],  da[b, c] = sum_hw grad[b, j] * x[b, c]
+//             for c = idx[j]; dx = da = 0 on the other channels.
+// Bandwidth-bound: 16-byte vector accesses when every plane is 16-byte aligned, one warp per
+// small plane (8 planes per block) or one block per large plane; the forward also splits
+// large planes over gridDim.y. The backward walks the planes of dx through the inverse map
+// inv[c] = j (or -1) built on the device, so that each da[b, c] has a single owner
+// (deterministic, no atomics). Accumulation in float (double for double).
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cassert>
+#include <climits>
+#include <cstdint>
+
+namespace adarts {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------ element-type helpers
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> struct Cast;
+template <> struct Cast<float> { __device__ static float from(float v) { return v; } };
+template <> struct Cast<double> { __device__ static double from(double v) { return v; } };
+template <> struct Cast<__half> { __device__ static __half from(float v) { return __float2half_rn(v); } };
+template <> struct Cast<__nv_bfloat16> {
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cast<T>::from(v); }
+
+template <typename T> struct alignas(16) Vec16 {
+  static constexpr int N = 16 / static_cast<int>(sizeof(T));
+  T v[N];
+};
+
+inline bool aligned_to(const void* p, size_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------ reductions
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename A> __device__ __forceinline__ A block_sum(A v, A* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  A t = lane < nw ? sh[lane] : A(0);
+  t = warp_sum(t);
+  __syncthreads();
+  return t;
+}
+
+// ------------------------------------------------------------------ plane mapping
+struct Span {
+  int64_t plane, begin, end;
+  int rank, size;
+};
+
+__device__ __forceinline__ bool plane_span(int64_t planes, int64_t units, int warp_mode, int64_t tile, Span& s) {
+  if (warp_mode) {
+    s.plane = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    s.rank = threadIdx.x & 31;
+    s.size = 32;
+    s.begin = 0;
+    s.end = units;
+  } else {
+    s.plane = blockIdx.x;
+    s.rank = threadIdx.x;
+    s.size = blockDim.x;
+    s.begin = static_cast<int64_t>(blockIdx.y) * tile;
+    s.end = s.begin + tile < units ? s.begin + tile : units;
+  }
+  return s.plane < planes;
+}
+
+struct PlaneLaunch {
+  dim3 grid, block;
+  int warp_mode;
+  int64_t tile;
+  bool ok;
+};
+
+constexpr int kThreads = 256;
+
+inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
+  PlaneLaunch L;
+  L.block = dim3(kThreads);
+  L.ok = planes > 0 && units > 0;
+  if (units <= 256) {
+    L.warp_mode = 1;
+    L.tile = units;
+    const int64_t g = ceil_div(planes, kThreads / 32);
+    L.ok = L.ok && g <= INT_MAX;
+    L.grid = dim3(static_cast<unsigned>(g > 0 ? g : 1));
+    return L;
+  }
+  L.warp_mode = 0;
+  int64_t tile = units, tiles = 1;
+  if (tiled) {
+    tile = kThreads * 8;
+    tiles = ceil_div(units, tile);
+    if (tiles > 65535) { tile = ceil_div(units, 65535); tiles = ceil_div(units, tile); }
+  }
+  L.tile = tile;
+  L.ok = L.ok && planes <= INT_MAX;
+  L.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(tiles));
+  return L;
+}
+
+#define ADARTS_LAUNCH_CHECK()                           \
+  do {                                                  \
+    const cudaError_t e_ = cudaGetLastError();          \
+    if (e_ != cudaSuccess) return static_cast<int>(e_); \
+  } while (0)
+
+// ------------------------------------------------------------------ kernels
+// inv[c] = j with idx[j] == c, else -1 (one block). A repeated channel keeps its largest j
+// (atomicMax: deterministic even for invalid input); out-of-range entries are skipped.
+__global__ void inverse_map_kernel(const int64_t* __restrict__ idx, int n, int C, int* __restrict__ inv) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) inv[c] = -1;
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t c = idx[j];
+    assert(c >= 0 && c < C && "adarts attention_gather: idx out of range");
+    if (c >= 0 && c < C) atomicMax(inv + c, j);
+  }
+}
+
+// out plane (b, j) = x plane (b, idx[j]) * a[b, idx[j]]
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+gather_fwd_kernel(const T* __restrict__ x, const T* __restrict__ a, const int64_t* __restrict__ idx, int64_t C,
+                  int64_t n, int64_t planes, int64_t HW, int warp_mode, int vec, int64_t tile, T* __restrict__ out) {
+  using A = typename AccT<T>::type;
+  Span s;
+  const int64_t units = vec ? HW / Vec16<T>::N : HW;
+  if (!plane_span(planes, units, warp_mode, tile, s)) return;
+  const int64_t b = s.plane / n, j = s.plane - b * n;
+  const int64_t c = idx[j];
+  assert(c >= 0 && c < C && "adarts attention_gather: idx out of range");
+  const bool valid = c >= 0 && c < C;
+  const A scale = valid ? to_acc(a[b * C + c]) : A(0);
+  const T* src = x + (b * C + (valid ? c : 0)) * HW;
+  T* dst = out + s.plane * HW;
+  if (vec) {
+    constexpr int N = Vec16<T>::N;
+    const Vec16<T>* sv = reinterpret_cast<const Vec16<T>*>(src);
+    Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(dst);
+    for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
+      const Vec16<T> w = sv[u];
+      Vec16<T> r;
+#pragma unroll
+      for (int k = 0; k < N; ++k) r.v[k] = from_acc<T>(valid ? to_acc(w.v[k]) * scale : A(0));
+      dv[u] = r;
+    }
+  } else {
+    for (int64_t u = s.begin + s.rank; u < s.end; u += s.size)
+      dst[u] = from_acc<T>(valid ? to_acc(src[u]) * scale : A(0));
+  }
+}
+
+// dx plane (b, c), da[b, c]: one group per plane of dx (the whole plane: da has one owner).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+gather_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ a,
+                  const int* __restrict__ inv, int64_t C, int64_t n, int64_t planes, int64_t HW, int warp_mode,
+                  int vec, T* __restrict__ dx, T* __restrict__ da) {
+  using A = typename AccT<T>::type;
+  __shared__ A sh[32];
+  Span s;
+  const int64_t units = vec ? HW / Vec16<T>::N : HW;
+  if (!plane_span(planes, units, warp_mode, units, s)) return;
+  const int64_t b = s.plane / C, c = s.plane - b * C;
+  const int j = inv[c];  // uniform over the group: the branches below are group-uniform
+  T* d = dx + s.plane * HW;
+  constexpr int N = Vec16<T>::N;
+  if (j < 0) {
+    const T zero = from_acc<T>(A(0));
+    if (vec) {
+      Vec16<T> z;
+#pragma unroll
+      for (int k = 0; k < N; ++k) z.v[k] = zero;
+      Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(d);
+      for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) dv[u] = z;
+    } else {
+      for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) d[u] = zero;
+    }
+    if (s.rank == 0) da[s.plane] = zero;
+    return;
+  }
+  const A av = to_acc(a[s.plane]);
+  const T* g = grad + (b * n + j) * HW;
+  const T* xp = x + s.plane * HW;
+  A sum = A(0);
+  if (vec) {
+    const Vec16<T>* gv = reinterpret_cast<const Vec16<T>*>(g);
+    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(xp);
+    Vec16<T>* dv = reinterpret_cast<Vec16<T>*>(d);
+    for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
+      const Vec16<T> gw = gv[u], xw = xv[u];
+      Vec16<T> r;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A ge = to_acc(gw.v[k]);
+        r.v[k] = from_acc<T>(ge * av);
+        sum += ge * to_acc(xw.v[k]);
+      }
+      dv[u] = r;
+    }
+  } else {
+    for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
+      const A ge = to_acc(g[u]);
+      d[u] = from_acc<T>(ge * av);
+      sum += ge * to_acc(xp[u]);
+    }
+  }
+  sum = warp_mode ? warp_sum(sum) : block_sum(sum, sh);
+  if (s.rank == 0) da[s.plane] = from_acc<T>(sum);
+}
+
+inline bool sizes_ok(int64_t B, int64_t C, int64_t HW, int64_t n) {
+  return B >= 0 && C >= 0 && HW >= 0 && n >= 0 && n <= C && C <= INT_MAX && HW <= kMaxPlane;
+}
+
+inline int launch_inverse_map(const int64_t* idx, int64_t n, int64_t C, int* inv, cudaStream_t stream) {
+  if (C <= 0) return 0;
+  const int64_t most = C > n ? C : n;
+  const int threads = most >= 1024 ? 1024 : static_cast<int>(ceil_div(most, 32) * 32);
+  inverse_map_kernel<<<1, threads, 0, stream>>>(idx, static_cast<int>(n), static_cast<int>(C), inv);
+  ADARTS_LAUNCH_CHECK();
+  return 0;
+}
+
+template <typename T>
+int gather_fwd_impl(const T* x, const T* a, const int64_t* idx, int64_t B, int64_t C, int64_t HW, int64_t n, T* out,
+                    cudaStream_t stream) {
+  if (!sizes_ok(B, C, HW, n)) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t planes = B * n;
+  if (planes == 0 || HW == 0) return 0;
+  const bool vec = HW % Vec16<T>::N == 0 && aligned_to(x, 16) && aligned_to(out, 16);
+  const int64_t units = vec ? HW / Vec16<T>::N : HW;
+  const PlaneLaunch L = plane_launch(planes, units, /*tiled=*/true);
+  if (!L.ok) return static_cast<int>(cudaErrorInvalidConfiguration);
+  gather_fwd_kernel<T><<<L.grid, L.block, 0, stream>>>(x, a, idx, C, n, planes, HW, L.warp_mode, vec ? 1 : 0, L.tile,
+                                                       out);
+  ADARTS_LAUNCH_CHECK();
+  return 0;
+}
+
+template <typename T>
+int gather_bwd_impl(const T* grad, const T* x, const T* a, const int64_t* idx, int64_t B, int64_t C, int64_t HW,
+                    int64_t n, T* dx, T* da, void* workspace, cudaStream_t stream) {
+  if (!sizes_ok(B, C, HW, n)) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t planes = B * C;
+  if (planes == 0) return 0;
+  int* inv = static_cast<int*>(workspace);
+  int err = launch_inverse_map(idx, n, C, inv, stream);
+  if (err) return err;
+  const bool vec = HW % Vec16<T>::N == 0 && aligned_to(grad, 16) && aligned_to(x, 16) && aligned_to(dx, 16);
+  const int64_t units = vec ? HW / Vec16<T>::N : HW;
+  // HW == 0: still one group per plane, which only writes da = 0.
+  PlaneLaunch L = plane_launch(planes, units > 0 ? units : 1, /*tiled=*/false);
+  if (!L.ok) return static_cast<int>(cudaErrorInvalidConfiguration);
+  gather_bwd_kernel<T><<<L.grid, L.block, 0, stream>>>(grad, x, a, inv, C, n, planes, HW, L.warp_mode, vec ? 1 : 0,
+                                                       dx, da);
+  ADARTS_LAUNCH_CHECK();
+  return 0;
+}
+
+}  // namespace
+
+int attention_gather_fwd(DType dt, const void* x, const void* a, const int64_t* idx, int64_t B, int64_t C,
+                         int64_t HW, int64_t n, void* out, cudaStream_t stream) {
+#define ADARTS_GATHER_FWD(T) \
+  return gather_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(a), idx, B, C, HW, n, static_cast<T*>(out), stream)
+  switch (dt) {
+    case DType::F32: ADARTS_GATHER_FWD(float);
+    case DType::F16: ADARTS_GATHER_FWD(__half);
+    case DType::BF16: ADARTS_GATHER_FWD(__nv_bfloat16);
+    case DType::F64: ADARTS_GATHER_FWD(double);
+  }
+#undef ADARTS_GATHER_FWD
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+size_t attention_gather_bwd_workspace_bytes(int64_t C) {
+  return static_cast<size_t>(C > 0 ? C : 1) * sizeof(int);
+}
+
+int attention_gather_bwd(DType dt, const void* grad, const void* x, const void* a, const int64_t* idx, int64_t B,
+                         int64_t C, int64_t HW, int64_t n, void* dx, void* da, void* workspace, cudaStream_t stream) {
+#define ADARTS_GATHER_BWD(T)                                                                                     \
+  return gather_bwd_impl<T>(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(a), idx, \
+                            B, C, HW, n, static_cast<T*>(dx), static_cast<T*>(da), workspace, stream)
+  switch (dt) {
+    case DType::F32: ADARTS_GATHER_BWD(float);
+    case DType::F16: ADARTS_GATHER_BWD(__half);
+    case DType::BF16: ADARTS_GATHER_BWD(__nv_bfloat16);
+    case DType::F64: ADARTS_GATHER_BWD(double);
+  }
+#undef ADARTS_GATHER_BWD
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace cuda
+}  // namespace adarts

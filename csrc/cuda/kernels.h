@@ -1,0 +1,78 @@
+// Launchers of the adarts CUDA kernels: plain C++ declarations (no torch, no CUDA headers),
+// included both by the .cu files (nvcc) and by the torch binding (csrc/cuda/bindings.cpp).
+//
+// The exact semantics of every operation is the plain-PyTorch reference,
+// adarts_kernels/ops/reference.py. Conventions of every launcher:
+//
+// - all tensors are contiguous, on the device of `stream`; floating tensors share one dtype
+//   `dt` (x's); arithmetic is done in float for F16/BF16/F32 and in double for F64;
+// - `idx` is int64 (n,), values distinct and in [0, C) (out-of-range entries are ignored and
+//   trip a device-side assert in builds without NDEBUG; they never cause an out-of-bounds access);
+// - `workspace` points to at least the bytes that the matching *_workspace_bytes function
+//   returns (256-byte aligned, e.g. from the caching allocator); its content on entry is
+//   irrelevant;
+// - nothing is synchronised: every kernel is enqueued on `stream`, no host<->device copy;
+// - the return value is cudaGetLastError() after the last launch (0 == cudaSuccess); a
+//   launcher returns at the first failing launch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+
+namespace adarts {
+namespace cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+// Largest accepted per-plane size H*W, and channel count C, of the int-indexed kernels.
+constexpr int64_t kMaxPlane = (int64_t(1) << 31) - 1;
+
+// ---------------------------------------------------------------------------- 1. scoring
+// x: (B, C, HW), w1: (Ch, C), w2: (C, Ch) -> a: (B, C) (dtype dt), idx: (n_select,) int64,
+// idx = the n_select highest a.sum(0) (summed in the accumulation type) in descending order,
+// equal scores ordered by the lower channel, NaN above everything.
+size_t attention_score_fwd_workspace_bytes(DType dt, int64_t B, int64_t C, int64_t Ch);
+int attention_score_fwd(DType dt, const void* x, const void* w1, const void* w2, int64_t B, int64_t C,
+                        int64_t HW, int64_t Ch, int64_t n_select, void* a, int64_t* idx, void* workspace,
+                        cudaStream_t stream);
+
+// grad_a, a: (B, C); -> dx: (B, C, HW), dw1: (Ch, C), dw2: (C, Ch). Pools recomputed from x.
+size_t attention_score_bwd_workspace_bytes(DType dt, int64_t B, int64_t C, int64_t Ch);
+int attention_score_bwd(DType dt, const void* grad_a, const void* x, const void* w1, const void* w2,
+                        const void* a, int64_t B, int64_t C, int64_t HW, int64_t Ch, void* dx, void* dw1,
+                        void* dw2, void* workspace, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------- 2. gather
+// out[b, j] = x[b, idx[j]] * a[b, idx[j]]: out (B, n, HW). No workspace.
+int attention_gather_fwd(DType dt, const void* x, const void* a, const int64_t* idx, int64_t B, int64_t C,
+                         int64_t HW, int64_t n, void* out, cudaStream_t stream);
+
+// grad: (B, n, HW) -> dx: (B, C, HW), da: (B, C), both fully written (zero off idx).
+size_t attention_gather_bwd_workspace_bytes(int64_t C);
+int attention_gather_bwd(DType dt, const void* grad, const void* x, const void* a, const int64_t* idx,
+                         int64_t B, int64_t C, int64_t HW, int64_t n, void* dx, void* da, void* workspace,
+                         cudaStream_t stream);
+
+// ---------------------------------------------------------------------------- 3. write-back
+// x: (B, C, H, W), y: (B, n, Ho, Wo) with Ho = H / stride, Wo = W / stride (floor; stride 1
+// or 2); beta: pointer to ONE element of dtype dt on the device, or nullptr for beta = 1.
+// out: (B, C, Ho, Wo).
+size_t attention_writeback_fwd_workspace_bytes(int64_t C);
+int attention_writeback_fwd(DType dt, const void* x, const void* a, const int64_t* idx, const void* y,
+                            const void* beta, int64_t B, int64_t C, int64_t H, int64_t W, int64_t n,
+                            int stride, void* out, void* workspace, cudaStream_t stream);
+
+// grad: (B, C, Ho, Wo) -> dx: (B, C, H, W), da: (B, C), dy: (B, n, Ho, Wo), all fully
+// written; dbeta: ONE element of dtype dt, written only when beta != nullptr (may then be
+// nullptr otherwise). Deterministic: the beta gradient is reduced from per-plane partials.
+size_t attention_writeback_bwd_workspace_bytes(DType dt, int64_t B, int64_t C);
+int attention_writeback_bwd(DType dt, const void* grad, const void* x, const void* a, const int64_t* idx,
+                            const void* y, const void* beta, int64_t B, int64_t C, int64_t H, int64_t W,
+                            int64_t n, int stride, void* dx, void* da, void* dy, void* dbeta, void* workspace,
+                            cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace adarts
