@@ -1,0 +1,70 @@
+"""Shared plumbing of the ``adarts::`` ops: argument checks and backend dispatch."""
+from __future__ import annotations
+
+import torch
+
+from . import reference as R
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check(cond: bool, op: str, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(f"adarts {op}: {msg}")
+
+
+def check_float(op: str, **tensors) -> None:
+    """Floating dtype, one dtype and one device for every named tensor."""
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        check(t.dtype in FLOATS, op, f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}", TypeError)
+        if first is None:
+            first = (name, t)
+            continue
+        check(t.dtype == first[1].dtype, op,
+              f"dtype mismatch: {first[0]} is {first[1].dtype} but {name} is {t.dtype}", TypeError)
+        check(t.device == first[1].device, op,
+              f"device mismatch: {first[0]} is on {first[1].device} but {name} is on {t.device}")
+
+
+def check_idx_meta(op: str, idx: torch.Tensor, x: torch.Tensor, C: int) -> None:
+    """Shape, dtype and device of ``idx`` (values are checked where the data lives)."""
+    check(isinstance(idx, torch.Tensor) and idx.dtype == torch.int64, op,
+          f"idx must be an int64 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}", TypeError)
+    check(idx.dim() == 1 and 1 <= idx.shape[0] <= C, op,
+          f"idx must have shape (n,) with 1 <= n <= C={C}, got {tuple(idx.shape)}")
+    check(idx.device == x.device, op, f"device mismatch: x is on {x.device} but idx is on {idx.device}")
+
+
+def check_idx_values(op: str, idx: torch.Tensor, C: int) -> None:
+    """Indices in ``[0, C)`` and distinct. On CPU a plain check; on CUDA an asynchronous
+    device-side assert (no host synchronisation)."""
+    if idx.numel() == 0:
+        return
+    if idx.device.type == "cpu":
+        check(bool(((idx >= 0) & (idx < C)).all()), op, f"idx values must lie in [0, {C}), got {idx.tolist()}")
+        check(idx.unique().numel() == idx.numel(), op, f"idx values must be distinct, got {idx.tolist()}")
+    else:
+        torch._assert_async(((idx >= 0) & (idx < C)).all(), f"adarts {op}: idx values must lie in [0, {C})")
+        s = idx.sort().values
+        torch._assert_async((s[1:] != s[:-1]).all(), f"adarts {op}: idx values must be distinct")
+
+
+def contiguous(*ts):
+    return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def run(name: str, impl: str, *args):
+    """Call function ``name`` (e.g. ``"attention_gather_fwd"``) of backend ``impl``."""
+    if impl == "reference":
+        return getattr(R, name)(*args)
+    args = contiguous(*args)
+    if impl in ("cpp", "cuda"):
+        return getattr(torch.ops.adarts_C, name)(*args)
+    if impl == "triton":
+        from .. import triton as tr
+        return getattr(tr, name)(*args)
+    raise ValueError(f"unknown backend {impl!r}")

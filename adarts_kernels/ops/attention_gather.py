@@ -1,0 +1,82 @@
+"""``adarts::attention_gather``: ``x_sel = (x * a)[:, idx]`` without forming ``x * a``.
+
+Forward, ``x: (B, C, H, W)``, ``a: (B, C)``, ``idx: (n,)`` int64 distinct in ``[0, C)``::
+
+    x_sel[b, j] = x[b, idx[j]] * a[b, idx[j]]                # (B, n, H, W)
+
+Backward::
+
+    dx[b, idx[j]] = grad[b, j] * a[b, idx[j]]                # zero on the other channels
+    da[b, idx[j]] = sum_hw grad[b, j] * x[b, idx[j]]         # zero on the other channels
+
+Saved for backward: ``x`` (the edge input), ``a: (B, C)``, ``idx``; nothing of size
+``|x_sel|``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backend import resolve
+from . import reference as R
+from ._common import check, check_float, check_idx_meta, check_idx_values, run
+
+
+@torch.library.custom_op("adarts::attention_gather", mutates_args=())
+def _attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: str) -> Tensor:
+    return R.attention_gather_fwd(x, a, idx)
+
+
+@_attention_gather.register_kernel(["cpu", "cuda"])
+def _(x, a, idx, impl):
+    if impl != "cpp":
+        check_idx_values("attention_gather", idx, x.shape[1])
+    return run("attention_gather_fwd", impl, x, a, idx)
+
+
+@_attention_gather.register_fake
+def _(x, a, idx, impl):
+    torch._check(a.shape[0] == x.shape[0] and a.shape[1] == x.shape[1])
+    return x.new_empty((x.shape[0], idx.shape[0], x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op("adarts::_attention_gather_backward", mutates_args=())
+def _attention_gather_backward(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, impl: str) -> Tuple[Tensor, Tensor]:
+    return R.attention_gather_bwd(grad, x, a, idx)
+
+
+@_attention_gather_backward.register_kernel(["cpu", "cuda"])
+def _(grad, x, a, idx, impl):
+    return run("attention_gather_bwd", impl, grad, x, a, idx)
+
+
+@_attention_gather_backward.register_fake
+def _(grad, x, a, idx, impl):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a)
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, idx, impl = inputs
+    ctx.save_for_backward(x, a, idx)
+    ctx.impl = impl
+
+
+def _backward(ctx, grad):
+    x, a, idx = ctx.saved_tensors
+    dx, da = _attention_gather_backward(grad.contiguous(), x, a, idx, ctx.impl)
+    return dx, da, None, None
+
+
+_attention_gather.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: Optional[str] = None) -> Tensor:
+    """``(x * a[:, :, None, None])[:, idx]``: ``(B, n, H, W)``. See the module docstring."""
+    op = "attention_gather"
+    check_float(op, x=x, a=a)
+    check(x.dim() == 4, op, f"expected x of shape (B, C, H, W), got {tuple(x.shape)}")
+    check(a.shape == x.shape[:2], op, f"expected a of shape (B, C)={tuple(x.shape[:2])}, got {tuple(a.shape)}")
+    check_idx_meta(op, idx, x, x.shape[1])
+    return _attention_gather(x, a, idx, resolve(impl, x.device))
