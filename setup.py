@@ -126,7 +126,8 @@ def extension_build():
         cxx = ["-O3"]
     common = dict(
         include_dirs=[CSRC],
-        depends=rel(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "*", "*.h"))),
+        depends=rel(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "*", "*.h"))
+                    + glob.glob(os.path.join(CSRC, "*", "*.cuh"))),
         py_limited_api=False,
     )
     cuda = cuda_sources(torch)

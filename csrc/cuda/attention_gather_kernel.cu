@@ -9,11 +9,7 @@
 // large planes over gridDim.y. The backward walks the planes of dx through the inverse map
 // inv[c] = j (or -1) built on the device, so that each da[b, c] has a single owner
 // (deterministic, no atomics). Accumulation in float (double for double).
-#include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "common.cuh"
 
 #include <cassert>
 #include <climits>
@@ -23,114 +19,7 @@ namespace adarts {
 namespace cuda {
 namespace {
 
-// ------------------------------------------------------------------ element-type helpers
-template <typename T> struct AccT { using type = float; };
-template <> struct AccT<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> struct Cast;
-template <> struct Cast<float> { __device__ static float from(float v) { return v; } };
-template <> struct Cast<double> { __device__ static double from(double v) { return v; } };
-template <> struct Cast<__half> { __device__ static __half from(float v) { return __float2half_rn(v); } };
-template <> struct Cast<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cast<T>::from(v); }
-
-template <typename T> struct alignas(16) Vec16 {
-  static constexpr int N = 16 / static_cast<int>(sizeof(T));
-  T v[N];
-};
-
-inline bool aligned_to(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ------------------------------------------------------------------ reductions
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename A> __device__ __forceinline__ A block_sum(A v, A* sh) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) sh[wid] = v;
-  __syncthreads();
-  A t = lane < nw ? sh[lane] : A(0);
-  t = warp_sum(t);
-  __syncthreads();
-  return t;
-}
-
-// ------------------------------------------------------------------ plane mapping
-struct Span {
-  int64_t plane, begin, end;
-  int rank, size;
-};
-
-__device__ __forceinline__ bool plane_span(int64_t planes, int64_t units, int warp_mode, int64_t tile, Span& s) {
-  if (warp_mode) {
-    s.plane = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    s.rank = threadIdx.x & 31;
-    s.size = 32;
-    s.begin = 0;
-    s.end = units;
-  } else {
-    s.plane = blockIdx.x;
-    s.rank = threadIdx.x;
-    s.size = blockDim.x;
-    s.begin = static_cast<int64_t>(blockIdx.y) * tile;
-    s.end = s.begin + tile < units ? s.begin + tile : units;
-  }
-  return s.plane < planes;
-}
-
-struct PlaneLaunch {
-  dim3 grid, block;
-  int warp_mode;
-  int64_t tile;
-  bool ok;
-};
-
-constexpr int kThreads = 256;
-
-inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
-  PlaneLaunch L;
-  L.block = dim3(kThreads);
-  L.ok = planes > 0 && units > 0;
-  if (units <= 256) {
-    L.warp_mode = 1;
-    L.tile = units;
-    const int64_t g = ceil_div(planes, kThreads / 32);
-    L.ok = L.ok && g <= INT_MAX;
-    L.grid = dim3(static_cast<unsigned>(g > 0 ? g : 1));
-    return L;
-  }
-  L.warp_mode = 0;
-  int64_t tile = units, tiles = 1;
-  if (tiled) {
-    tile = kThreads * 8;
-    tiles = ceil_div(units, tile);
-    if (tiles > 65535) { tile = ceil_div(units, 65535); tiles = ceil_div(units, tile); }
-  }
-  L.tile = tile;
-  L.ok = L.ok && planes <= INT_MAX;
-  L.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(tiles));
-  return L;
-}
-
-#define ADARTS_LAUNCH_CHECK()                           \
-  do {                                                  \
-    const cudaError_t e_ = cudaGetLastError();          \
-    if (e_ != cudaSuccess) return static_cast<int>(e_); \
-  } while (0)
+// (the element-type helpers, sums, plane mapping and launch helpers are in common.cuh)
 
 // ------------------------------------------------------------------ kernels
 // inv[c] = j with idx[j] == c, else -1 (one block). A repeated channel keeps its largest j
@@ -290,16 +179,11 @@ int gather_bwd_impl(const T* grad, const T* x, const T* a, const int64_t* idx, i
 
 int attention_gather_fwd(DType dt, const void* x, const void* a, const int64_t* idx, int64_t B, int64_t C,
                          int64_t HW, int64_t n, void* out, cudaStream_t stream) {
-#define ADARTS_GATHER_FWD(T) \
-  return gather_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(a), idx, B, C, HW, n, static_cast<T*>(out), stream)
-  switch (dt) {
-    case DType::F32: ADARTS_GATHER_FWD(float);
-    case DType::F16: ADARTS_GATHER_FWD(__half);
-    case DType::BF16: ADARTS_GATHER_FWD(__nv_bfloat16);
-    case DType::F64: ADARTS_GATHER_FWD(double);
-  }
-#undef ADARTS_GATHER_FWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return gather_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(a), idx, B, C, HW, n,
+                              static_cast<T*>(out), stream);
+  });
 }
 
 size_t attention_gather_bwd_workspace_bytes(int64_t C) {
@@ -308,17 +192,11 @@ size_t attention_gather_bwd_workspace_bytes(int64_t C) {
 
 int attention_gather_bwd(DType dt, const void* grad, const void* x, const void* a, const int64_t* idx, int64_t B,
                          int64_t C, int64_t HW, int64_t n, void* dx, void* da, void* workspace, cudaStream_t stream) {
-#define ADARTS_GATHER_BWD(T)                                                                                     \
-  return gather_bwd_impl<T>(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(a), idx, \
-                            B, C, HW, n, static_cast<T*>(dx), static_cast<T*>(da), workspace, stream)
-  switch (dt) {
-    case DType::F32: ADARTS_GATHER_BWD(float);
-    case DType::F16: ADARTS_GATHER_BWD(__half);
-    case DType::BF16: ADARTS_GATHER_BWD(__nv_bfloat16);
-    case DType::F64: ADARTS_GATHER_BWD(double);
-  }
-#undef ADARTS_GATHER_BWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return gather_bwd_impl<T>(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(a), idx,
+                              B, C, HW, n, static_cast<T*>(dx), static_cast<T*>(da), workspace, stream);
+  });
 }
 
 }  // namespace cuda

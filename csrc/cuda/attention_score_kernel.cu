@@ -15,13 +15,8 @@
 // dz = grad_a * a * (1 - a) is computed on the fly by the loaders. Every output element is
 // produced by exactly one thread with a fixed summation order: bitwise deterministic, no
 // atomics. Accumulation in float (double for double).
-#include "kernels.h"
+#include "common.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cassert>
 #include <climits>
 #include <cstdint>
 
@@ -29,57 +24,12 @@ namespace adarts {
 namespace cuda {
 namespace {
 
-// ------------------------------------------------------------------ element-type helpers
-template <typename T> struct AccT { using type = float; };
-template <> struct AccT<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> struct Cast;
-template <> struct Cast<float> { __device__ static float from(float v) { return v; } };
-template <> struct Cast<double> { __device__ static double from(double v) { return v; } };
-template <> struct Cast<__half> { __device__ static __half from(float v) { return __float2half_rn(v); } };
-template <> struct Cast<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cast<T>::from(v); }
-
+// ------------------------------------------------------------------ accumulator math
+// (the element-type helpers, sums, plane mapping and launch helpers are in common.cuh)
 __device__ __forceinline__ float acc_exp(float v) { return expf(v); }
 __device__ __forceinline__ double acc_exp(double v) { return exp(v); }
 
-// 16-byte vector of T (one 128-bit memory transaction).
-template <typename T> struct alignas(16) Vec16 {
-  static constexpr int N = 16 / static_cast<int>(sizeof(T));
-  T v[N];
-};
-
-inline bool aligned_to(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ------------------------------------------------------------------ reductions
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the total.
-template <typename A> __device__ __forceinline__ A block_sum(A v, A* sh) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) sh[wid] = v;
-  __syncthreads();
-  A t = lane < nw ? sh[lane] : A(0);
-  t = warp_sum(t);
-  __syncthreads();  // sh may be reused
-  return t;
-}
-
+// ------------------------------------------------------------------ argmax reductions
 // Is (v, i) preferred to (bv, bi) as "the maximum"? NaN above everything, then the larger
 // value, then the lower index: a strict total order, so every reduction tree agrees.
 template <typename A> __device__ __forceinline__ bool prefer(A v, int i, A bv, int bi) {
@@ -107,68 +57,6 @@ template <typename A> __device__ __forceinline__ void block_argmax(A& v, int& i,
   warp_argmax(tv, ti);
   __syncthreads();
   v = tv; i = ti;
-}
-
-// ------------------------------------------------------------------ plane mapping
-// A "group" (one warp, or the whole block) walks the units [begin, end) of one plane.
-// warp mode: 8 planes per 256-thread block, one per warp, no block synchronisation.
-// block mode: one plane per blockIdx.x, tile blockIdx.y of `tile` units.
-struct Span {
-  int64_t plane, begin, end;
-  int rank, size;
-};
-
-__device__ __forceinline__ bool plane_span(int64_t planes, int64_t units, int warp_mode, int64_t tile, Span& s) {
-  if (warp_mode) {
-    s.plane = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    s.rank = threadIdx.x & 31;
-    s.size = 32;
-    s.begin = 0;
-    s.end = units;
-  } else {
-    s.plane = blockIdx.x;
-    s.rank = threadIdx.x;
-    s.size = blockDim.x;
-    s.begin = static_cast<int64_t>(blockIdx.y) * tile;
-    s.end = s.begin + tile < units ? s.begin + tile : units;
-  }
-  return s.plane < planes;
-}
-
-struct PlaneLaunch {
-  dim3 grid, block;
-  int warp_mode;
-  int64_t tile;
-  bool ok;
-};
-
-constexpr int kThreads = 256;
-
-// tiled: split large planes over gridDim.y (elementwise kernels only; reductions keep one
-// group per plane so that each plane's sum has a single owner).
-inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
-  PlaneLaunch L;
-  L.block = dim3(kThreads);
-  L.ok = planes > 0 && units > 0;
-  if (units <= 256) {
-    L.warp_mode = 1;
-    L.tile = units;
-    const int64_t g = ceil_div(planes, kThreads / 32);
-    L.ok = L.ok && g <= INT_MAX;
-    L.grid = dim3(static_cast<unsigned>(g > 0 ? g : 1));
-    return L;
-  }
-  L.warp_mode = 0;
-  int64_t tile = units, tiles = 1;
-  if (tiled) {
-    tile = kThreads * 8;
-    tiles = ceil_div(units, tile);
-    if (tiles > 65535) { tile = ceil_div(units, 65535); tiles = ceil_div(units, tile); }
-  }
-  L.tile = tile;
-  L.ok = L.ok && planes <= INT_MAX;
-  L.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(tiles));
-  return L;
 }
 
 // ------------------------------------------------------------------ kernels: pools
@@ -398,9 +286,6 @@ score_dx_kernel(const typename AccT<T>::type* __restrict__ d, const int* __restr
 }
 
 // ------------------------------------------------------------------ workspace
-constexpr size_t kAlign = 256;
-inline size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
 struct Carver {
   char* base;
   size_t off;
@@ -411,8 +296,6 @@ struct Carver {
   }
 };
 
-inline size_t acc_size(DType dt) { return dt == DType::F64 ? sizeof(double) : sizeof(float); }
-
 size_t fwd_bytes(size_t as, int64_t B, int64_t C, int64_t Ch) {
   return round_up(2 * B * C * as) + round_up(2 * B * Ch * as) + round_up(B * C * as) + round_up(C * as);
 }
@@ -420,12 +303,6 @@ size_t bwd_bytes(size_t as, int64_t B, int64_t C, int64_t Ch) {
   return round_up(2 * B * C * as) + round_up(B * C * sizeof(int)) + 2 * round_up(2 * B * Ch * as) +
          round_up(2 * B * C * as);
 }
-
-#define ADARTS_LAUNCH_CHECK()                      \
-  do {                                             \
-    const cudaError_t e_ = cudaGetLastError();     \
-    if (e_ != cudaSuccess) return static_cast<int>(e_); \
-  } while (0)
 
 inline bool sizes_ok(int64_t B, int64_t C, int64_t HW, int64_t Ch) {
   // int-indexed planes / channels; GEMM grids have at most 65535 rows of 16-row tiles.
@@ -543,34 +420,22 @@ size_t attention_score_bwd_workspace_bytes(DType dt, int64_t B, int64_t C, int64
 int attention_score_fwd(DType dt, const void* x, const void* w1, const void* w2, int64_t B, int64_t C,
                         int64_t HW, int64_t Ch, int64_t n_select, void* a, int64_t* idx, void* workspace,
                         cudaStream_t stream) {
-#define ADARTS_SCORE_FWD(T)                                                                                \
-  return score_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(w1), static_cast<const T*>(w2), \
-                           B, C, HW, Ch, n_select, static_cast<T*>(a), idx, workspace, stream)
-  switch (dt) {
-    case DType::F32: ADARTS_SCORE_FWD(float);
-    case DType::F16: ADARTS_SCORE_FWD(__half);
-    case DType::BF16: ADARTS_SCORE_FWD(__nv_bfloat16);
-    case DType::F64: ADARTS_SCORE_FWD(double);
-  }
-#undef ADARTS_SCORE_FWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return score_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(w1), static_cast<const T*>(w2), B, C,
+                             HW, Ch, n_select, static_cast<T*>(a), idx, workspace, stream);
+  });
 }
 
 int attention_score_bwd(DType dt, const void* grad_a, const void* x, const void* w1, const void* w2,
                         const void* a, int64_t B, int64_t C, int64_t HW, int64_t Ch, void* dx, void* dw1,
                         void* dw2, void* workspace, cudaStream_t stream) {
-#define ADARTS_SCORE_BWD(T)                                                                                    \
-  return score_bwd_impl<T>(static_cast<const T*>(grad_a), static_cast<const T*>(x), static_cast<const T*>(w1), \
-                           static_cast<const T*>(w2), static_cast<const T*>(a), B, C, HW, Ch,                  \
-                           static_cast<T*>(dx), static_cast<T*>(dw1), static_cast<T*>(dw2), workspace, stream)
-  switch (dt) {
-    case DType::F32: ADARTS_SCORE_BWD(float);
-    case DType::F16: ADARTS_SCORE_BWD(__half);
-    case DType::BF16: ADARTS_SCORE_BWD(__nv_bfloat16);
-    case DType::F64: ADARTS_SCORE_BWD(double);
-  }
-#undef ADARTS_SCORE_BWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return score_bwd_impl<T>(static_cast<const T*>(grad_a), static_cast<const T*>(x), static_cast<const T*>(w1),
+                             static_cast<const T*>(w2), static_cast<const T*>(a), B, C, HW, Ch, static_cast<T*>(dx),
+                             static_cast<T*>(dw1), static_cast<T*>(dw2), workspace, stream);
+  });
 }
 
 }  // namespace cuda

@@ -14,11 +14,7 @@
 // block sums the partials in a fixed order (no atomics). Accumulation in float (double for
 // double). Vector accesses: 16 bytes at stride 1, 4-wide input rows / 2-wide outputs at
 // stride 2, when the alignment allows.
-#include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "common.cuh"
 
 #include <cassert>
 #include <climits>
@@ -28,55 +24,15 @@ namespace adarts {
 namespace cuda {
 namespace {
 
-// ------------------------------------------------------------------ element-type helpers
-template <typename T> struct AccT { using type = float; };
-template <> struct AccT<double> { using type = double; };
+// (the element-type helpers, sums, plane mapping and launch helpers are in common.cuh)
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> struct Cast;
-template <> struct Cast<float> { __device__ static float from(float v) { return v; } };
-template <> struct Cast<double> { __device__ static double from(double v) { return v; } };
-template <> struct Cast<__half> { __device__ static __half from(float v) { return __float2half_rn(v); } };
-template <> struct Cast<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cast<T>::from(v); }
-
+// ------------------------------------------------------------------ vectors
 // N consecutive T in one aligned access.
 template <typename T, int N> struct alignas(sizeof(T) * N) VecN {
   T v[N];
 };
-template <typename T> struct Vec16Size {
-  static constexpr int N = 16 / static_cast<int>(sizeof(T));
-};
 
-inline bool aligned_to(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ------------------------------------------------------------------ reductions
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename A> __device__ __forceinline__ A block_sum(A v, A* sh) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) sh[wid] = v;
-  __syncthreads();
-  A t = lane < nw ? sh[lane] : A(0);
-  t = warp_sum(t);
-  __syncthreads();
-  return t;
-}
-
+// ------------------------------------------------------------------ 2x2 window maximum
 // Max of a 2x2 window given in row-major order: strict '>' keeps the first maximum; a NaN
 // is taken as the maximum, the last NaN of the window (as F.max_pool2d, CPU and CUDA, and
 // the C++ CPU kernel); a window of -inf gives its first position.
@@ -91,69 +47,6 @@ template <typename A> __device__ __forceinline__ int window_argmax(A v0, A v1, A
   return p;
 }
 
-// ------------------------------------------------------------------ plane mapping
-struct Span {
-  int64_t plane, begin, end;
-  int rank, size;
-};
-
-__device__ __forceinline__ bool plane_span(int64_t planes, int64_t units, int warp_mode, int64_t tile, Span& s) {
-  if (warp_mode) {
-    s.plane = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    s.rank = threadIdx.x & 31;
-    s.size = 32;
-    s.begin = 0;
-    s.end = units;
-  } else {
-    s.plane = blockIdx.x;
-    s.rank = threadIdx.x;
-    s.size = blockDim.x;
-    s.begin = static_cast<int64_t>(blockIdx.y) * tile;
-    s.end = s.begin + tile < units ? s.begin + tile : units;
-  }
-  return s.plane < planes;
-}
-
-struct PlaneLaunch {
-  dim3 grid, block;
-  int warp_mode;
-  int64_t tile;
-  bool ok;
-};
-
-constexpr int kThreads = 256;
-
-inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
-  PlaneLaunch L;
-  L.block = dim3(kThreads);
-  L.ok = planes > 0 && units > 0;
-  if (units <= 256) {
-    L.warp_mode = 1;
-    L.tile = units;
-    const int64_t g = ceil_div(planes, kThreads / 32);
-    L.ok = L.ok && g <= INT_MAX;
-    L.grid = dim3(static_cast<unsigned>(g > 0 ? g : 1));
-    return L;
-  }
-  L.warp_mode = 0;
-  int64_t tile = units, tiles = 1;
-  if (tiled) {
-    tile = kThreads * 8;
-    tiles = ceil_div(units, tile);
-    if (tiles > 65535) { tile = ceil_div(units, 65535); tiles = ceil_div(units, tile); }
-  }
-  L.tile = tile;
-  L.ok = L.ok && planes <= INT_MAX;
-  L.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(tiles));
-  return L;
-}
-
-#define ADARTS_LAUNCH_CHECK()                           \
-  do {                                                  \
-    const cudaError_t e_ = cudaGetLastError();          \
-    if (e_ != cudaSuccess) return static_cast<int>(e_); \
-  } while (0)
-
 // Geometry shared by the kernels.
 struct Geom {
   int64_t C, n, planes;
@@ -164,7 +57,7 @@ struct Geom {
 
 template <typename T> __device__ __forceinline__ int64_t plane_units(const Geom& g) {
   const int64_t out = g.Ho * g.Wo;
-  if (g.stride == 1) return g.vec ? out / Vec16Size<T>::N : out;
+  if (g.stride == 1) return g.vec ? out / Vec16<T>::N : out;
   return g.vec ? out / 2 : out;
 }
 
@@ -198,7 +91,7 @@ writeback_fwd_kernel(const T* __restrict__ x, const T* __restrict__ a, const int
   if (j >= 0) {  // out = bt * y
     const T* yp = y + (b * g.n + j) * osz;
     if (g.stride == 1 && g.vec) {
-      constexpr int N = Vec16Size<T>::N;
+      constexpr int N = Vec16<T>::N;
       using V = VecN<T, N>;
       for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
         const V w = reinterpret_cast<const V*>(yp)[u];
@@ -225,7 +118,7 @@ writeback_fwd_kernel(const T* __restrict__ x, const T* __restrict__ a, const int
   const T* xp = x + s.plane * g.H * g.W;
   if (g.stride == 1) {  // out = (x * a) * bt
     if (g.vec) {
-      constexpr int N = Vec16Size<T>::N;
+      constexpr int N = Vec16<T>::N;
       using V = VecN<T, N>;
       for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
         const V w = reinterpret_cast<const V*>(xp)[u];
@@ -296,7 +189,7 @@ writeback_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x, const 
 
   if (g.stride == 1) {
     if (g.vec) {
-      constexpr int N = Vec16Size<T>::N;
+      constexpr int N = Vec16<T>::N;
       using V = VecN<T, N>;
       for (int64_t u = s.begin + s.rank; u < s.end; u += s.size) {
         const V gw = reinterpret_cast<const V*>(gp)[u];
@@ -470,14 +363,11 @@ inline int launch_inverse_map(const int64_t* idx, int64_t n, int64_t C, int* inv
   return 0;
 }
 
-constexpr size_t kAlign = 256;
-inline size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
 // Which vector path the pointers and the geometry allow.
 template <typename T> int pick_vec(const Geom& g, const void* x_like, const void* out_like1, const void* out_like2,
                                    const void* out_like3) {
   if (g.stride == 1) {
-    const int N = Vec16Size<T>::N;
+    const int N = Vec16<T>::N;
     return (g.H * g.W) % N == 0 && aligned_to(x_like, 16) && aligned_to(out_like1, 16) &&
            aligned_to(out_like2, 16) && aligned_to(out_like3, 16);
   }
@@ -496,7 +386,7 @@ int writeback_fwd_impl(const T* x, const T* a, const int64_t* idx, const T* y, c
   if (err) return err;
   // stride 1: x, y, out 16-byte units; stride 2: x 4-wide rows (the out/y pairs need half that).
   g.vec = stride == 1 ? pick_vec<T>(g, x, y, out, out) : pick_vec<T>(g, x, x, y, out);
-  const int64_t units = g.stride == 1 ? (g.vec ? g.Ho * g.Wo / Vec16Size<T>::N : g.Ho * g.Wo)
+  const int64_t units = g.stride == 1 ? (g.vec ? g.Ho * g.Wo / Vec16<T>::N : g.Ho * g.Wo)
                                       : (g.vec ? g.Ho * g.Wo / 2 : g.Ho * g.Wo);
   const PlaneLaunch L = plane_launch(g.planes, units, /*tiled=*/true);
   if (!L.ok) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -526,7 +416,7 @@ int writeback_bwd_impl(const T* grad, const T* x, const T* a, const int64_t* idx
     } else {
       g.vec = pick_vec<T>(g, x, dx, grad, y) && aligned_to(dy, 2 * sizeof(T));
     }
-    const int64_t units = g.stride == 1 ? (g.vec ? g.Ho * g.Wo / Vec16Size<T>::N : g.Ho * g.Wo)
+    const int64_t units = g.stride == 1 ? (g.vec ? g.Ho * g.Wo / Vec16<T>::N : g.Ho * g.Wo)
                                         : (g.vec ? g.Ho * g.Wo / 2 : g.Ho * g.Wo);
     // units may be 0 (H or W < 2 at stride 2): the groups still zero dx and write da.
     const PlaneLaunch L = plane_launch(g.planes, units > 0 ? units : 1, /*tiled=*/false);
@@ -549,45 +439,32 @@ size_t attention_writeback_fwd_workspace_bytes(int64_t C) {
 }
 
 size_t attention_writeback_bwd_workspace_bytes(DType dt, int64_t B, int64_t C) {
-  const size_t as = dt == DType::F64 ? sizeof(double) : sizeof(float);
   return round_up(static_cast<size_t>(C > 0 ? C : 1) * sizeof(int)) +
-         round_up(static_cast<size_t>(B * C > 0 ? B * C : 1) * as);
+         round_up(static_cast<size_t>(B * C > 0 ? B * C : 1) * acc_size(dt));
 }
 
 int attention_writeback_fwd(DType dt, const void* x, const void* a, const int64_t* idx, const void* y,
                             const void* beta, int64_t B, int64_t C, int64_t H, int64_t W, int64_t n, int stride,
                             void* out, void* workspace, cudaStream_t stream) {
-#define ADARTS_WRITEBACK_FWD(T)                                                                                 \
-  return writeback_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(a), idx, static_cast<const T*>(y), \
-                               static_cast<const T*>(beta), B, C, H, W, n, stride, static_cast<T*>(out), workspace, \
-                               stream)
-  switch (dt) {
-    case DType::F32: ADARTS_WRITEBACK_FWD(float);
-    case DType::F16: ADARTS_WRITEBACK_FWD(__half);
-    case DType::BF16: ADARTS_WRITEBACK_FWD(__nv_bfloat16);
-    case DType::F64: ADARTS_WRITEBACK_FWD(double);
-  }
-#undef ADARTS_WRITEBACK_FWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return writeback_fwd_impl<T>(static_cast<const T*>(x), static_cast<const T*>(a), idx, static_cast<const T*>(y),
+                                 static_cast<const T*>(beta), B, C, H, W, n, stride, static_cast<T*>(out), workspace,
+                                 stream);
+  });
 }
 
 int attention_writeback_bwd(DType dt, const void* grad, const void* x, const void* a, const int64_t* idx,
                             const void* y, const void* beta, int64_t B, int64_t C, int64_t H, int64_t W, int64_t n,
                             int stride, void* dx, void* da, void* dy, void* dbeta, void* workspace,
                             cudaStream_t stream) {
-#define ADARTS_WRITEBACK_BWD(T)                                                                                  \
-  return writeback_bwd_impl<T>(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(a),  \
-                               idx, static_cast<const T*>(y), static_cast<const T*>(beta), B, C, H, W, n, stride, \
-                               static_cast<T*>(dx), static_cast<T*>(da), static_cast<T*>(dy),                    \
-                               static_cast<T*>(dbeta), workspace, stream)
-  switch (dt) {
-    case DType::F32: ADARTS_WRITEBACK_BWD(float);
-    case DType::F16: ADARTS_WRITEBACK_BWD(__half);
-    case DType::BF16: ADARTS_WRITEBACK_BWD(__nv_bfloat16);
-    case DType::F64: ADARTS_WRITEBACK_BWD(double);
-  }
-#undef ADARTS_WRITEBACK_BWD
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return writeback_bwd_impl<T>(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(a),
+                                 idx, static_cast<const T*>(y), static_cast<const T*>(beta), B, C, H, W, n, stride,
+                                 static_cast<T*>(dx), static_cast<T*>(da), static_cast<T*>(dy),
+                                 static_cast<T*>(dbeta), workspace, stream);
+  });
 }
 
 }  // namespace cuda
