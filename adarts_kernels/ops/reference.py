@@ -48,11 +48,21 @@ def attention_score_fwd(x: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tup
     ``idx: (n_select,)`` int64.
     """
     avg, mx, _ = attention_pools(x)
+    a, idx = attention_mlp_fwd(avg, mx, w1, w2, n_select)
+    return a.to(x.dtype), idx
+
+
+def attention_mlp_fwd(avg: Tensor, mx: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tuple[Tensor, Tensor]:
+    """The scoring after the pools, on ``(B, C)`` matrices: ``a`` (accumulation dtype) and ``idx``.
+
+    ``idx``: the ``n_select`` largest batch-summed scores, descending; a stable sort puts
+    equal scores in ascending channel order (the tie rule).
+    """
     w1f, w2f = _acc(w1), _acc(w2)
     z = F.relu(avg @ w1f.t()) @ w2f.t() + F.relu(mx @ w1f.t()) @ w2f.t()
     a = torch.sigmoid(z)
     idx = torch.sort(a.sum(dim=0), descending=True, stable=True).indices[:n_select]
-    return a.to(x.dtype), idx
+    return a, idx
 
 
 def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -64,17 +74,24 @@ def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Te
     """
     B, C, H, W = x.shape
     avg, mx, arg = attention_pools(x)
+    dw1, dw2, d_avg, d_mx = attention_mlp_bwd(grad_a, a, avg, mx, w1, w2)
+    dx = (d_avg / (H * W))[:, :, None].expand(B, C, H * W).clone()
+    dx.scatter_add_(2, arg[:, :, None], d_mx[:, :, None])
+    return dx.view(B, C, H, W).to(x.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype)
+
+
+def attention_mlp_bwd(grad_a: Tensor, a: Tensor, avg: Tensor, mx: Tensor, w1: Tensor,
+                      w2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`attention_mlp_fwd` on ``(B, C)`` matrices, in the accumulation dtype:
+    ``dw1 (C/2, C)``, ``dw2 (C, C/2)``, ``d_avg (B, C)``, ``d_mx (B, C)``."""
     w1f, w2f, af = _acc(w1), _acc(w2), _acc(a)
     dz = _acc(grad_a) * af * (1 - af)
     h_avg, h_mx = F.relu(avg @ w1f.t()), F.relu(mx @ w1f.t())
     dw2 = dz.t() @ (h_avg + h_mx)
-    dh_avg = (dz @ w2f) * (h_avg > 0)
-    dh_mx = (dz @ w2f) * (h_mx > 0)
+    dh = dz @ w2f
+    dh_avg, dh_mx = dh * (h_avg > 0), dh * (h_mx > 0)
     dw1 = dh_avg.t() @ avg + dh_mx.t() @ mx
-    d_avg, d_mx = dh_avg @ w1f, dh_mx @ w1f
-    dx = (d_avg / (H * W))[:, :, None].expand(B, C, H * W).clone()
-    dx.scatter_add_(2, arg[:, :, None], d_mx[:, :, None])
-    return dx.view(B, C, H, W).to(x.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype)
+    return dw1, dw2, dh_avg @ w1f, dh_mx @ w1f
 
 
 # ----------------------------------------------------------------------------- 2. gather

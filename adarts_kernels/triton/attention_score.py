@@ -13,8 +13,8 @@ import operator
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.reference import attention_mlp_bwd, attention_mlp_fwd
 from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _num_warps, _require
 
 triton, tl, _ = _import_triton()
@@ -120,10 +120,6 @@ def _pools(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return avg, mx, arg
 
 
-def _acc(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def attention_score_fwd(x: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tuple[Tensor, Tensor]:
     """``a = sigmoid(relu(avg @ w1.T) @ w2.T + relu(mx @ w1.T) @ w2.T)``,
     ``idx = topk(a.sum(0), n_select)``.
@@ -145,10 +141,7 @@ def attention_score_fwd(x: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tup
     n_select = operator.index(n_select)
     x = x.contiguous()
     avg, mx, _ = _pools(x)
-    w1f, w2f = _acc(w1), _acc(w2)
-    z = F.relu(avg @ w1f.t()) @ w2f.t() + F.relu(mx @ w1f.t()) @ w2f.t()
-    a = torch.sigmoid(z)
-    idx = torch.sort(a.sum(dim=0), descending=True, stable=True).indices[:n_select]
+    a, idx = attention_mlp_fwd(avg, mx, w1, w2, n_select)
     return a.to(x.dtype), idx
 
 
@@ -172,16 +165,9 @@ def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Te
                          f"got {tuple(a.shape)} and {tuple(grad_a.shape)}")
     x = x.contiguous()
     avg, mx, arg = _pools(x)
-    w1f, w2f, af = _acc(w1), _acc(w2), _acc(a)
-    dz = _acc(grad_a) * af * (1 - af)
-    h_avg, h_mx = F.relu(avg @ w1f.t()), F.relu(mx @ w1f.t())
-    dw2 = dz.t() @ (h_avg + h_mx)
-    dh = dz @ w2f
-    dh_avg = dh * (h_avg > 0)
-    dh_mx = dh * (h_mx > 0)
-    dw1 = dh_avg.t() @ avg + dh_mx.t() @ mx
-    g_avg = ((dh_avg @ w1f) / (H * W)).contiguous()
-    g_mx = (dh_mx @ w1f).contiguous()
+    dw1, dw2, d_avg, d_mx = attention_mlp_bwd(grad_a, a, avg, mx, w1, w2)
+    g_avg = (d_avg / (H * W)).contiguous()
+    g_mx = d_mx.contiguous()
     dx = _empty((B, C, H, W), x.dtype, x.device)
     if B * C > 0:
         block = _block_hw(H * W)
