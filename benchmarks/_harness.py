@@ -56,6 +56,8 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
         import triton.testing
         return float(triton.testing.do_bench(fn, return_mode="median"))
     from torch.utils.benchmark import Timer
+    for _ in range(3):  # warm-up: first calls pay for allocation and lazy initialisation
+        fn()
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.3)
     return m.median * 1e3
 
