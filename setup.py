@@ -124,7 +124,16 @@ def extension_build():
         # (-std=c++20 for torch 2.13, whose headers use C++20 features); the sources
         # themselves are plain C++17.
         cxx = ["-O3"]
+    # at::parallel_for is header-inline: without -fopenmp (_OPENMP undefined) it runs every
+    # range serially in the extension, whatever torch.get_num_threads() says. Measured with
+    # 2 threads: attention_score fwd at 256x16x32x32 took 0.97 ms with 1 or 2 threads before
+    # this flag. Linux/GCC and an OpenMP torch (the pip wheels) only; elsewhere it stays serial.
+    link = []
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     common = dict(
+        extra_link_args=link,
         include_dirs=[CSRC],
         depends=rel(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "*", "*.h"))
                     + glob.glob(os.path.join(CSRC, "*", "*.cuh"))),

