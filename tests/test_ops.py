@@ -188,6 +188,8 @@ def test_bad_input_named():
         attention_writeback(x, a, idx, y, None, 3)
     with pytest.raises(ValueError, match=r"expected y of shape"):
         attention_writeback(x, a, idx, y, None, 2)
+    with pytest.raises(ValueError, match="beta must be a 0-dim tensor"):
+        attention_writeback(x, a, idx, y, torch.ones(2))
     with pytest.raises(ValueError, match="n_select must be an integer"):
         attention_score(x, w1, w2, 9)
     with pytest.raises(ValueError, match="attention_gather: idx values must lie in"):

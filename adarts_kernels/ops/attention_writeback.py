@@ -101,6 +101,6 @@ def attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Opti
     n = idx.shape[0]
     check(y.shape == (B, n, H // stride, W // stride), op,
           f"expected y of shape (B, n, H/stride, W/stride)={(B, n, H // stride, W // stride)}, got {tuple(y.shape)}")
-    check(beta is None or beta.dim() == 0, op, f"beta must be a 0-dim tensor, got shape {tuple(beta.shape)}"
-          if beta is not None else "")
+    if beta is not None:
+        check(beta.dim() == 0, op, f"beta must be a 0-dim tensor, got shape {tuple(beta.shape)}")
     return _attention_writeback(x, a, idx, y, beta, stride, resolve(impl, x.device))
