@@ -15,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../validate.h"
 
 namespace adarts {
 namespace {
@@ -23,13 +23,8 @@ namespace {
 constexpr const char* kOp = "attention_gather";
 
 void check_x_a(const at::Tensor& x, const at::Tensor& a) {
-  CHECK_CPU(kOp, x);
-  CHECK_DIM(kOp, x, 4);
-  CHECK_FLOATING(kOp, x);
-  CHECK_CONTIGUOUS(kOp, x);
-  CHECK_INPUT_LIKE(kOp, a, x);
-  ADARTS_CHECK(a.dim() == 2 && a.size(0) == x.size(0) && a.size(1) == x.size(1), kOp,
-               "a must have shape (B, C) = (", x.size(0), ", ", x.size(1), "), got ", a.sizes());
+  validate_x(kOp, x, c10::DeviceType::CPU);
+  validate_a(kOp, a, x, c10::DeviceType::CPU);
 }
 
 }  // namespace
@@ -37,7 +32,7 @@ void check_x_a(const at::Tensor& x, const at::Tensor& a) {
 at::Tensor attention_gather_fwd_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& idx) {
   check_x_a(x, a);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  check_index(kOp, idx, C);
+  check_index(kOp, idx, x);
   const int64_t n = idx.size(0);
   at::Tensor out = at::empty({B, n, H, W}, x.options());
   if (out.numel() == 0) return out;
@@ -65,10 +60,9 @@ std::tuple<at::Tensor, at::Tensor> attention_gather_bwd_cpu(const at::Tensor& gr
                                                             const at::Tensor& a, const at::Tensor& idx) {
   check_x_a(x, a);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const std::vector<int64_t> sel = check_index(kOp, idx, C);
+  const std::vector<int64_t> sel = check_index(kOp, idx, x);
   const int64_t n = idx.size(0);
-  CHECK_INPUT_LIKE(kOp, grad, x);
-  CHECK_SHAPE(kOp, grad, B, n, H, W);
+  validate_gather_grad(kOp, grad, x, n, c10::DeviceType::CPU);
 
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor da = at::empty(a.sizes(), a.options());

@@ -18,7 +18,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../validate.h"
 
 namespace adarts {
 namespace {
@@ -146,21 +146,8 @@ inline at::Tensor hidden(const at::Tensor& P, const at::Tensor& w1f) {
 }
 
 void check_x_w(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
-  CHECK_CPU(kOp, x);
-  CHECK_DIM(kOp, x, 4);
-  CHECK_FLOATING(kOp, x);
-  CHECK_CONTIGUOUS(kOp, x);
-  ADARTS_CHECK(x.size(2) > 0 && x.size(3) > 0, kOp,
-               "x must have non-empty planes (H, W >= 1) for the global pools, got sizes ", x.sizes());
-  const int64_t C = x.size(1);
-  CHECK_INPUT_LIKE(kOp, w1, x);
-  CHECK_INPUT_LIKE(kOp, w2, x);
-  CHECK_DIM(kOp, w1, 2);
-  CHECK_DIM(kOp, w2, 2);
-  ADARTS_CHECK(w1.size(1) == C, kOp, "w1 must have shape (C/2, C) = (", C / 2, ", ", C,
-               ") for x with C = ", C, " channels, got ", w1.sizes());
-  ADARTS_CHECK(w2.size(0) == C && w2.size(1) == w1.size(0), kOp,
-               "w2 must have shape (C, w1.size(0)) = (", C, ", ", w1.size(0), "), got ", w2.sizes());
+  validate_x(kOp, x, c10::DeviceType::CPU);
+  validate_score_weights(kOp, x, w1, w2, c10::DeviceType::CPU);
 }
 
 }  // namespace
@@ -169,8 +156,7 @@ std::tuple<at::Tensor, at::Tensor> attention_score_fwd_cpu(const at::Tensor& x, 
                                                            const at::Tensor& w2, int64_t n_select) {
   check_x_w(x, w1, w2);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), R = w1.size(0);
-  ADARTS_CHECK(n_select >= 1 && n_select <= C, kOp, "n_select must be in [1, C] = [1, ", C,
-               "], got ", n_select);
+  validate_n_select(kOp, n_select, x);
 
   at::Tensor a = at::empty({B, C}, x.options());
   at::Tensor idx = at::empty({n_select}, x.options().dtype(at::kLong));
@@ -242,10 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_bwd_cpu(const at:
                                                                        const at::Tensor& a) {
   check_x_w(x, w1, w2);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), R = w1.size(0);
-  CHECK_INPUT_LIKE(kOp, a, x);
-  CHECK_INPUT_LIKE(kOp, grad_a, x);
-  CHECK_SHAPE(kOp, a, B, C);
-  CHECK_SHAPE(kOp, grad_a, B, C);
+  validate_score_bwd(kOp, grad_a, a, x, c10::DeviceType::CPU);
 
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dw1 = at::empty(w1.sizes(), w1.options());

@@ -24,48 +24,26 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../validate.h"
 
 namespace adarts {
 namespace {
 
 constexpr const char* kOp = "attention_writeback";
 
-struct Dims {
-  int64_t B, C, H, W, Ho, Wo, n;
-};
+using Dims = WritebackDims;
 
 // Checks shared by forward and backward; returns the sizes and the inverse index map.
 Dims check_args(const at::Tensor& x, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& y,
                 const std::optional<at::Tensor>& beta, int64_t stride, std::vector<int64_t>& sel) {
-  ADARTS_CHECK(stride == 1 || stride == 2, kOp, "stride must be 1 or 2, got ", stride);
-  CHECK_CPU(kOp, x);
-  CHECK_DIM(kOp, x, 4);
-  CHECK_FLOATING(kOp, x);
-  CHECK_CONTIGUOUS(kOp, x);
-  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 0};
-  if (stride == 2) {
-    ADARTS_CHECK(d.H % 2 == 0 && d.W % 2 == 0, kOp,
-                 "stride 2 needs even H and W (2x2 max pooling), got x of sizes ", x.sizes());
-  }
-  d.Ho = d.H / stride;
-  d.Wo = d.W / stride;
-  CHECK_INPUT_LIKE(kOp, a, x);
-  ADARTS_CHECK(a.dim() == 2 && a.size(0) == d.B && a.size(1) == d.C, kOp,
-               "a must have shape (B, C) = (", d.B, ", ", d.C, "), got ", a.sizes());
-  sel = check_index(kOp, idx, d.C);
+  constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
+  validate_stride(kOp, stride);
+  validate_x(kOp, x, kCPU);
+  Dims d = writeback_dims(kOp, x, stride);
+  validate_a(kOp, a, x, kCPU);
+  sel = check_index(kOp, idx, x);
   d.n = idx.size(0);
-  CHECK_INPUT_LIKE(kOp, y, x);
-  ADARTS_CHECK(y.sizes() == at::IntArrayRef({d.B, d.n, d.Ho, d.Wo}), kOp,
-               "y must have shape (B, n, H/stride, W/stride) = (", d.B, ", ", d.n, ", ", d.Ho, ", ",
-               d.Wo, ") for stride ", stride, ", got ", y.sizes());
-  if (beta.has_value()) {
-    const at::Tensor& bt = *beta;
-    CHECK_CPU(kOp, bt);
-    CHECK_SAME_DTYPE(kOp, bt, x);
-    ADARTS_CHECK(bt.numel() == 1, kOp, "beta must be a 0-dim (one element) tensor, got sizes ",
-                 bt.sizes());
-  }
+  validate_writeback_y_beta(kOp, x, y, beta, d, stride, kCPU);
   return d;
 }
 
@@ -158,10 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_writeback_b
     const at::Tensor& y, const std::optional<at::Tensor>& beta, int64_t stride) {
   std::vector<int64_t> sel;
   const Dims d = check_args(x, a, idx, y, beta, stride, sel);
-  CHECK_INPUT_LIKE(kOp, grad, x);
-  ADARTS_CHECK(grad.sizes() == at::IntArrayRef({d.B, d.C, d.Ho, d.Wo}), kOp,
-               "grad must have the output's shape (B, C, H/stride, W/stride) = (", d.B, ", ", d.C, ", ",
-               d.Ho, ", ", d.Wo, "), got ", grad.sizes());
+  validate_writeback_grad(kOp, grad, x, d, c10::DeviceType::CPU);
   const int64_t HW = d.H * d.W, HWo = d.Ho * d.Wo, BC = d.B * d.C;
 
   at::Tensor dx = at::empty(x.sizes(), x.options());

@@ -21,19 +21,12 @@ namespace {
 
 // (the element-type helpers, sums, plane mapping and launch helpers are in common.cuh)
 
-// ------------------------------------------------------------------ kernels
-// inv[c] = j with idx[j] == c, else -1 (one block). A repeated channel keeps its largest j
-// (atomicMax: deterministic even for invalid input); out-of-range entries are skipped.
-__global__ void inverse_map_kernel(const int64_t* __restrict__ idx, int n, int C, int* __restrict__ inv) {
-  for (int c = threadIdx.x; c < C; c += blockDim.x) inv[c] = -1;
-  __syncthreads();
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const int64_t c = idx[j];
-    assert(c >= 0 && c < C && "adarts attention_gather: idx out of range");
-    if (c >= 0 && c < C) atomicMax(inv + c, j);
-  }
-}
+// Names this operator in the device-side messages of the inverse map (common.cuh).
+struct GatherOp {
+  __device__ static const char* name() { return "attention_gather"; }
+};
 
+// ------------------------------------------------------------------ kernels
 // out plane (b, j) = x plane (b, idx[j]) * a[b, idx[j]]
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -130,15 +123,6 @@ inline bool sizes_ok(int64_t B, int64_t C, int64_t HW, int64_t n) {
   return B >= 0 && C >= 0 && HW >= 0 && n >= 0 && n <= C && C <= INT_MAX && HW <= kMaxPlane;
 }
 
-inline int launch_inverse_map(const int64_t* idx, int64_t n, int64_t C, int* inv, cudaStream_t stream) {
-  if (C <= 0) return 0;
-  const int64_t most = C > n ? C : n;
-  const int threads = most >= 1024 ? 1024 : static_cast<int>(ceil_div(most, 32) * 32);
-  inverse_map_kernel<<<1, threads, 0, stream>>>(idx, static_cast<int>(n), static_cast<int>(C), inv);
-  ADARTS_LAUNCH_CHECK();
-  return 0;
-}
-
 template <typename T>
 int gather_fwd_impl(const T* x, const T* a, const int64_t* idx, int64_t B, int64_t C, int64_t HW, int64_t n, T* out,
                     cudaStream_t stream) {
@@ -162,7 +146,7 @@ int gather_bwd_impl(const T* grad, const T* x, const T* a, const int64_t* idx, i
   const int64_t planes = B * C;
   if (planes == 0) return 0;
   int* inv = static_cast<int*>(workspace);
-  int err = launch_inverse_map(idx, n, C, inv, stream);
+  int err = launch_inverse_map<GatherOp>(idx, n, C, inv, stream);
   if (err) return err;
   const bool vec = HW % Vec16<T>::N == 0 && aligned_to(grad, 16) && aligned_to(x, 16) && aligned_to(dx, 16);
   const int64_t units = vec ? HW / Vec16<T>::N : HW;

@@ -61,18 +61,12 @@ template <typename T> __device__ __forceinline__ int64_t plane_units(const Geom&
   return g.vec ? out / 2 : out;
 }
 
-// ------------------------------------------------------------------ kernels
-// inv[c] = j with idx[j] == c, else -1 (one block); see attention_gather_kernel.cu.
-__global__ void inverse_map_kernel(const int64_t* __restrict__ idx, int n, int C, int* __restrict__ inv) {
-  for (int c = threadIdx.x; c < C; c += blockDim.x) inv[c] = -1;
-  __syncthreads();
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const int64_t c = idx[j];
-    assert(c >= 0 && c < C && "adarts attention_writeback: idx out of range");
-    if (c >= 0 && c < C) atomicMax(inv + c, j);
-  }
-}
+// Names this operator in the device-side messages of the inverse map (common.cuh).
+struct WritebackOp {
+  __device__ static const char* name() { return "attention_writeback"; }
+};
 
+// ------------------------------------------------------------------ kernels
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 writeback_fwd_kernel(const T* __restrict__ x, const T* __restrict__ a, const int* __restrict__ inv,
@@ -354,15 +348,6 @@ inline Geom make_geom(int64_t B, int64_t C, int64_t H, int64_t W, int64_t n, int
   return g;
 }
 
-inline int launch_inverse_map(const int64_t* idx, int64_t n, int64_t C, int* inv, cudaStream_t stream) {
-  if (C <= 0) return 0;
-  const int64_t most = C > n ? C : n;
-  const int threads = most >= 1024 ? 1024 : static_cast<int>(ceil_div(most, 32) * 32);
-  inverse_map_kernel<<<1, threads, 0, stream>>>(idx, static_cast<int>(n), static_cast<int>(C), inv);
-  ADARTS_LAUNCH_CHECK();
-  return 0;
-}
-
 // Which vector path the pointers and the geometry allow.
 template <typename T> int pick_vec(const Geom& g, const void* x_like, const void* out_like1, const void* out_like2,
                                    const void* out_like3) {
@@ -382,7 +367,7 @@ int writeback_fwd_impl(const T* x, const T* a, const int64_t* idx, const T* y, c
   Geom g = make_geom(B, C, H, W, n, stride);
   if (g.planes == 0 || g.Ho * g.Wo == 0) return 0;
   int* inv = static_cast<int*>(workspace);
-  int err = launch_inverse_map(idx, n, C, inv, stream);
+  int err = launch_inverse_map<WritebackOp>(idx, n, C, inv, stream);
   if (err) return err;
   // stride 1: x, y, out 16-byte units; stride 2: x 4-wide rows (the out/y pairs need half that).
   g.vec = stride == 1 ? pick_vec<T>(g, x, y, out, out) : pick_vec<T>(g, x, x, y, out);
@@ -407,7 +392,7 @@ int writeback_bwd_impl(const T* grad, const T* x, const T* a, const int64_t* idx
                    ? reinterpret_cast<A*>(static_cast<char*>(workspace) + round_up(static_cast<size_t>(C) * sizeof(int)))
                    : nullptr;
   if (g.planes > 0) {
-    int err = launch_inverse_map(idx, n, C, inv, stream);
+    int err = launch_inverse_map<WritebackOp>(idx, n, C, inv, stream);
     if (err) return err;
     // stride 1: grad, x, dx, y, dy all in 16-byte units (dy/y checked, grad/x/dx below);
     // stride 2: x, dx 4-wide rows; grad, y, dy pairs.

@@ -4,8 +4,9 @@
 // Compiled only into a CUDA build of the extension (WITH_CUDA defined, torch built with
 // CUDA); everything below is guarded so that a CPU build may list this file harmlessly.
 //
-// The checks mirror the CPU kernels' (csrc/cpu/*.cpp, csrc/checks.h), with "CUDA tensor on
-// x's device" in place of "CPU tensor". One difference: idx's *values* (in [0, C), distinct)
+// The checks are the CPU kernels' (csrc/validate.h, csrc/checks.h), called with
+// c10::DeviceType::CUDA ("CUDA tensor on x's device" in place of "CPU tensor"), plus the
+// 32-bit size limits of the CUDA kernels. One difference: idx's *values* (in [0, C), distinct)
 // are not checked here, since reading them would synchronise with the device; the Python
 // layer (adarts_kernels/ops/_common.py) checks them with asynchronous device asserts, and
 // the kernels never access memory out of bounds for a bad idx (they skip such entries and
@@ -25,24 +26,13 @@
 #include <optional>
 #include <tuple>
 
-#include "../checks.h"
+#include "../validate.h"
 #include "kernels.h"
 
 namespace adarts {
 namespace {
 
-#define ADARTS_CHECK_CUDA(op, t)                                                            \
-  ADARTS_CHECK((t).is_cuda(), op, #t " must be a CUDA tensor (this is the CUDA kernel), "   \
-               "got a tensor on ", (t).device())
-
-// A CUDA, contiguous tensor of the dtype of `ref`, on ref's device.
-#define ADARTS_CHECK_CUDA_INPUT_LIKE(op, t, ref)                                                   \
-  do {                                                                                      \
-    ADARTS_CHECK_CUDA(op, t);                                                               \
-    CHECK_SAME_DEVICE(op, t, ref);                                                          \
-    CHECK_SAME_DTYPE(op, t, ref);                                                           \
-    CHECK_CONTIGUOUS(op, t);                                                                \
-  } while (0)
+constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
 
 cuda::DType dtype_of(const char* op, const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -70,24 +60,9 @@ at::Tensor workspace(const at::Tensor& like, size_t bytes) {
 
 // x: CUDA, 4-d, floating, contiguous, planes of at most 2^31 - 1 elements.
 void check_x(const char* op, const at::Tensor& x) {
-  ADARTS_CHECK_CUDA(op, x);
-  CHECK_DIM(op, x, 4);
-  CHECK_FLOATING(op, x);
-  CHECK_CONTIGUOUS(op, x);
+  validate_x(op, x, kCUDA);
   ADARTS_CHECK(x.size(2) * x.size(3) <= cuda::kMaxPlane && x.size(1) <= cuda::kMaxPlane, op,
                "the CUDA kernels take planes H*W and channel counts C below 2^31, got x of sizes ", x.sizes());
-}
-
-// idx: 1-d int64 contiguous CUDA tensor on x's device with n <= C entries (values: see top).
-int64_t check_idx(const char* op, const at::Tensor& idx, const at::Tensor& x) {
-  ADARTS_CHECK_CUDA(op, idx);
-  CHECK_SAME_DEVICE(op, idx, x);
-  CHECK_DIM(op, idx, 1);
-  ADARTS_CHECK(idx.scalar_type() == at::kLong, op, "idx must be an int64 tensor, got ", idx.scalar_type());
-  CHECK_CONTIGUOUS(op, idx);
-  const int64_t n = idx.size(0), C = x.size(1);
-  ADARTS_CHECK(n <= C, op, "idx selects ", n, " channels, more than the C = ", C, " channels of x");
-  return n;
 }
 
 // ---------------------------------------------------------------------------- 1. scoring
@@ -95,17 +70,8 @@ constexpr const char* kScore = "attention_score";
 
 void check_x_w(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   check_x(kScore, x);
-  ADARTS_CHECK(x.size(2) > 0 && x.size(3) > 0, kScore,
-               "x must have non-empty planes (H, W >= 1) for the global pools, got sizes ", x.sizes());
+  validate_score_weights(kScore, x, w1, w2, kCUDA);
   const int64_t C = x.size(1);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kScore, w1, x);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kScore, w2, x);
-  CHECK_DIM(kScore, w1, 2);
-  CHECK_DIM(kScore, w2, 2);
-  ADARTS_CHECK(w1.size(1) == C, kScore, "w1 must have shape (C/2, C) = (", C / 2, ", ", C,
-               ") for x with C = ", C, " channels, got ", w1.sizes());
-  ADARTS_CHECK(w2.size(0) == C && w2.size(1) == w1.size(0), kScore,
-               "w2 must have shape (C, w1.size(0)) = (", C, ", ", w1.size(0), "), got ", w2.sizes());
   // The MLP runs as 16x16-tiled GEMMs: rows (2B, C, C/2) are limited by the grid's y extent.
   const int64_t rows = 16 * 65535;
   ADARTS_CHECK(2 * x.size(0) <= rows && C <= rows && w1.size(0) <= rows, kScore,
@@ -117,8 +83,7 @@ std::tuple<at::Tensor, at::Tensor> attention_score_fwd_cuda(const at::Tensor& x,
                                                             const at::Tensor& w2, int64_t n_select) {
   check_x_w(x, w1, w2);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), R = w1.size(0);
-  ADARTS_CHECK(n_select >= 1 && n_select <= C, kScore, "n_select must be in [1, C] = [1, ", C, "], got ",
-               n_select);
+  validate_n_select(kScore, n_select, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kScore, x);
 
@@ -139,10 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_score_bwd_cuda(const at
                                                                         const at::Tensor& a) {
   check_x_w(x, w1, w2);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), R = w1.size(0);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kScore, a, x);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kScore, grad_a, x);
-  CHECK_SHAPE(kScore, a, B, C);
-  CHECK_SHAPE(kScore, grad_a, B, C);
+  validate_score_bwd(kScore, grad_a, a, x, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kScore, x);
 
@@ -163,14 +125,12 @@ constexpr const char* kGather = "attention_gather";
 
 void check_x_a(const char* op, const at::Tensor& x, const at::Tensor& a) {
   check_x(op, x);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(op, a, x);
-  ADARTS_CHECK(a.dim() == 2 && a.size(0) == x.size(0) && a.size(1) == x.size(1), op,
-               "a must have shape (B, C) = (", x.size(0), ", ", x.size(1), "), got ", a.sizes());
+  validate_a(op, a, x, kCUDA);
 }
 
 at::Tensor attention_gather_fwd_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& idx) {
   check_x_a(kGather, x, a);
-  const int64_t n = check_idx(kGather, idx, x);
+  const int64_t n = check_idx(kGather, idx, x, kCUDA);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kGather, x);
@@ -186,10 +146,9 @@ at::Tensor attention_gather_fwd_cuda(const at::Tensor& x, const at::Tensor& a, c
 std::tuple<at::Tensor, at::Tensor> attention_gather_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                              const at::Tensor& a, const at::Tensor& idx) {
   check_x_a(kGather, x, a);
-  const int64_t n = check_idx(kGather, idx, x);
+  const int64_t n = check_idx(kGather, idx, x, kCUDA);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kGather, grad, x);
-  CHECK_SHAPE(kGather, grad, B, n, H, W);
+  validate_gather_grad(kGather, grad, x, n, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kGather, x);
 
@@ -207,33 +166,15 @@ std::tuple<at::Tensor, at::Tensor> attention_gather_bwd_cuda(const at::Tensor& g
 // ---------------------------------------------------------------------------- 3. write-back
 constexpr const char* kWriteback = "attention_writeback";
 
-struct Dims {
-  int64_t B, C, H, W, Ho, Wo, n;
-};
+using Dims = WritebackDims;
 
 Dims check_writeback(const at::Tensor& x, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& y,
                      const std::optional<at::Tensor>& beta, int64_t stride) {
-  ADARTS_CHECK(stride == 1 || stride == 2, kWriteback, "stride must be 1 or 2, got ", stride);
+  validate_stride(kWriteback, stride);
   check_x_a(kWriteback, x, a);
-  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 0};
-  if (stride == 2) {
-    ADARTS_CHECK(d.H % 2 == 0 && d.W % 2 == 0, kWriteback,
-                 "stride 2 needs even H and W (2x2 max pooling), got x of sizes ", x.sizes());
-  }
-  d.Ho = d.H / stride;
-  d.Wo = d.W / stride;
-  d.n = check_idx(kWriteback, idx, x);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kWriteback, y, x);
-  ADARTS_CHECK(y.sizes() == at::IntArrayRef({d.B, d.n, d.Ho, d.Wo}), kWriteback,
-               "y must have shape (B, n, H/stride, W/stride) = (", d.B, ", ", d.n, ", ", d.Ho, ", ", d.Wo,
-               ") for stride ", stride, ", got ", y.sizes());
-  if (beta.has_value()) {
-    const at::Tensor& bt = *beta;
-    ADARTS_CHECK_CUDA(kWriteback, bt);
-    CHECK_SAME_DEVICE(kWriteback, bt, x);
-    CHECK_SAME_DTYPE(kWriteback, bt, x);
-    ADARTS_CHECK(bt.numel() == 1, kWriteback, "beta must be a 0-dim (one element) tensor, got sizes ", bt.sizes());
-  }
+  Dims d = writeback_dims(kWriteback, x, stride);
+  d.n = check_idx(kWriteback, idx, x, kCUDA);
+  validate_writeback_y_beta(kWriteback, x, y, beta, d, stride, kCUDA);
   return d;
 }
 
@@ -259,10 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_writeback_b
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a, const at::Tensor& idx, const at::Tensor& y,
     const std::optional<at::Tensor>& beta, int64_t stride) {
   const Dims d = check_writeback(x, a, idx, y, beta, stride);
-  ADARTS_CHECK_CUDA_INPUT_LIKE(kWriteback, grad, x);
-  ADARTS_CHECK(grad.sizes() == at::IntArrayRef({d.B, d.C, d.Ho, d.Wo}), kWriteback,
-               "grad must have the output's shape (B, C, H/stride, W/stride) = (", d.B, ", ", d.C, ", ", d.Ho,
-               ", ", d.Wo, "), got ", grad.sizes());
+  validate_writeback_grad(kWriteback, grad, x, d, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kWriteback, x);
 

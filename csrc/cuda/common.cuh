@@ -13,7 +13,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
 #include <climits>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 
@@ -158,6 +160,41 @@ template <typename F> inline int dispatch_dtype(DType dt, F&& f) {
     const cudaError_t e_ = cudaGetLastError();          \
     if (e_ != cudaSuccess) return static_cast<int>(e_); \
   } while (0)
+
+// ------------------------------------------------------------------ inverse index map
+// inv[c] = j with idx[j] == c, else -1 (one block). A repeated channel keeps its largest j
+// (atomicMax: deterministic even for invalid input); out-of-range entries are skipped.
+// Op names the operator in the messages: a tag type with
+//   __device__ static const char* name();   // e.g. "attention_gather"
+// Builds without NDEBUG print "adarts <op>: idx[j] = c is out of range [0, C)" for an
+// out-of-range entry and trip a device assert.
+template <typename Op>
+__global__ void inverse_map_kernel(const int64_t* __restrict__ idx, int n, int C, int* __restrict__ inv) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) inv[c] = -1;
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t c = idx[j];
+    const bool in_range = c >= 0 && c < C;
+#ifndef NDEBUG
+    if (!in_range) {
+      printf("adarts %s: idx[%d] = %lld is out of range [0, %d)\n", Op::name(), j, static_cast<long long>(c), C);
+    }
+#endif
+    assert(in_range && "adarts: idx out of range (inverse_map_kernel; the op is named in the message above)");
+    if (in_range) atomicMax(inv + c, j);
+  }
+}
+
+// Enqueues inverse_map_kernel<Op> (inv: C ints of workspace); returns the launch error, if any.
+template <typename Op>
+inline int launch_inverse_map(const int64_t* idx, int64_t n, int64_t C, int* inv, cudaStream_t stream) {
+  if (C <= 0) return 0;
+  const int64_t most = C > n ? C : n;
+  const int threads = most >= 1024 ? 1024 : static_cast<int>(ceil_div(most, 32) * 32);
+  inverse_map_kernel<Op><<<1, threads, 0, stream>>>(idx, static_cast<int>(n), static_cast<int>(C), inv);
+  ADARTS_LAUNCH_CHECK();
+  return 0;
+}
 
 }  // namespace
 }  // namespace cuda
