@@ -35,13 +35,22 @@ def commit() -> str:
         return "unknown"
 
 
-def measure(edge: str, C: int, layers: int, size: int, batch: int, k: int, seed: int = 0) -> dict:
+VARIANTS = {  # name -> (edge, kernels)
+    "darts": ("darts", "reference"),
+    "pcdarts": ("pcdarts", "reference"),
+    "adarts": ("adarts", "reference"),
+    "adarts-fused": ("adarts", "fused"),
+}
+
+
+def measure(variant: str, C: int, layers: int, size: int, batch: int, k: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    net = SearchNetwork(C=C, num_classes=10, layers=layers, edge=edge, k=k).train()
+    edge, kernels = VARIANTS[variant]
+    net = SearchNetwork(C=C, num_classes=10, layers=layers, edge=edge, k=k, kernels=kernels).train()
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     nbytes = saved_activation_bytes(lambda: net.loss(x, y), module=net)
-    return {"edge": edge, "C": C, "layers": layers, "size": size, "k": k, "batch": batch,
+    return {"edge": variant, "C": C, "layers": layers, "size": size, "k": k, "batch": batch,
             "saved_bytes": nbytes, "mb_per_sample": nbytes / batch / 1e6}
 
 
@@ -52,7 +61,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--edges", nargs="+", default=["darts", "pcdarts", "adarts"])
+    p.add_argument("--edges", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--json", default=None, help="also write the rows (with device, torch, commit) here")
     a = p.parse_args(argv)
 

@@ -13,15 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.edges import AttentionMixedOp, MixedOp, PartialMixedOp
+from ..nn.fused import FusedAttentionMixedOp
 from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
 from .genotypes import Genotype
 
 EDGES = ("adarts", "pcdarts", "darts")
+KERNELS = ("reference", "fused")
 
 
-def _make_edge(kind: str, C: int, stride: int, k: int) -> nn.Module:
+def _make_edge(kind: str, C: int, stride: int, k: int, kernels: str = "reference") -> nn.Module:
     if kind == "adarts":
-        return AttentionMixedOp(C, stride, k)
+        return FusedAttentionMixedOp(C, stride, k) if kernels == "fused" else AttentionMixedOp(C, stride, k)
     if kind == "pcdarts":
         return PartialMixedOp(C, stride, k)
     return MixedOp(C, stride)
@@ -48,7 +50,8 @@ def normalized_betas(beta: torch.Tensor, steps: int) -> torch.Tensor:
 class SearchCell(nn.Module):
     """A supernet cell: 2 inputs ``(B, C_pp, H, W)``, ``(B, C_p, H, W)`` -> ``(B, 4C, H', W')``."""
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, edge, k):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, edge, k,
+                 kernels="reference"):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -62,7 +65,7 @@ class SearchCell(nn.Module):
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(_make_edge(edge, C, stride, k))
+                self._ops.append(_make_edge(edge, C, stride, k, kernels))
 
     def forward(self, s0, s1, weights, edge_weights: Optional[torch.Tensor]):
         s0 = self.preprocess0(s0)
@@ -88,6 +91,10 @@ class SearchNetwork(nn.Module):
     channels + shuffle) or ``"darts"`` (all channels). ADARTS and PC-DARTS use edge
     normalisation (beta); DARTS has no beta.
 
+    ``kernels``: ``"reference"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
+    :class:`~adarts_kernels.nn.FusedAttentionMixedOp`: same parameters, same function, less
+    memory); the fused kernels exist for the ADARTS edge only.
+
     Architecture parameters: ``alphas_normal``, ``alphas_reduce`` ``(14, 8)`` and, except for
     DARTS, ``betas_normal``, ``betas_reduce`` ``(14,)``, initialised ``1e-3 * randn``. They are
     registered parameters (saved in ``state_dict``, seen by data parallelism) but kept apart
@@ -95,10 +102,14 @@ class SearchNetwork(nn.Module):
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
-                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3):
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "reference"):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
+        if kernels == "fused" and edge != "adarts":
+            raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={edge!r}")
         if edge != "darts" and (C % k != 0):
             raise ValueError(f"C={C} channels are not divisible by k={k}")
         if layers < 1 or C < 1 or num_classes < 1:
@@ -106,7 +117,7 @@ class SearchNetwork(nn.Module):
                              f"num_classes={num_classes}, layers={layers}")
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier = steps, multiplier
-        self.edge, self.k = edge, k
+        self.edge, self.k, self.kernels = edge, k, kernels
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
@@ -117,7 +128,8 @@ class SearchNetwork(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, edge, k)
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, edge, k,
+                              kernels)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -145,15 +157,6 @@ class SearchNetwork(nn.Module):
         for name, p in self.named_parameters():
             if name not in self._arch_names:
                 yield p
-
-    def new_arch_like(self) -> "SearchNetwork":
-        """A fresh network of the same configuration with this one's architecture parameters."""
-        net = SearchNetwork(self._C, self._num_classes, self._layers, self.edge, self.k, self._steps,
-                            self._multiplier).to(self.alphas_normal.device)
-        with torch.no_grad():
-            for a, b in zip(net.arch_parameters(), self.arch_parameters()):
-                a.copy_(b)
-        return net
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
