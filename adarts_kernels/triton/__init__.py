@@ -114,6 +114,20 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
+def _check_x_a_idx(op: str, x, a, idx) -> None:
+    """Shape-only checks shared by the gather and write-back launchers (no device data read)."""
+    import torch
+    if x.dim() != 4:
+        raise ValueError(f"adarts {op}: x must be (B, C, H, W), got {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if tuple(a.shape) != (B, C):
+        raise ValueError(f"adarts {op}: a must be (B, C)=({B}, {C}), got {tuple(a.shape)}")
+    if idx.dim() != 1 or idx.shape[0] > C:
+        raise ValueError(f"adarts {op}: idx must be (n,) with n <= C={C}, got {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"adarts {op}: idx must be int64 (or int32), got {idx.dtype}")
+
+
 def _inverse_map(idx, C: int):
     """``inv: (C,)`` int32, ``inv[c] = j`` if ``idx[j] == c`` else ``-1``, built with device
     ops only (no host synchronisation)."""

@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from . import _acc_dtype, _block_hw, _empty, _import_triton, _inverse_map, _num_warps, _require
+from . import _acc_dtype, _block_hw, _check_x_a_idx, _empty, _import_triton, _inverse_map, _num_warps, _require
 
 triton, tl, _ = _import_triton()
 
@@ -92,23 +92,11 @@ def _attention_gather_bwd_kernel(grad_ptr, x_ptr, a_ptr, inv_ptr, dx_ptr, da_ptr
 
 # ----------------------------------------------------------------------------- launchers
 
-def _check(op: str, x: Tensor, a: Tensor, idx: Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"adarts {op}: x must be (B, C, H, W), got {tuple(x.shape)}")
-    B, C = x.shape[:2]
-    if tuple(a.shape) != (B, C):
-        raise ValueError(f"adarts {op}: a must be (B, C)=({B}, {C}), got {tuple(a.shape)}")
-    if idx.dim() != 1 or idx.shape[0] > C:
-        raise ValueError(f"adarts {op}: idx must be (n,) with n <= C={C}, got {tuple(idx.shape)}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"adarts {op}: idx must be int64 (or int32), got {idx.dtype}")
-
-
 def attention_gather_fwd(x: Tensor, a: Tensor, idx: Tensor) -> Tensor:
     """``x_sel[b, j] = x[b, idx[j]] * a[b, idx[j]]``: ``(B, n, H, W)``, dtype of x."""
     op = "attention_gather_fwd"
     _require(op)
-    _check(op, x, a, idx)
+    _check_x_a_idx(op, x, a, idx)
     x, a, idx = x.contiguous(), a.contiguous(), idx.contiguous()
     B, C, H, W = x.shape
     n, HW = idx.shape[0], H * W
@@ -128,7 +116,7 @@ def attention_gather_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor) -> Tup
     ``da[b, idx[j]] = sum_hw grad[b, j] * x[b, idx[j]]`` (zero elsewhere, dtype of a)."""
     op = "attention_gather_bwd"
     _require(op)
-    _check(op, x, a, idx)
+    _check_x_a_idx(op, x, a, idx)
     B, C, H, W = x.shape
     n, HW = idx.shape[0], H * W
     if tuple(grad.shape) != (B, n, H, W):

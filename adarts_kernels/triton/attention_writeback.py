@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _inverse_map, _num_warps, _require
+from . import _acc_dtype, _acc_torch, _block_hw, _check_x_a_idx, _empty, _import_triton, _inverse_map, _num_warps, _require
 
 triton, tl, _ = _import_triton()
 
@@ -191,15 +191,8 @@ def _attention_writeback_bwd_kernel(grad_ptr, x_ptr, a_ptr, inv_ptr, y_ptr, beta
 def _check(op: str, x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor], stride: int) -> None:
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"adarts {op}: stride must be 1 or 2, got {stride!r}")
-    if x.dim() != 4:
-        raise ValueError(f"adarts {op}: x must be (B, C, H, W), got {tuple(x.shape)}")
+    _check_x_a_idx(op, x, a, idx)
     B, C, H, W = x.shape
-    if tuple(a.shape) != (B, C):
-        raise ValueError(f"adarts {op}: a must be (B, C)=({B}, {C}), got {tuple(a.shape)}")
-    if idx.dim() != 1 or idx.shape[0] > C:
-        raise ValueError(f"adarts {op}: idx must be (n,) with n <= C={C}, got {tuple(idx.shape)}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"adarts {op}: idx must be int64 (or int32), got {idx.dtype}")
     want = (B, idx.shape[0], H // stride, W // stride)
     if tuple(y.shape) != want:
         raise ValueError(f"adarts {op}: y must be (B, n, H/stride, W/stride)={want}, got {tuple(y.shape)}")
