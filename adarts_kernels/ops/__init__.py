@@ -7,5 +7,6 @@ compiled C++ (CPU), CUDA and Triton kernels attach as fast paths, chosen per cal
 from .attention_gather import attention_gather
 from .attention_score import attention_score
 from .attention_writeback import attention_writeback
+from .mixed_sum import mixed_sum
 
-__all__ = ["attention_score", "attention_gather", "attention_writeback"]
+__all__ = ["attention_score", "attention_gather", "attention_writeback", "mixed_sum"]

@@ -17,7 +17,7 @@ Conventions shared by all backends:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -172,3 +172,100 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
         dbeta = (g_keep * m * af[:, :, None, None]).sum() + (g_sel * _acc(y)).sum()
         dbeta = dbeta.reshape(beta.shape).to(beta.dtype)
     return dx.to(x.dtype), da.to(a.dtype), dy.to(y.dtype), dbeta
+
+
+# ----------------------------------------------------------------------------- 4. mixed sum
+
+def mixed_sum_weight_index(stride: int) -> Tuple[int, ...]:
+    """Column of alpha (``PRIMITIVES`` order) for each BN-ended input of the mixed sum.
+
+    The normalised inputs ``u_q`` are, in this order: the max-pool output, the avg-pool
+    output (both recomputed from ``x``), then the given ``z`` list: at stride 1
+    ``sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5``; at stride 2
+    ``skip_connect`` (FactorizedReduce) first, then the same four.
+    """
+    return (1, 2, 4, 5, 6, 7) if stride == 1 else (1, 2, 3, 4, 5, 6, 7)
+
+
+def mixed_sum_pools(x: Tensor, stride: int) -> Tuple[Tensor, Tensor]:
+    """The pooling candidates before their BN: ``max_pool_3x3`` and ``avg_pool_3x3``
+    (padding 1, ``count_include_pad=False``), ``(B, n, H/stride, W/stride)``, accumulation dtype."""
+    xf = _acc(x)
+    return (F.max_pool2d(xf, 3, stride, 1),
+            F.avg_pool2d(xf, 3, stride, 1, count_include_pad=False))
+
+
+def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float,
+                  run_mean: Optional[Tensor], run_var: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The weighted mixed-operation sum with the candidates' affine-free BatchNorms folded in.
+
+    ``x: (B, n, H, W)`` the selected channels, ``z``: list of ``P`` tensors
+    ``(B, n, H/s, W/s)``, the inputs of the BN ending each conv candidate (``P = 4`` at
+    stride 1, 5 at stride 2, see :func:`mixed_sum_weight_index`), ``w: (8,)`` the
+    softmaxed alpha row. With ``u = [maxpool(x), avgpool(x)] + z`` (``Q = P + 2``)::
+
+        BN_q(u) = (u - mean_q) * rsqrt(var_q + eps)          per channel
+        y = sum_q w[o_q] * BN_q(u_q)  (+ w[3] * x at stride 1: skip_connect is the identity)
+
+    ``none`` contributes nothing. Training (``run_mean is None``): ``mean_q, var_q`` are the
+    batch statistics over ``(B, H', W')`` (biased variance); eval: the given running ones.
+    Returns ``y: (B, n, H/s, W/s)`` (dtype of x) and ``mean, var: (Q, n)`` (accumulation
+    dtype), the statistics used, for the caller's running-statistics update.
+    """
+    wf = _acc(w)
+    us = list(mixed_sum_pools(x, stride)) + [_acc(t) for t in z]
+    if run_mean is None:
+        vm = [torch.var_mean(u, dim=(0, 2, 3), unbiased=False) for u in us]
+        var = torch.stack([v for v, _ in vm])
+        mean = torch.stack([m for _, m in vm])
+    else:
+        mean, var = _acc(run_mean).clone(), _acc(run_var).clone()
+    rstd = torch.rsqrt(var + eps)
+    y = None
+    for q, o in enumerate(mixed_sum_weight_index(stride)):
+        term = wf[o] * ((us[q] - mean[q][None, :, None, None]) * rstd[q][None, :, None, None])
+        y = term if y is None else y + term
+    if stride == 1:
+        y = y + wf[3] * _acc(x)
+    return y.to(x.dtype), mean, var
+
+
+def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, w: Tensor, mean: Tensor, var: Tensor,
+                  stride: int, eps: float, training: bool) -> Tuple[List[Tensor], Tensor, Tensor]:
+    """Gradients of :func:`mixed_sum_fwd` w.r.t. ``z`` (each), ``x`` and ``w``.
+
+    With ``g = grad``, ``N = B*H'*W'`` and ``uh_q = BN_q(u_q)`` recomputed from the saved
+    ``u`` (pools from ``x``) and statistics::
+
+        dw[o_q] = sum(g * uh_q);   dw[3] = sum(g * x) at stride 1;   dw[0] = 0
+        du_q    = w[o_q] * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
+        du_q    = w[o_q] * rstd_q * g                                             (eval)
+        dx      = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] * g at stride 1)
+
+    ``mean_c`` averages over ``(B, H', W')`` per channel. Max pooling routes to the first
+    maximum of each window (row-major), as PyTorch does.
+    """
+    g = _acc(grad)
+    wf, xf = _acc(w), _acc(x)
+    rstd = torch.rsqrt(var + eps)
+    us = list(mixed_sum_pools(x, stride)) + [_acc(t) for t in z]
+    dw = torch.zeros(8, dtype=g.dtype, device=g.device)
+    dus = []
+    for q, o in enumerate(mixed_sum_weight_index(stride)):
+        uh = (us[q] - mean[q][None, :, None, None]) * rstd[q][None, :, None, None]
+        gu = g * uh
+        dw[o] = gu.sum()
+        if training:
+            du = g - g.mean(dim=(0, 2, 3), keepdim=True) - uh * gu.mean(dim=(0, 2, 3), keepdim=True)
+        else:
+            du = g
+        dus.append(du * (wf[o] * rstd[q])[None, :, None, None])
+    _, arg = F.max_pool2d(xf, 3, stride, 1, return_indices=True)
+    dx = torch.ops.aten.max_pool2d_with_indices_backward(dus[0], xf, [3, 3], [stride, stride], [1, 1], [1, 1],
+                                                         False, arg)
+    dx = dx + torch.ops.aten.avg_pool2d_backward(dus[1], xf, [3, 3], [stride, stride], [1, 1], False, False, None)
+    if stride == 1:
+        dw[3] = (g * xf).sum()
+        dx = dx + wf[3] * g
+    dz = [d.to(t.dtype) for d, t in zip(dus[2:], z)]
+    return dz, dx.to(x.dtype), dw.to(w.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ADARTS edge operations (scoring, gather, write-back).
+"""Triton kernels of the fused ADARTS edge operations (scoring, gather, write-back, mixed sum).
 
 The launchers take and return torch tensors with exactly the signatures and return values
 of the plain-PyTorch reference (:mod:`adarts_kernels.ops.reference`, the contract)::
@@ -9,6 +9,8 @@ of the plain-PyTorch reference (:mod:`adarts_kernels.ops.reference`, the contrac
     attention_gather_bwd(grad, x, a, idx) -> (dx, da)
     attention_writeback_fwd(x, a, idx, y, beta, stride) -> out
     attention_writeback_bwd(grad, x, a, idx, y, beta, stride) -> (dx, da, dy, dbeta)
+    mixed_sum_fwd(z, x, w, stride, eps, run_mean, run_var) -> (y, mean, var)
+    mixed_sum_bwd(grad, z, x, w, mean, var, stride, eps, training) -> (dz_list, dx, dw)
 
 Importing this package imports neither triton nor the kernel modules: ``HAS_TRITON``,
 ``TRITON_ERROR`` and the launchers are resolved lazily on first attribute access (PEP 562),
@@ -29,6 +31,7 @@ __all__ = [
     "attention_score_fwd", "attention_score_bwd",
     "attention_gather_fwd", "attention_gather_bwd",
     "attention_writeback_fwd", "attention_writeback_bwd",
+    "mixed_sum_fwd", "mixed_sum_bwd",
 ]
 
 POISON_OUTPUTS = os.environ.get("ADARTS_TRITON_POISON", "") == "1"
@@ -40,6 +43,8 @@ _LAUNCHERS = {
     "attention_gather_bwd": "attention_gather",
     "attention_writeback_fwd": "attention_writeback",
     "attention_writeback_bwd": "attention_writeback",
+    "mixed_sum_fwd": "mixed_sum",
+    "mixed_sum_bwd": "mixed_sum",
 }
 
 _TRITON = None   # (triton, triton.language, error) once probed

@@ -1,0 +1,580 @@
+"""Triton kernels of ``mixed_sum``: the weighted mixed-operation sum with the candidates'
+affine-free BatchNorms folded in, and its backward.
+
+``x: (B, n, H, W)``, ``z``: ``P`` tensors ``(B, n, H', W')`` (``P = 4`` at stride 1, 5 at
+stride 2; ``H' = H / s``), ``w: (8,)``. The ``Q = P + 2`` BatchNorm inputs are
+``u = [maxpool3x3(x), avgpool3x3(x)] + z`` (3x3 windows, stride ``s``, padding 1, the
+average over the in-bounds elements only). Neither pooling output is ever stored: every
+kernel that needs ``u_0, u_1`` recomputes them from the (at most 9) elements of ``x`` in
+the window. Max pooling keeps the first maximum of a window in row-major order (strict
+``>`` while scanning the rows, then the columns) and a NaN replaces the running maximum
+(PyTorch's ``val > max || isnan(val)`` rule), so values and gradient routing match the
+reference; a window of ``-inf`` keeps its first in-bounds element.
+
+Forward (training: batch statistics; eval: the given running ones)::
+
+    stats:  _mixed_sum_stats_kernel, grid (n, B): per (q, c, b) plane the mean and the sum
+            of squared deviations (per-lane Welford, lanes merged at the end); the launcher
+            merges the B planes of a channel with torch (Chan's formula, no host sync)
+    y:      _mixed_sum_fwd_kernel, grid (B*n, tiles):
+            y = sum_q coef_q * (u_q - mean_q)  (+ w[3] * x at stride 1),
+            coef_q = w[o_q] * rsqrt(var_q + eps)
+
+Backward::
+
+    reduce: _mixed_sum_bwd_reduce_kernel, grid (n, B): per plane sum(g),
+            sum(g * (u_q - mean_q)) for every q and (stride 1) sum(g * x); summed over b
+            by the launcher, which also forms dw and the per-channel means of the
+            training correction
+    dz:     _mixed_sum_bwd_dz_kernel, grid (B*n, tiles): every dz_q in one pass over g
+    dx:     _mixed_sum_bwd_dx_kernel, grid (B*n, tiles over H*W): a gather (no atomics):
+            each x position visits the <= 9 windows containing it, adds du_1 / count and,
+            where it is that window's first maximum, du_0 (the window's pools recomputed)
+
+Accumulation in float32 (float64 for float64 inputs). All per-channel parameters are
+small ``(Q, n)`` torch tensors built on the device; no launcher reads device data.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..ops.reference import mixed_sum_weight_index
+from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _num_warps, _require
+
+triton, tl, _ = _import_triton()
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _pool_3x3(x_base, oh, ow, H, W, mask, STRIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Both 3x3 pools (padding 1) of the windows at output positions ``(oh, ow)`` of the
+    ``(H, W)`` plane at ``x_base``: ``(mx, code, tot, cnt)`` with ``mx`` the maximum,
+    ``code = kh*3 + kw`` the window position of the first maximum (NaN wins; all ``-inf``:
+    the first in-bounds element), ``tot`` the sum and ``cnt`` (int32) the number of
+    in-bounds elements; ``avg = tot / cnt``. Lanes off ``mask`` load nothing and give
+    ``(0, code, 0, 0)``."""
+    h0 = oh * STRIDE - 1
+    w0 = ow * STRIDE - 1
+    mx = tl.full([BLOCK], float("-inf"), ACC_DTYPE)
+    code = tl.where(h0 < 0, 3, 0) + tl.where(w0 < 0, 1, 0)
+    tot = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    for kh in tl.static_range(3):
+        h = h0 + kh
+        row_ok = mask & (h >= 0) & (h < H)
+        for kw in tl.static_range(3):
+            w = w0 + kw
+            ok = row_ok & (w >= 0) & (w < W)
+            v = tl.load(x_base + h * W + w, mask=ok, other=0.0).to(ACC_DTYPE)
+            upd = ok & ((v > mx) | (v != v))
+            mx = tl.where(upd, v, mx)
+            code = tl.where(upd, kh * 3 + kw, code)
+            tot += v
+            cnt += ok.to(tl.int32)
+    mx = tl.where(cnt > 0, mx, 0.0)       # lanes off mask: 0, not -inf (no inf * 0 downstream)
+    return mx, code, tot, cnt
+
+
+@triton.jit
+def _welford_step(cnt, mean, m2, v, mask):
+    """One element per lane into the per-lane running ``(cnt, mean, m2)`` (lanes off
+    ``mask`` unchanged)."""
+    v = tl.where(mask, v, 0.0)
+    cnt_new = cnt + tl.where(mask, 1.0, 0.0)
+    delta = v - mean
+    mean_new = mean + tl.where(mask, delta / tl.maximum(cnt_new, 1.0), 0.0)
+    m2_new = m2 + tl.where(mask, delta * (v - mean_new), 0.0)
+    return cnt_new, mean_new, m2_new
+
+
+@triton.jit
+def _welford_finish(cnt, mean, m2):
+    """Merge the lanes: ``(mean, sum of squared deviations)`` of all elements seen (at
+    least one)."""
+    total = tl.sum(cnt, axis=0)
+    mu = tl.sum(cnt * mean, axis=0) / total
+    d = mean - mu
+    return mu, tl.sum(m2 + cnt * d * d, axis=0)
+
+
+@triton.jit
+def _plane_moments(base, HWO, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``(mean, sum of squared deviations)`` of the ``HWO`` contiguous elements at ``base``."""
+    offs = tl.arange(0, BLOCK)
+    cnt = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    mean = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    m2 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for start in range(0, HWO, BLOCK):
+        o = start + offs
+        mask = o < HWO
+        v = tl.load(base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+        cnt, mean, m2 = _welford_step(cnt, mean, m2, v, mask)
+    return _welford_finish(cnt, mean, m2)
+
+
+@triton.jit
+def _plane_dot(g_base, u_base, mean_u, HWO, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``sum(g * (u - mean_u))`` over the ``HWO`` contiguous elements of two planes."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for start in range(0, HWO, BLOCK):
+        o = start + offs
+        mask = o < HWO
+        g = tl.load(g_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+        u = tl.load(u_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += tl.where(mask, g * (u - mean_u), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _du(g, u, prm_ptr, gm, q, Q, NC, c, TRAINING: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``du_q`` of one channel from ``prm: (4, Q, n) = [mean, rstd, coef, gum]``::
+
+        training: coef_q * (g - gm - uh * gum_q),  uh = (u - mean_q) * rstd_q
+        eval:     coef_q * g
+    """
+    coef = tl.load(prm_ptr + (2 * Q + q) * NC + c).to(ACC_DTYPE)
+    if TRAINING:
+        mean = tl.load(prm_ptr + q * NC + c).to(ACC_DTYPE)
+        rstd = tl.load(prm_ptr + (Q + q) * NC + c).to(ACC_DTYPE)
+        gum = tl.load(prm_ptr + (3 * Q + q) * NC + c).to(ACC_DTYPE)
+        du = coef * (g - gm - ((u - mean) * rstd) * gum)
+    else:
+        du = coef * g
+    return du
+
+
+@triton.jit
+def _dz_one(g, z_base, dz_base, o, mask, prm_ptr, gm, q, Q, NC, c,
+            TRAINING: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Load one tile of ``z_q``, store the tile of ``dz_q``."""
+    u = tl.load(z_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+    du = _du(g, u, prm_ptr, gm, q, Q, NC, c, TRAINING, ACC_DTYPE)
+    tl.store(dz_base + o, du.to(dz_base.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _mixed_sum_stats_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, pmean_ptr, pm2_ptr,
+                            NC, NB, H, W, HO, WO,
+                            STRIDE: tl.constexpr, NZ: tl.constexpr,
+                            ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-plane moments of every BN input; one program per ``(c, b)`` (``grid = (n, B)``).
+
+    ``x: (B, n, H, W)``, ``z0..z{NZ-1}: (B, n, H', W')`` (contiguous; ``z4`` only with
+    ``NZ = 5``) -> ``pmean, pm2: (Q, n, B)`` (ACC_DTYPE), ``Q = NZ + 2``::
+
+        pmean[q, c, b] = mean_hw u_q[b, c],   pm2[q, c, b] = sum_hw (u_q[b, c] - pmean[q, c, b])^2
+
+    with ``u_0, u_1`` the 3x3 max / average pools of ``x[b, c]`` (recomputed, one read of
+    each window per program). Per-lane Welford updates, lanes merged once per plane.
+    """
+    c = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    plane = b * NC + c
+    HWO = HO * WO
+    x_base = x_ptr + plane * H * W
+    offs = tl.arange(0, BLOCK)
+    cnt0 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    mean0 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    m20 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    cnt1 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    mean1 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    m21 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for start in range(0, HWO, BLOCK):
+        o = start + offs
+        mask = o < HWO
+        oh = o // WO
+        ow = o - oh * WO
+        mx, code, tot, cnt = _pool_3x3(x_base, oh, ow, H, W, mask, STRIDE, ACC_DTYPE, BLOCK)
+        avg = tot / tl.maximum(cnt, 1).to(ACC_DTYPE)
+        cnt0, mean0, m20 = _welford_step(cnt0, mean0, m20, mx, mask)
+        cnt1, mean1, m21 = _welford_step(cnt1, mean1, m21, avg, mask)
+    out = c * NB + b
+    step = NC * NB
+    mu, m2 = _welford_finish(cnt0, mean0, m20)
+    tl.store(pmean_ptr + out, mu)
+    tl.store(pm2_ptr + out, m2)
+    mu, m2 = _welford_finish(cnt1, mean1, m21)
+    tl.store(pmean_ptr + out + step, mu)
+    tl.store(pm2_ptr + out + step, m2)
+    z_off = plane * HWO
+    mu, m2 = _plane_moments(z0_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+    tl.store(pmean_ptr + out + 2 * step, mu)
+    tl.store(pm2_ptr + out + 2 * step, m2)
+    mu, m2 = _plane_moments(z1_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+    tl.store(pmean_ptr + out + 3 * step, mu)
+    tl.store(pm2_ptr + out + 3 * step, m2)
+    mu, m2 = _plane_moments(z2_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+    tl.store(pmean_ptr + out + 4 * step, mu)
+    tl.store(pm2_ptr + out + 4 * step, m2)
+    mu, m2 = _plane_moments(z3_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+    tl.store(pmean_ptr + out + 5 * step, mu)
+    tl.store(pm2_ptr + out + 5 * step, m2)
+    if NZ == 5:
+        mu, m2 = _plane_moments(z4_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+        tl.store(pmean_ptr + out + 6 * step, mu)
+        tl.store(pm2_ptr + out + 6 * step, m2)
+
+
+@triton.jit
+def _mixed_sum_fwd_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, prm_ptr, w_ptr, y_ptr,
+                          NC, H, W, HO, WO,
+                          STRIDE: tl.constexpr, NZ: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``y`` tile by tile; ``grid = (B*n, cdiv(H'*W', BLOCK))``.
+
+    ``x: (B, n, H, W)``, ``z0..z{NZ-1}: (B, n, H', W')``, ``prm: (2, Q, n) = [mean, coef]``
+    (ACC_DTYPE, ``coef_q = w[o_q] * rsqrt(var_q + eps)``), ``w: (8,)`` (ACC_DTYPE) ->
+    ``y: (B, n, H', W')``::
+
+        y[b, c] = sum_q coef_q[c] * (u_q[b, c] - mean_q[c])  (+ w[3] * x[b, c] at STRIDE 1)
+
+    ``u_0, u_1`` recomputed from the 3x3 windows of ``x``; each ``z`` element read once,
+    each ``y`` element written once.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    c = pid % NC
+    Q = NZ + 2
+    HWO = HO * WO
+    o = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = o < HWO
+    oh = o // WO
+    ow = o - oh * WO
+    x_base = x_ptr + pid * H * W
+    mx, code, tot, cnt = _pool_3x3(x_base, oh, ow, H, W, mask, STRIDE, ACC_DTYPE, BLOCK)
+    avg = tot / tl.maximum(cnt, 1).to(ACC_DTYPE)
+    y = (mx - tl.load(prm_ptr + c).to(ACC_DTYPE)) * tl.load(prm_ptr + Q * NC + c).to(ACC_DTYPE)
+    y += (avg - tl.load(prm_ptr + NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 1) * NC + c).to(ACC_DTYPE)
+    z_off = pid * HWO + o
+    v = tl.load(z0_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    y += (v - tl.load(prm_ptr + 2 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 2) * NC + c).to(ACC_DTYPE)
+    v = tl.load(z1_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    y += (v - tl.load(prm_ptr + 3 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 3) * NC + c).to(ACC_DTYPE)
+    v = tl.load(z2_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    y += (v - tl.load(prm_ptr + 4 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 4) * NC + c).to(ACC_DTYPE)
+    v = tl.load(z3_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    y += (v - tl.load(prm_ptr + 5 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 5) * NC + c).to(ACC_DTYPE)
+    if NZ == 5:
+        v = tl.load(z4_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += (v - tl.load(prm_ptr + 6 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 6) * NC + c).to(ACC_DTYPE)
+    if STRIDE == 1:
+        v = tl.load(x_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += tl.load(w_ptr + 3).to(ACC_DTYPE) * v
+    tl.store(y_ptr + pid * HWO + o, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mixed_sum_bwd_reduce_kernel(grad_ptr, x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, mean_ptr, part_ptr,
+                                 NC, NB, H, W, HO, WO,
+                                 STRIDE: tl.constexpr, NZ: tl.constexpr,
+                                 ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-plane sums of the backward; one program per ``(c, b)`` (``grid = (n, B)``).
+
+    ``grad: (B, n, H', W')``, ``x``, ``z`` as in the forward, ``mean: (Q, n)`` (ACC_DTYPE)
+    -> ``part: (R, n, B)`` (ACC_DTYPE), ``R = Q + 1`` (+ 1 at STRIDE 1), ``g = grad[b, c]``::
+
+        part[0, c, b]     = sum_hw g
+        part[1 + q, c, b] = sum_hw g * (u_q[b, c] - mean_q[c])      q < Q
+        part[Q + 1, c, b] = sum_hw g * x[b, c]                       STRIDE 1 only
+    """
+    c = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    plane = b * NC + c
+    HWO = HO * WO
+    x_base = x_ptr + plane * H * W
+    g_base = grad_ptr + plane * HWO
+    mean0 = tl.load(mean_ptr + c).to(ACC_DTYPE)
+    mean1 = tl.load(mean_ptr + NC + c).to(ACC_DTYPE)
+    offs = tl.arange(0, BLOCK)
+    acc_g = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    acc_0 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    acc_1 = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    acc_x = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for start in range(0, HWO, BLOCK):
+        o = start + offs
+        mask = o < HWO
+        oh = o // WO
+        ow = o - oh * WO
+        g = tl.load(g_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+        mx, code, tot, cnt = _pool_3x3(x_base, oh, ow, H, W, mask, STRIDE, ACC_DTYPE, BLOCK)
+        avg = tot / tl.maximum(cnt, 1).to(ACC_DTYPE)
+        acc_g += g
+        acc_0 += tl.where(mask, g * (mx - mean0), 0.0)
+        acc_1 += tl.where(mask, g * (avg - mean1), 0.0)
+        if STRIDE == 1:
+            acc_x += g * tl.load(x_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
+    out = c * NB + b
+    step = NC * NB
+    tl.store(part_ptr + out, tl.sum(acc_g, axis=0))
+    tl.store(part_ptr + out + step, tl.sum(acc_0, axis=0))
+    tl.store(part_ptr + out + 2 * step, tl.sum(acc_1, axis=0))
+    z_off = plane * HWO
+    s = _plane_dot(g_base, z0_ptr + z_off, tl.load(mean_ptr + 2 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+    tl.store(part_ptr + out + 3 * step, s)
+    s = _plane_dot(g_base, z1_ptr + z_off, tl.load(mean_ptr + 3 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+    tl.store(part_ptr + out + 4 * step, s)
+    s = _plane_dot(g_base, z2_ptr + z_off, tl.load(mean_ptr + 4 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+    tl.store(part_ptr + out + 5 * step, s)
+    s = _plane_dot(g_base, z3_ptr + z_off, tl.load(mean_ptr + 5 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+    tl.store(part_ptr + out + 6 * step, s)
+    if NZ == 5:
+        s = _plane_dot(g_base, z4_ptr + z_off, tl.load(mean_ptr + 6 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+        tl.store(part_ptr + out + 7 * step, s)
+    if STRIDE == 1:
+        tl.store(part_ptr + out + (NZ + 3) * step, tl.sum(acc_x, axis=0))
+
+
+@triton.jit
+def _mixed_sum_bwd_dz_kernel(grad_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, prm_ptr, gm_ptr,
+                             dz0_ptr, dz1_ptr, dz2_ptr, dz3_ptr, dz4_ptr, NC, HWO,
+                             NZ: tl.constexpr, TRAINING: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Every ``dz_q`` in one pass over ``g``; ``grid = (B*n, cdiv(H'*W', BLOCK))``.
+
+    ``grad, z_q, dz_q: (B, n, H', W')``, ``prm: (4, Q, n) = [mean, rstd, coef, gum]`` and
+    ``gm: (n,)`` (ACC_DTYPE; ``coef_q = w[o_q] * rstd_q``, ``gm = mean_c(g)``,
+    ``gum_q = mean_c(g * uh_q)``)::
+
+        dz_q = coef_{q+2} * (g - gm - uh_{q+2} * gum_{q+2}),  uh = (z_q - mean) * rstd   (TRAINING)
+        dz_q = coef_{q+2} * g                                                         (eval)
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    c = pid % NC
+    Q = NZ + 2
+    o = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = o < HWO
+    off = pid * HWO
+    g = tl.load(grad_ptr + off + o, mask=mask, other=0.0).to(ACC_DTYPE)
+    if TRAINING:
+        gm = tl.load(gm_ptr + c).to(ACC_DTYPE)
+    else:
+        gm = 0.0
+    _dz_one(g, z0_ptr + off, dz0_ptr + off, o, mask, prm_ptr, gm, 2, Q, NC, c, TRAINING, ACC_DTYPE)
+    _dz_one(g, z1_ptr + off, dz1_ptr + off, o, mask, prm_ptr, gm, 3, Q, NC, c, TRAINING, ACC_DTYPE)
+    _dz_one(g, z2_ptr + off, dz2_ptr + off, o, mask, prm_ptr, gm, 4, Q, NC, c, TRAINING, ACC_DTYPE)
+    _dz_one(g, z3_ptr + off, dz3_ptr + off, o, mask, prm_ptr, gm, 5, Q, NC, c, TRAINING, ACC_DTYPE)
+    if NZ == 5:
+        _dz_one(g, z4_ptr + off, dz4_ptr + off, o, mask, prm_ptr, gm, 6, Q, NC, c, TRAINING, ACC_DTYPE)
+
+
+@triton.jit
+def _mixed_sum_bwd_dx_kernel(grad_ptr, x_ptr, prm_ptr, gm_ptr, w_ptr, dx_ptr,
+                             NC, H, W, HO, WO,
+                             STRIDE: tl.constexpr, NZ: tl.constexpr, TRAINING: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``dx`` by gathering; ``grid = (B*n, cdiv(H*W, BLOCK))``.
+
+    ``grad: (B, n, H', W')``, ``x, dx: (B, n, H, W)``, ``prm``, ``gm`` as in
+    :func:`_mixed_sum_bwd_dz_kernel`, ``w: (8,)`` (ACC_DTYPE). For ``x[b, c, h, w]`` and each
+    window ``(oh, ow)`` holding it at offset ``(kh, kw)`` (``h = oh*STRIDE - 1 + kh``)::
+
+        dx += du_1[oh, ow] / count(oh, ow)
+        dx += du_0[oh, ow]                      if (kh, kw) is the window's first maximum
+        dx += w[3] * g[h, w]                    STRIDE 1
+
+    ``du_0, du_1`` as ``dz`` in :func:`_mixed_sum_bwd_dz_kernel` with ``u_0, u_1`` the
+    window's pools, recomputed from ``x``. Each ``dx`` element written once, no atomics.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    c = pid % NC
+    Q = NZ + 2
+    HWO = HO * WO
+    p = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = p < H * W
+    h = p // W
+    w = p - h * W
+    x_base = x_ptr + pid * H * W
+    g_base = grad_ptr + pid * HWO
+    if TRAINING:
+        gm = tl.load(gm_ptr + c).to(ACC_DTYPE)
+    else:
+        gm = 0.0
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for kh in tl.static_range(3):
+        th = h + 1 - kh
+        th_c = tl.maximum(th, 0)
+        oh = th_c // STRIDE
+        row_ok = mask & (th >= 0) & (th_c - oh * STRIDE == 0) & (oh < HO)
+        for kw in tl.static_range(3):
+            tw = w + 1 - kw
+            tw_c = tl.maximum(tw, 0)
+            ow = tw_c // STRIDE
+            ok = row_ok & (tw >= 0) & (tw_c - ow * STRIDE == 0) & (ow < WO)
+            g = tl.load(g_base + oh * WO + ow, mask=ok, other=0.0).to(ACC_DTYPE)
+            mx, code, tot, cnt = _pool_3x3(x_base, oh, ow, H, W, ok, STRIDE, ACC_DTYPE, BLOCK)
+            cnt_f = tl.maximum(cnt, 1).to(ACC_DTYPE)
+            du1 = _du(g, tot / cnt_f, prm_ptr, gm, 1, Q, NC, c, TRAINING, ACC_DTYPE)
+            acc += tl.where(ok, du1 / cnt_f, 0.0)
+            du0 = _du(g, mx, prm_ptr, gm, 0, Q, NC, c, TRAINING, ACC_DTYPE)
+            acc += tl.where(ok & (code == kh * 3 + kw), du0, 0.0)
+    if STRIDE == 1:
+        g = tl.load(g_base + p, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += tl.load(w_ptr + 3).to(ACC_DTYPE) * g
+    tl.store(dx_ptr + pid * H * W + p, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _check(op: str, z, x: Tensor, w: Tensor, stride: int) -> Tuple[int, int]:
+    """Shape checks (no device data read); returns ``(H', W')``."""
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"adarts {op}: stride must be 1 or 2, got {stride!r}")
+    if x.dim() != 4:
+        raise ValueError(f"adarts {op}: x must be (B, n, H, W), got {tuple(x.shape)}")
+    B, n, H, W = x.shape
+    if stride == 2 and (H % 2 or W % 2):
+        raise ValueError(f"adarts {op}: stride 2 needs even H and W, got {tuple(x.shape)}")
+    P = 4 if stride == 1 else 5
+    if not isinstance(z, (list, tuple)) or len(z) != P:
+        raise ValueError(f"adarts {op}: z must be a list of {P} tensors at stride {stride}")
+    want = (B, n, H // stride, W // stride)
+    for i, t in enumerate(z):
+        if tuple(t.shape) != want:
+            raise ValueError(f"adarts {op}: z[{i}] must be (B, n, H/stride, W/stride)={want}, got {tuple(t.shape)}")
+    if tuple(w.shape) != (8,):
+        raise ValueError(f"adarts {op}: w must be (8,), got {tuple(w.shape)}")
+    return H // stride, W // stride
+
+
+def _acc_stats(t: Tensor) -> Tensor:
+    """The reference's ``_acc``: float32 for half precision, unchanged otherwise."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _z_ptrs(z: List[Tensor]) -> List[Tensor]:
+    """Five pointers for the kernels; the fifth repeats ``z[0]`` at stride 1 (never read)."""
+    return list(z) + [z[0]] * (5 - len(z))
+
+
+def _coef(wf: Tensor, rstd: Tensor, stride: int) -> Tensor:
+    """``coef_q = w[o_q] * rstd_q``: ``(Q, n)``."""
+    o = torch.tensor(mixed_sum_weight_index(stride), device=wf.device)
+    return wf.index_select(0, o)[:, None] * rstd
+
+
+def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float,
+                  run_mean: Optional[Tensor], run_var: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``y = sum_q w[o_q] * (u_q - mean_q) * rsqrt(var_q + eps)`` (+ ``w[3] * x`` at stride 1),
+    ``u = [maxpool3x3(x), avgpool3x3(x)] + z``. ``x: (B, n, H, W)``, ``z``: ``P`` tensors
+    ``(B, n, H/s, W/s)``, ``w: (8,)`` -> ``y`` (dtype of x), ``mean, var: (Q, n)`` (float32 for
+    half inputs): the batch statistics (``run_mean is None``, biased variance) or copies
+    of ``run_mean, run_var``. Statistics by :func:`_mixed_sum_stats_kernel` plus a torch
+    merge over the batch, ``y`` by :func:`_mixed_sum_fwd_kernel`."""
+    op = "mixed_sum_fwd"
+    _require(op)
+    HO, WO = _check(op, z, x, w, stride)
+    if (run_mean is None) != (run_var is None):
+        raise ValueError(f"adarts {op}: give both run_mean and run_var, or neither")
+    x = x.contiguous()
+    z = [t.contiguous() for t in z]
+    B, n, H, W = x.shape
+    Q = len(z) + 2
+    acc = _acc_torch(x.dtype)
+    HWO = HO * WO
+    if run_mean is None:
+        if B * n * HWO == 0:      # empty batch statistics (NaN), nothing to launch for
+            from ..ops.reference import mixed_sum_fwd as ref
+            return ref(z, x, w, stride, eps, run_mean, run_var)
+        pmean = _empty((Q, n, B), acc, x.device)
+        pm2 = _empty((Q, n, B), acc, x.device)
+        block = _block_hw(HWO)
+        _mixed_sum_stats_kernel[(n, B)](
+            x, *_z_ptrs(z), pmean, pm2, n, B, H, W, HO, WO,
+            STRIDE=stride, NZ=len(z), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block, num_warps=_num_warps(block))
+        mean = pmean.mean(dim=2)
+        var = (pm2.sum(dim=2) + HWO * (pmean - mean[:, :, None]).square().sum(dim=2)) / (B * HWO)
+    else:
+        if tuple(run_mean.shape) != (Q, n) or tuple(run_var.shape) != (Q, n):
+            raise ValueError(f"adarts {op}: run_mean and run_var must be (Q, n)={(Q, n)}, "
+                             f"got {tuple(run_mean.shape)} and {tuple(run_var.shape)}")
+        mean, var = _acc_stats(run_mean).clone(), _acc_stats(run_var).clone()
+    y = _empty((B, n, HO, WO), x.dtype, x.device)
+    if B * n * HWO == 0:
+        return y, mean, var
+    wf = w.to(acc)
+    rstd = torch.rsqrt(var + eps).to(acc)
+    prm = torch.stack([mean.to(acc), _coef(wf, rstd, stride)]).contiguous()      # (2, Q, n)
+    block = _block_hw(HWO, hi=512)
+    _mixed_sum_fwd_kernel[(B * n, triton.cdiv(HWO, block))](
+        x, *_z_ptrs(z), prm, wf, y, n, H, W, HO, WO,
+        STRIDE=stride, NZ=len(z), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block, num_warps=_num_warps(block))
+    return y, mean, var
+
+
+def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, w: Tensor, mean: Tensor, var: Tensor,
+                  stride: int, eps: float, training: bool) -> Tuple[List[Tensor], Tensor, Tensor]:
+    """Gradients of :func:`mixed_sum_fwd` w.r.t. ``z`` (each in its dtype), ``x`` (dtype of x)
+    and ``w`` (dtype of w), with ``g = grad``, ``N = B*H'*W'``, ``uh_q = (u_q - mean_q) * rstd_q``::
+
+        dw[o_q] = sum(g * uh_q);   dw[3] = sum(g * x) at stride 1;   dw[0] = 0 (and dw[3] at stride 2)
+        du_q    = w[o_q] * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
+        du_q    = w[o_q] * rstd_q * g                                             (eval)
+        dz_q    = du_{q+2};   dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] * g at stride 1)
+
+    Per-plane sums by :func:`_mixed_sum_bwd_reduce_kernel` (summed over the batch with
+    torch), then :func:`_mixed_sum_bwd_dz_kernel` and :func:`_mixed_sum_bwd_dx_kernel`.
+    """
+    op = "mixed_sum_bwd"
+    _require(op)
+    HO, WO = _check(op, z, x, w, stride)
+    B, n, H, W = x.shape
+    Q = len(z) + 2
+    if tuple(grad.shape) != (B, n, HO, WO):
+        raise ValueError(f"adarts {op}: grad must be (B, n, H/stride, W/stride)={(B, n, HO, WO)}, "
+                         f"got {tuple(grad.shape)}")
+    if tuple(mean.shape) != (Q, n) or tuple(var.shape) != (Q, n):
+        raise ValueError(f"adarts {op}: mean and var must be (Q, n)={(Q, n)}, "
+                         f"got {tuple(mean.shape)} and {tuple(var.shape)}")
+    grad, x = grad.contiguous(), x.contiguous()
+    z = [t.contiguous() for t in z]
+    acc = _acc_torch(x.dtype)
+    HWO = HO * WO
+    dz = [_empty(t.shape, t.dtype, t.device) for t in z]
+    dx = _empty((B, n, H, W), x.dtype, x.device)
+    if B * n * HWO == 0:
+        for t in dz:
+            t.zero_()
+        return dz, dx.zero_(), torch.zeros(8, dtype=w.dtype, device=w.device)
+    wf = w.to(acc)
+    rstd = torch.rsqrt(var + eps).to(acc)
+    mean_a = mean.to(acc).contiguous()
+    rows = Q + 1 + (stride == 1)
+    part = _empty((rows, n, B), acc, x.device)
+    block = _block_hw(HWO)
+    acc_tl = _acc_dtype(x.dtype)
+    zp = _z_ptrs(z)
+    _mixed_sum_bwd_reduce_kernel[(n, B)](
+        grad, x, *zp, mean_a, part, n, B, H, W, HO, WO,
+        STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
+    sums = part.sum(dim=2)                          # (rows, n)
+    s_gu = sums[1:Q + 1] * rstd                     # (Q, n): per-channel sum(g * uh_q)
+    dw_q = s_gu.sum(dim=1)                          # (Q,): dw at columns o_q
+    zero = torch.zeros(1, dtype=acc, device=x.device)
+    if stride == 1:
+        dw = torch.cat([zero, dw_q[0:2], sums[Q + 1].sum().reshape(1), dw_q[2:]])
+    else:
+        dw = torch.cat([zero, dw_q])
+    N = B * HWO
+    coef = _coef(wf, rstd, stride)
+    gm = (sums[0] / N).contiguous()
+    gum = s_gu / N
+    prm = torch.stack([mean_a, rstd, coef, gum]).contiguous()                  # (4, Q, n)
+    dzp = _z_ptrs(dz)
+    block = _block_hw(HWO, hi=512)
+    _mixed_sum_bwd_dz_kernel[(B * n, triton.cdiv(HWO, block))](
+        grad, *zp, prm, gm, *dzp, n, HWO,
+        NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
+    block = _block_hw(H * W, hi=256)
+    _mixed_sum_bwd_dx_kernel[(B * n, triton.cdiv(H * W, block))](
+        grad, x, prm, gm, wf, dx, n, H, W, HO, WO,
+        STRIDE=stride, NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
+        num_warps=_num_warps(block))
+    return dz, dx, dw.to(w.dtype)
