@@ -77,10 +77,60 @@ def test_fused_supernet_matches_reference_and_saves_less():
     assert b_fused < 0.9 * b_ref, (b_fused, b_ref)
 
 
-def test_fused_supernet_saved_bytes_per_sample_below_pcdarts():
-    """C=16, 8 cells, 32x32, float32 (measured 37.68 MB vs 39.91 MB for PC-DARTS)."""
+PCDARTS_MB = 39.91   # measured below at the same configuration; SPEC section 8 says 39.9
+
+
+def _per_sample_mb(**kw):
     torch.manual_seed(0)
-    net = SearchNetwork(C=16, num_classes=10, layers=8, edge="adarts", kernels="fused")
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    per_sample = saved_activation_bytes(lambda: net.loss(x, y), module=net) / 4 / 1e6
-    assert per_sample < 38.5, per_sample
+    net = SearchNetwork(C=16, num_classes=10, layers=8, edge=kw.pop("edge", "adarts"), **kw)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    return saved_activation_bytes(lambda: net.loss(x, y), module=net) / 2 / 1e6
+
+
+def test_fused_supernet_saved_bytes_per_sample_targets():
+    """C=16, 8 cells, 32x32, float32 (SPEC supernet). Targets: fused at most 0.45x PC-DARTS,
+    fused + edge recomputation at most 0.10x (measured 11.38 and 3.14 MB vs 39.91 MB)."""
+    pc = _per_sample_mb(edge="pcdarts")
+    assert abs(pc - PCDARTS_MB) < 0.05, pc
+    fused = _per_sample_mb(kernels="fused")
+    assert fused <= 0.45 * pc, (fused, pc)
+    recompute = _per_sample_mb(kernels="fused", recompute="edge")
+    assert recompute <= 0.10 * pc, (recompute, pc)
+
+
+@pytest.mark.parametrize("kernels,recompute", [("fused", "none"), ("fused", "edge"), ("reference", "edge")])
+@pytest.mark.parametrize("train", [True, False])
+def test_supernet_variants_same_function_gradients_and_buffers(kernels, recompute, train):
+    torch.manual_seed(1)
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts")
+    net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels=kernels, recompute=recompute)
+    net.load_state_dict(ref.state_dict())
+    ref.train(train), net.train(train)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    l_ref, l_net = ref.loss(x, y), net.loss(x, y)
+    torch.testing.assert_close(l_net, l_ref, rtol=1e-5, atol=1e-6)
+    l_ref.backward(), l_net.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    for (n, b1), (_, b2) in zip(ref.named_buffers(), net.named_buffers()):
+        torch.testing.assert_close(b2, b1, msg=n)
+
+
+def test_fused_supernet_channels_last_and_bf16_autocast():
+    torch.manual_seed(3)
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts")
+    net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="fused")
+    net.load_state_dict(ref.state_dict())
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    cl = net.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl.loss(x.contiguous(memory_format=torch.channels_last), y), ref.loss(x, y),
+                               rtol=1e-5, atol=1e-5)
+    ref.autocast_dtype = net.autocast_dtype = torch.bfloat16
+    l_ref, l_net = ref.loss(x, y), net.loss(x, y)
+    assert l_net.dtype == torch.float32 and torch.isfinite(l_net)
+    torch.testing.assert_close(l_net, l_ref, rtol=0.05, atol=0.05)
+    l_net.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+    assert all(p.dtype == torch.float32 for p in net.parameters())

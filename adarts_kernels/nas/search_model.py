@@ -13,12 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.edges import AttentionMixedOp, MixedOp, PartialMixedOp
-from ..nn.fused import FusedAttentionMixedOp
+from ..nn.fused import FusedAttentionMixedOp, FusedFactorizedReduce, FusedReLUConvBN
+from ..nn.recompute import recompute_edge
 from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
 from .genotypes import Genotype
 
 EDGES = ("adarts", "pcdarts", "darts")
 KERNELS = ("reference", "fused")
+RECOMPUTE = ("none", "edge")
 
 
 def _make_edge(kind: str, C: int, stride: int, k: int, kernels: str = "reference") -> nn.Module:
@@ -51,14 +53,16 @@ class SearchCell(nn.Module):
     """A supernet cell: 2 inputs ``(B, C_pp, H, W)``, ``(B, C_p, H, W)`` -> ``(B, 4C, H', W')``."""
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, edge, k,
-                 kernels="reference"):
+                 kernels="reference", recompute="none"):
         super().__init__()
         self.reduction = reduction
+        self.recompute = recompute
+        fused = kernels == "fused"
         if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+            self.preprocess0 = (FusedFactorizedReduce if fused else FactorizedReduce)(C_prev_prev, C, affine=False)
         else:
-            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+            self.preprocess0 = (FusedReLUConvBN if fused else ReLUConvBN)(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = (FusedReLUConvBN if fused else ReLUConvBN)(C_prev, C, 1, 1, 0, affine=False)
         self._steps = steps
         self._multiplier = multiplier
         self._ops = nn.ModuleList()
@@ -72,12 +76,11 @@ class SearchCell(nn.Module):
         s1 = self.preprocess1(s1)
         states = [s0, s1]
         offset = 0
+        run = recompute_edge if self.recompute == "edge" else (lambda e, *a: e(*a))
         for _ in range(self._steps):
-            if edge_weights is None:
-                s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
-            else:
-                s = sum(self._ops[offset + j](h, weights[offset + j], edge_weights[offset + j])
-                        for j, h in enumerate(states))
+            s = sum(run(self._ops[offset + j], h, weights[offset + j],
+                        None if edge_weights is None else edge_weights[offset + j])
+                    for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
         return torch.cat(states[-self._multiplier:], dim=1)
@@ -93,7 +96,12 @@ class SearchNetwork(nn.Module):
 
     ``kernels``: ``"reference"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
     :class:`~adarts_kernels.nn.FusedAttentionMixedOp`: same parameters, same function, less
-    memory); the fused kernels exist for the ADARTS edge only.
+    memory; the cells' ReLU-Conv-BN preprocessing then keeps no ReLU output either); the fused
+    kernels exist for the ADARTS edge only.
+
+    ``recompute``: ``"none"`` or ``"edge"``: every edge keeps only its inputs for backward and
+    is re-run there (:func:`~adarts_kernels.nn.recompute.recompute_edge`), for the largest
+    batches; works with every edge kind.
 
     Architecture parameters: ``alphas_normal``, ``alphas_reduce`` ``(14, 8)`` and, except for
     DARTS, ``betas_normal``, ``betas_reduce`` ``(14,)``, initialised ``1e-3 * randn``. They are
@@ -102,12 +110,15 @@ class SearchNetwork(nn.Module):
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
-                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "reference"):
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "reference",
+                 recompute: str = "none"):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"unknown recompute {recompute!r}; expected one of {list(RECOMPUTE)}")
         if kernels == "fused" and edge != "adarts":
             raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={edge!r}")
         if edge != "darts" and (C % k != 0):
@@ -117,7 +128,10 @@ class SearchNetwork(nn.Module):
                              f"num_classes={num_classes}, layers={layers}")
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier = steps, multiplier
-        self.edge, self.k, self.kernels = edge, k, kernels
+        self.edge, self.k, self.kernels, self.recompute = edge, k, kernels, recompute
+        #: ``None`` (float32, the default) or a dtype (``torch.bfloat16``) the forward runs
+        #: under autocast with; logits and loss stay float32.
+        self.autocast_dtype: Optional[torch.dtype] = None
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
@@ -129,7 +143,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, edge, k,
-                              kernels)
+                              kernels, recompute)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -172,17 +186,20 @@ class SearchNetwork(nn.Module):
             e_reduce = normalized_betas(self.betas_reduce, self._steps)
         else:
             e_normal = e_reduce = None
-        s0 = s1 = self.stem(x)
-        for cell in self.cells:
-            if cell.reduction:
-                s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)
-            else:
-                s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
-        out = self.global_pooling(s1)
-        return self.classifier(out.flatten(1))
+        amp = self.autocast_dtype
+        with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            s0 = s1 = self.stem(x)
+            for cell in self.cells:
+                if cell.reduction:
+                    s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)
+                else:
+                    s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
+            out = self.global_pooling(s1)
+            logits = self.classifier(out.flatten(1))
+        return logits.float()
 
     def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of ``self(x)`` against ``target: (B,)`` int64."""
+        """Mean cross-entropy of ``self(x)`` against ``target: (B,)`` int64 (float32)."""
         return F.cross_entropy(self(x), target)
 
     # -- derivation ---------------------------------------------------------------------

@@ -6,11 +6,19 @@ ways), same function. Inside:
 
 - ``adarts::attention_score`` for the channel attention and the top-k selection;
 - ``adarts::attention_gather`` for ``x_sel = (x * a)[:, idx]`` (``x * a`` is never formed);
-- the candidate operations on ``x_sel``, as in the reference (plain PyTorch);
+- the convolution candidates on ``x_sel`` with one ReLU shared by all four (and by the
+  FactorizedReduce of ``skip_connect`` at stride 2), keeping only ``x_sel`` and recomputing
+  ReLU and depthwise outputs in backward (``nn/_units.py``); the first BN of each
+  ``sep_conv`` is folded into its second half the same way;
+- ``adarts::mixed_sum`` for the weighted sum with every candidate's trailing affine-free
+  BatchNorm folded in (pooling recomputed in backward, ``none`` skipped);
 - ``adarts::attention_writeback`` for the write-back fused with edge normalisation (the
   edge output is not kept for backward; at stride 2 no pooling indices are stored).
 
-Not yet fused: the candidates' shared ReLU, their BatchNorms and the weighted sum.
+Saved for backward per edge, in units of ``|x_sel| = |x| / k``: ``x_sel`` (1), the BN inputs
+(2 inside the sep_convs + 4 final, + 1/4 for the FactorizedReduce at stride 2), the mixed
+output ``y`` (1), and ``a: (B, C)``; the edge input ``x`` is the node state, shared with the
+other edges. BatchNorm running statistics are updated exactly as ``BatchNorm2d`` does.
 """
 from __future__ import annotations
 
@@ -19,8 +27,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops import attention_gather, attention_score, attention_writeback
+from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
+from ._units import (SharedReluConvs, batch_norm_keep_output, bn_relu_dw_pw, dwpw_spec,
+                     update_running_stats)
 from .edges import ChannelAttention, _Candidates, _check_edge_input, _check_k
+from .operations import FactorizedReduce, ReLUConvBN
 
 
 class FusedAttentionMixedOp(nn.Module):
@@ -40,15 +51,81 @@ class FusedAttentionMixedOp(nn.Module):
         self.attention = ChannelAttention(C)   # same parameters and keys as the reference
         self.cands = _Candidates(C // k, stride)
         self.last_idx: Optional[torch.Tensor] = None
+        self.update_stats = True    # False while an edge recomputation replays the forward
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
         _check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride)
         mlp = self.attention.mlp
-        a, idx = attention_score(x, mlp[0].weight, mlp[2].weight, self.C // self.k, impl=self.impl)
+        # Under autocast the states may be bfloat16/float16 while weights, alpha and beta stay
+        # float32: the fused ops take one dtype, the state's (a no-op in plain float32).
+        dt = x.dtype
+        a, idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
         self.last_idx = idx
         x_sel = attention_gather(x, a, idx, impl=self.impl)
-        y = self.cands.mixed(x_sel, weights)
-        return attention_writeback(x, a, idx, y, edge_weight, self.stride, impl=self.impl)
+        y = self._mixed(x_sel, weights.to(dt))
+        ew = None if edge_weight is None else edge_weight.to(dt)
+        return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl)
+
+    def _mixed(self, xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_o weights[o] * op_o(xs)`` over the 8 candidates: ``(B, n, H/s, W/s)``."""
+        ops = self.cands._ops
+        s2 = self.stride == 2
+        seps, dils = (ops[4].op, ops[5].op), (ops[6].op, ops[7].op)
+        chains = [m for m in (seps + dils)]
+        specs = tuple(dwpw_spec(m[1]) for m in chains)
+        wts = [w for m in chains for w in (m[1].weight, m[2].weight)]
+        if s2:
+            fr = ops[3]
+            specs = (("fr",),) + specs
+            wts = [fr.conv_1.weight, fr.conv_2.weight] + wts
+        first = SharedReluConvs.apply(xs, specs, *wts)
+        z_fr, (z_s3, z_s5, z_d3, z_d5) = (first[0] if s2 else None), first[int(s2):]
+        count = xs.shape[0] * (xs.shape[2] // self.stride) * (xs.shape[3] // self.stride)
+        zs = []
+        for seq, z1 in zip(seps, (z_s3, z_s5)):
+            z2, m1, v1 = bn_relu_dw_pw(z1, seq[3], seq[5], seq[6])
+            if self.training and self.update_stats:
+                update_running_stats([seq[3]], m1[None], v1[None], count)
+            zs.append(z2)
+        zs += [z_d3, z_d5]
+        bns = [ops[1][1], ops[2][1]] + ([ops[3].bn] if s2 else []) + [seps[0][7], seps[1][7], dils[0][3], dils[1][3]]
+        if s2:
+            zs.insert(0, z_fr)
+        if self.training or bns[0].running_mean is None:
+            y, mean, var = mixed_sum(zs, xs, weights, self.stride, bns[0].eps, impl=self.impl)
+            if self.update_stats:
+                update_running_stats(bns, mean, var, count)
+        else:
+            rm = torch.stack([bn.running_mean for bn in bns])
+            rv = torch.stack([bn.running_var for bn in bns])
+            y, _, _ = mixed_sum(zs, xs, weights, self.stride, bns[0].eps, rm, rv, impl=self.impl)
+        return y
 
     def extra_repr(self) -> str:
         return f"C={self.C}, stride={self.stride}, k={self.k}, impl={self.impl}"
+
+
+def _bn(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn(z) if bn.affine else batch_norm_keep_output(z, bn)
+
+
+class FusedReLUConvBN(ReLUConvBN):
+    """:class:`~adarts_kernels.nn.operations.ReLUConvBN` (same parameters, keys and function)
+    that keeps for backward only its input and, when the BN is affine-free, the BN output
+    (the cell state, which the edges keep anyway): ReLU output and BN input are not kept."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.op[1], self.op[2]
+        (z,) = SharedReluConvs.apply(x, (("conv", conv.stride[0], conv.padding[0]),), conv.weight)
+        return _bn(z, bn)
+
+
+class FusedFactorizedReduce(FactorizedReduce):
+    """:class:`~adarts_kernels.nn.operations.FactorizedReduce` (same parameters, keys and
+    function) that keeps only its input and (affine-free BN) its output, as :class:`FusedReLUConvBN`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"FactorizedReduce needs even H and W, got input of shape {tuple(x.shape)}")
+        (z,) = SharedReluConvs.apply(x, (("fr",),), self.conv_1.weight, self.conv_2.weight)
+        return _bn(z, self.bn)

@@ -1,0 +1,238 @@
+"""Recomputing building blocks of the fused candidates (plain PyTorch, explicit backward).
+
+The convolution candidates are chains ``[BN] -> ReLU -> depthwise -> pointwise``. Autograd
+would keep, per candidate, its own ``ReLU(x_sel)`` copy and every depthwise output
+(``|x_sel|`` each). These functions keep only a chain's *input*: ``x_sel`` once for the
+four convolution candidates (and the FactorizedReduce of ``skip_connect`` at stride 2),
+whose ReLU is computed once and shared; the first BN's input for the second half of a
+``sep_conv``. ReLU and the depthwise convolutions are recomputed in backward. Each
+pointwise output is the next BatchNorm's input, which its consumer keeps.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+_conv_bwd = torch.ops.aten.convolution_backward.default
+
+#: A chain after the shared ReLU: ``("dwpw", stride, padding, dilation)`` (depthwise kxk then
+#: pointwise 1x1; two weights), ``("fr",)`` (FactorizedReduce's two offset stride-2 1x1
+#: convolutions; two weights) or ``("conv", stride, padding)`` (one dense convolution; one weight).
+Spec = Tuple
+
+
+def _n_weights(spec: Spec) -> int:
+    return 1 if spec[0] == "conv" else 2
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _stat(v: Tensor) -> Tensor:
+    return v[None, :, None, None]
+
+
+def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None) -> Tensor:
+    if spec[0] == "conv":
+        return F.conv2d(r, w0, None, spec[1], spec[2])
+    if spec[0] == "fr":
+        return torch.cat([F.conv2d(r, w0, stride=2), F.conv2d(r[:, :, 1:, 1:], w1, stride=2)], dim=1)
+    _, s, p, d = spec
+    return F.conv2d(F.conv2d(r, w0, None, s, p, d, r.shape[1]), w1)
+
+
+def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(dr, dw0, dw1)``; the depthwise output is recomputed here and dropped."""
+    if spec[0] == "conv":
+        _, s, p = spec
+        dr, dw0, _ = _conv_bwd(gz, r, w0, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [True, True, False])
+        return dr, dw0, None
+    if spec[0] == "fr":
+        half = w0.shape[0]
+        conf = ([2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+        dr, dw0, _ = _conv_bwd(gz[:, :half].contiguous(), r, w0, None, *conf)
+        dr2, dw1, _ = _conv_bwd(gz[:, half:].contiguous(), r[:, :, 1:, 1:], w1, None, *conf)
+        dr[:, :, 1:, 1:] += dr2
+        return dr, dw0, dw1
+    _, s, p, d = spec
+    n = r.shape[1]
+    t = F.conv2d(r, w0, None, s, p, d, n)
+    dt, dw1, _ = _conv_bwd(gz, t, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+    del t
+    dr, dw0, _ = _conv_bwd(dt, r, w0, None, [s, s], [p, p], [d, d], False, [0, 0], n, [True, True, False])
+    return dr, dw0, dw1
+
+
+class SharedReluConvs(torch.autograd.Function):
+    """``r = relu(u)`` once, then every chain of ``specs`` on ``r``: returns one ``z`` per chain.
+
+    ``u: (B, n, H, W)``; ``weights``, in chain order: ``dwpw``: depthwise ``(n, 1, k, k)``
+    and pointwise ``(n_out, n, 1, 1)``; ``fr``: two ``(n_out/2, n, 1, 1)``; ``conv``: one
+    ``(n_out, n, k, k)``. Saved: ``u`` and the weights only. Backward recomputes ``r`` once
+    and each depthwise output in turn.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], *weights: Tensor):
+        r = F.relu(u)
+        ws = [w.to(u.dtype) for w in weights]
+        zs, at = [], 0
+        for spec in specs:
+            zs.append(_chain_fwd(r, spec, *ws[at:at + _n_weights(spec)]))
+            at += _n_weights(spec)
+        ctx.save_for_backward(u, *weights)
+        ctx.specs = specs
+        return tuple(zs)
+
+    @staticmethod
+    def backward(ctx, *gzs: Tensor):
+        u, *weights = ctx.saved_tensors
+        ws = [w.to(u.dtype) for w in weights]
+        r = F.relu(u)
+        dr = None
+        grads: List[Optional[Tensor]] = []
+        at = 0
+        for spec, gz in zip(ctx.specs, gzs):
+            nw = _n_weights(spec)
+            if gz is None:
+                grads += [None] * nw
+            else:
+                d, dw0, dw1 = _chain_bwd(gz.contiguous().to(u.dtype), r, spec, *ws[at:at + nw])
+                dr = d if dr is None else dr + d
+                grads += [g.to(w.dtype) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
+            at += nw
+        du = None if dr is None else dr * (u > 0)
+        return (du, None, *grads)
+
+
+class BnReluDwPw(torch.autograd.Function):
+    """``z = pw(dw(relu(BN(u))))`` with an affine-free BN: the second half of a ``sep_conv``.
+
+    ``u: (B, n, H, W)`` (the first BN's input), ``w_dw: (n, 1, k, k)``, ``w_pw: (n_out, n, 1, 1)``
+    -> ``z: (B, n_out, H', W')``, ``mean, var: (n,)`` the statistics used (batch statistics in
+    training, ``run_mean, run_var`` in eval; not differentiable).
+
+    Saved: ``u``, the weights and the per-channel ``mean, rstd``. Backward recomputes
+    ``relu(BN(u))`` and the depthwise output, then the two convolution backwards and the
+    BN backward (with the batch statistics' terms in training).
+    """
+
+    @staticmethod
+    def forward(ctx, u, w_dw, w_pw, stride: int, padding: int, dilation: int, training: bool,
+                run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
+        acc = _acc_dtype(u)
+        if training:
+            var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
+        else:
+            mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
+        rstd = torch.rsqrt(var + eps)
+        h = F.relu(((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype))
+        z = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
+        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd)
+        ctx.conf = (stride, padding, dilation, training)
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, gz, _gm, _gv):
+        u, w_dw, w_pw, mean, rstd = ctx.saved_tensors
+        stride, padding, dilation, training = ctx.conf
+        uh = (u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)
+        h = F.relu(uh).to(u.dtype)
+        dh, dwd, dwp = _chain_bwd(gz.contiguous().to(u.dtype), h, ("dwpw", stride, padding, dilation),
+                                  w_dw.to(u.dtype), w_pw.to(u.dtype))
+        duh = dh.to(rstd.dtype) * (uh > 0)
+        if training:
+            duh = duh - duh.mean(dim=(0, 2, 3), keepdim=True) - uh * (duh * uh).mean(dim=(0, 2, 3), keepdim=True)
+        du = (duh * _stat(rstd)).to(u.dtype)
+        return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None
+
+
+def dwpw_spec(dw: nn.Conv2d) -> Spec:
+    return ("dwpw", dw.stride[0], dw.padding[0], dw.dilation[0])
+
+
+def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d) -> Tuple[Tensor, Tensor, Tensor]:
+    """:class:`BnReluDwPw` with settings read from the modules: batch statistics when ``bn``
+    is training (or tracks none), its running statistics otherwise. Returns ``(z, mean, var)``."""
+    training = bn.training or bn.running_mean is None
+    rm, rv = (None, None) if training else (bn.running_mean, bn.running_var)
+    return BnReluDwPw.apply(u, dw.weight, pw.weight, dw.stride[0], dw.padding[0], dw.dilation[0],
+                            training, rm, rv, bn.eps)
+
+
+def update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``BatchNorm2d`` does to its buffers in a training forward, for several BNs at
+    once: ``mean, var: (len(bns), n)`` the batch mean and biased variance over ``count``
+    values per channel. Device-side arithmetic only (no host synchronisation)."""
+    live = [(q, bn) for q, bn in enumerate(bns)
+            if bn.training and bn.track_running_stats and bn.running_mean is not None]
+    if not live:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        for q, bn in live:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:      # cumulative average, as BatchNorm2d
+                m = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+                bn.running_mean.add_((mean[q].to(bn.running_mean.dtype) - bn.running_mean) * m)
+                bn.running_var.add_((unbiased[q].to(bn.running_var.dtype) - bn.running_var) * m)
+            else:
+                bn.running_mean.lerp_(mean[q].to(bn.running_mean.dtype), bn.momentum)
+                bn.running_var.lerp_(unbiased[q].to(bn.running_var.dtype), bn.momentum)
+
+
+class BatchNormKeepOutput(torch.autograd.Function):
+    """Affine-free BatchNorm that keeps its *output* for backward instead of its input.
+
+    ``y = (u - mean) * rstd`` per channel, ``u: (B, n, H, W)``. The backward of an affine-free
+    BN needs only the normalised value, which is ``y`` itself::
+
+        du = rstd * (g - mean_c(g) - y * mean_c(g * y))      (training: batch statistics)
+        du = rstd * g                                         (eval: running statistics)
+
+    so when ``y`` is kept anyway (a cell state that the edges read) the BN costs nothing
+    extra. Returns ``(y, mean, var)``; ``mean, var: (n,)`` are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, u, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
+        acc = _acc_dtype(u)
+        if training:
+            var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
+        else:
+            mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
+        rstd = torch.rsqrt(var + eps)
+        y = ((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype)
+        ctx.save_for_backward(y, rstd)
+        ctx.training = training
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, g, _gm, _gv):
+        y, rstd = ctx.saved_tensors
+        g = g.to(rstd.dtype)
+        if ctx.training:
+            yf = y.to(rstd.dtype)
+            g = g - g.mean(dim=(0, 2, 3), keepdim=True) - yf * (g * yf).mean(dim=(0, 2, 3), keepdim=True)
+        return (g * _stat(rstd)).to(y.dtype), None, None, None, None
+
+
+def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d, update_stats: bool = True) -> Tensor:
+    """``bn(u)`` for an affine-free ``bn`` through :class:`BatchNormKeepOutput`, with the
+    running statistics updated as ``BatchNorm2d`` would."""
+    if bn.affine:
+        raise ValueError("batch_norm_keep_output: the BN must be affine-free (affine=False)")
+    training = bn.training or bn.running_mean is None
+    rm, rv = (None, None) if training else (bn.running_mean, bn.running_var)
+    y, mean, var = BatchNormKeepOutput.apply(u, training, rm, rv, bn.eps)
+    if training and update_stats:
+        update_running_stats([bn], mean[None], var[None], u.numel() // u.shape[1])
+    return y

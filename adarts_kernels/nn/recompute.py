@@ -1,0 +1,71 @@
+"""Edge-level recomputation (checkpointing) that memory accounting can see.
+
+``recompute_edge(edge, x, weights, edge_weight)`` runs the edge without building its
+graph and keeps only the edge's inputs (``x``, the node state, is shared with the other
+edges reading it); backward re-runs the edge with autograd and differentiates it.
+
+Unlike ``torch.utils.checkpoint``, the kept inputs go through ``ctx.save_for_backward``, so
+saved-tensor hooks (``adarts_kernels.profiling.saved_activation_bytes``) count them. The
+recomputation does not move BatchNorm running statistics a second time, and replays the
+forward's autocast state. The edge must be deterministic (the ADARTS edges are: the
+top-k selection is a stable sort).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+
+def _bn_buffers(edge: nn.Module) -> List[Tensor]:
+    return [b for m in edge.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+class _EdgeRecompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, edge: nn.Module, n_in: int, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor],
+                *params: Tensor):
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
+        with torch.no_grad():
+            out = edge(x, weights, edge_weight)
+        ctx.edge = edge
+        ctx.save_for_backward(x, weights, edge_weight, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weights, edge_weight, *params = ctx.saved_tensors
+        edge = ctx.edge
+        ins = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, weights, edge_weight)]
+        enabled, dtype, dev = ctx.autocast
+        snapshot = [b.clone() for b in _bn_buffers(edge)] if not hasattr(edge, "update_stats") else None
+        if snapshot is None:
+            edge.update_stats = False
+        try:
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                out = edge(*ins)
+            wrt = [t for t in (*ins, *params) if t is not None and t.requires_grad]
+            got = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
+            grads = [next(got) if (t is not None and t.requires_grad) else None for t in (*ins, *params)]
+        finally:   # after the gradients: BatchNorm's backward may read the buffers it saw
+            if snapshot is None:
+                edge.update_stats = True
+            else:
+                with torch.no_grad():
+                    for b, s in zip(_bn_buffers(edge), snapshot):
+                        b.copy_(s)
+        return (None, None, *grads)
+
+
+def recompute_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
+    """``edge(x, weights, edge_weight)`` keeping only ``x``, ``weights`` and ``edge_weight`` for
+    backward (plus the parameters, which exist anyway); the edge is re-run in backward.
+    Without grad mode it is a plain call."""
+    if not torch.is_grad_enabled():
+        return edge(x, weights, edge_weight)
+    params = [p for p in edge.parameters() if p.requires_grad]
+    return _EdgeRecompute.apply(edge, 3, x, weights, edge_weight, *params)

@@ -1,0 +1,118 @@
+"""The recomputing building blocks of the fused candidates and edge recomputation."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adarts_kernels.nn._units import (BatchNormKeepOutput, BnReluDwPw, SharedReluConvs, batch_norm_keep_output,
+                                      update_running_stats)
+from adarts_kernels.nn.edges import AttentionMixedOp
+from adarts_kernels.nn.recompute import recompute_edge
+from adarts_kernels.profiling import saved_activation_bytes
+
+D = torch.float64
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shared_relu_convs_gradcheck_and_matches_modules(stride):
+    n = 3
+    u = rnd(2, n, 6, 6, seed=1).requires_grad_()
+    specs = (("dwpw", stride, 1, 1), ("dwpw", stride, 4, 2), ("fr",), ("conv", 1, 0))
+    ws = [rnd(n, 1, 3, 3, seed=2), rnd(n, n, 1, 1, seed=3), rnd(n, 1, 5, 5, seed=4), rnd(n, n, 1, 1, seed=5),
+          rnd(2, n, 1, 1, seed=6), rnd(2, n, 1, 1, seed=7), rnd(5, n, 1, 1, seed=8)]
+    ws = [w.requires_grad_() for w in ws]
+    assert torch.autograd.gradcheck(lambda u, *w: SharedReluConvs.apply(u, specs, *w), (u, *ws))
+    outs = SharedReluConvs.apply(u, specs, *ws)
+    r = F.relu(u)
+    expect = [F.conv2d(F.conv2d(r, ws[0], None, stride, 1, 1, n), ws[1]),
+              F.conv2d(F.conv2d(r, ws[2], None, stride, 4, 2, n), ws[3]),
+              torch.cat([F.conv2d(r, ws[4], stride=2), F.conv2d(r[:, :, 1:, 1:], ws[5], stride=2)], 1),
+              F.conv2d(r, ws[6])]
+    for o, e in zip(outs, expect):
+        torch.testing.assert_close(o, e)
+
+
+def test_shared_relu_convs_keeps_only_its_input():
+    u0 = torch.randn(4, 4, 8, 8, requires_grad=True)
+    w = [torch.randn(4, 1, 3, 3, requires_grad=True), torch.randn(4, 4, 1, 1, requires_grad=True)]
+    specs = (("dwpw", 1, 1, 1),) * 4
+    nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u0 * 1.0, specs, *(w * 4)))
+    assert nbytes == u0.numel() * 4        # u once; no ReLU or depthwise outputs
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_relu_dw_pw_gradcheck_and_matches_modules(training):
+    n = 3
+    u = rnd(3, n, 5, 5, seed=1).mul(2).add(1).requires_grad_()
+    wd, wp = rnd(n, 1, 3, 3, seed=2).requires_grad_(), rnd(4, n, 1, 1, seed=3).requires_grad_()
+    rm, rv = rnd(n, seed=4), rnd(n, seed=5).abs() + 0.5
+    assert torch.autograd.gradcheck(
+        lambda u, a, b: BnReluDwPw.apply(u, a, b, 1, 2, 2, training, rm, rv, 1e-5)[0], (u, wd, wp))
+    bn = nn.BatchNorm2d(n, affine=False).double().train(training)
+    bn.running_mean.copy_(rm), bn.running_var.copy_(rv)
+    expect = F.conv2d(F.conv2d(F.relu(bn(u)), wd, None, 1, 2, 2, n), wp)
+    z, mean, var = BnReluDwPw.apply(u, wd, wp, 1, 2, 2, training, None if training else rm,
+                                    None if training else rv, 1e-5)
+    torch.testing.assert_close(z, expect)
+    if training:
+        torch.testing.assert_close(mean, u.detach().mean((0, 2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_keep_output(training):
+    u = rnd(3, 4, 5, 3, seed=9).mul(3).add(-1).requires_grad_()
+    rm, rv = rnd(4, seed=4), rnd(4, seed=5).abs() + 0.5
+    assert torch.autograd.gradcheck(lambda u: BatchNormKeepOutput.apply(u, training, rm, rv, 1e-5)[0], (u,))
+    bn, bn2 = (nn.BatchNorm2d(4, affine=False).double().train(training) for _ in range(2))
+    for b in (bn, bn2):
+        b.running_mean.copy_(rm), b.running_var.copy_(rv)
+    torch.testing.assert_close(batch_norm_keep_output(u, bn), bn2(u))
+    torch.testing.assert_close(bn.running_mean, bn2.running_mean)
+    torch.testing.assert_close(bn.running_var, bn2.running_var)
+    assert int(bn.num_batches_tracked) == int(bn2.num_batches_tracked)
+    with pytest.raises(ValueError, match="affine-free"):
+        batch_norm_keep_output(u, nn.BatchNorm2d(4).double())
+
+
+def test_update_running_stats_like_batchnorm_with_cumulative_momentum():
+    bns = [nn.BatchNorm2d(3, affine=False, momentum=None) for _ in range(2)]
+    refs = [nn.BatchNorm2d(3, affine=False, momentum=None) for _ in range(2)]
+    for step in range(3):
+        us = [torch.randn(4, 3, 5, 5) * (q + 1) + step for q in range(2)]
+        for r, u in zip(refs, us):
+            r(u)
+        var, mean = zip(*[torch.var_mean(u, dim=(0, 2, 3), unbiased=False) for u in us])
+        update_running_stats(bns, torch.stack(mean), torch.stack(var), 100)
+    for a, b in zip(bns, refs):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_recompute_edge_same_gradients_buffers_once_and_counts_inputs(stride):
+    torch.manual_seed(stride)
+    e1, e2 = AttentionMixedOp(8, stride, 4), AttentionMixedOp(8, stride, 4)
+    e2.load_state_dict(e1.state_dict())
+    x = torch.randn(3, 8, 6, 6)
+    alpha, beta = torch.randn(8), torch.randn(())
+    ins = [[t.clone().requires_grad_() for t in (x, alpha, beta)] for _ in range(2)]
+    o1 = e1(ins[0][0], F.softmax(ins[0][1], 0), torch.sigmoid(ins[0][2]))
+    o2 = recompute_edge(e2, ins[1][0], F.softmax(ins[1][1], 0), torch.sigmoid(ins[1][2]))
+    torch.testing.assert_close(o2, o1)
+    g = torch.randn(o1.shape)
+    o1.backward(g)
+    o2.backward(g)
+    for a, b in zip(ins[0], ins[1]):
+        torch.testing.assert_close(b.grad, a.grad)
+    for (n, p), (_, q) in zip(e1.named_parameters(), e2.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+    for (n, p), (_, q) in zip(e1.named_buffers(), e2.named_buffers()):
+        torch.testing.assert_close(q, p, msg=n)        # running statistics moved once, not twice
+    # only the inputs are kept: x (non-leaf here), the weights row and beta
+    xin = torch.randn(3, 8, 6, 6, requires_grad=True)
+    nbytes = saved_activation_bytes(lambda: recompute_edge(e2, xin * 1.0, F.softmax(alpha, 0), beta), module=e2)
+    assert nbytes == xin.numel() * 4 + 8 * 4 + 4
