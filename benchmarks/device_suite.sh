@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes): build the extension with CUDA kernels, run the GPU
-# tests (every backend against the reference, no host sync), run the op benchmarks.
-# Results land in $OUT (default benchmarks/results/device): suite.log, tests.log, bench_*_cuda.json/png
-# (8 files: what a device run can bring back).
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s): build the extension with CUDA kernels, run the GPU
+# tests (every backend against the reference, fused supernet, no host sync), run the op
+# benchmarks and the supernet comparison (peak memory, largest batch, step time).
+# Results land in $OUT (default benchmarks/results/device): suite.log, tests.log,
+# bench_*_cuda.json, supernet_cuda.json/png.
 #   OUT=/tmp/out bash benchmarks/device_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,20 +19,27 @@ log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 log "build (FORCE_CUDA=1, sm_90)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 start=$(date +%s)
-timeout 240 $PY setup.py build_ext --inplace > /tmp/adarts_build.log 2>&1
+timeout 150 $PY setup.py build_ext --inplace > /tmp/adarts_build.log 2>&1
 rc=$?
 log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.log | tee -a "$OUT/suite.log"
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
 log "tests (GPU-marked + ops on every backend)"
-timeout 180 $PY -m pytest -q -x -ra tests/test_cuda_kernels.py tests/test_ops.py tests/test_cpp_kernels.py \
-  > "$OUT/tests.log" 2>&1
+timeout 90 $PY -m pytest -q -ra tests/test_cuda_kernels.py tests/test_gpu_supernet.py tests/test_ops.py \
+  tests/test_mixed_sum.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
 
-for op in attention_score attention_gather attention_writeback; do
+for op in attention_score attention_gather attention_writeback mixed_sum; do
   log "bench $op"
-  timeout 60 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
+  timeout 25 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
   log "bench $op rc=$?"; tail -14 "$OUT/bench_$op.log" | tee -a "$OUT/suite.log"
 done
-rm -f "$OUT"/bench_*.log
+rm -f "$OUT"/bench_*.log "$OUT"/bench_*.png
+
+log "supernet side by side (batch 64 and 256, largest batch)"
+timeout 140 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
+  --max-batch-variants pcdarts adarts-fused adarts-fused-recompute --out "$OUT" \
+  > "$OUT/supernet.log" 2>&1
+log "supernet rc=$?"; tail -12 "$OUT/supernet.log" | tee -a "$OUT/suite.log"
+rm -f "$OUT/supernet.log"
 log "done"

@@ -621,3 +621,66 @@ def test_cli_tiny_search_then_retrain(search_cli, retrain_cli, tmp_path, monkeyp
         result = json.load(f)
     assert result["genotype"] == G.to_dict(geno) and 0 <= result["test_acc"] <= 100
     assert not (tmp_path / "runs").exists()  # --out was honoured
+
+
+# ----------------------------------------------------------------------------- kernels, recompute, batch
+
+def test_search_fused_and_recompute_follow_the_reference(search_runs):
+    """The fused kernels and edge recomputation compute the same function: one epoch of
+    search gives the same losses and architecture (up to float32 rounding)."""
+    runs = {kr: search_runs(edge="adarts", kernels=kr[0], recompute=kr[1])
+            for kr in (("reference", "none"), ("fused", "none"), ("fused", "edge"))}
+    recs = {kr: read_jsonl(out / "log.jsonl")[-1] for kr, out in runs.items()}
+    base = recs[("reference", "none")]
+    for kr, rec in recs.items():
+        assert abs(rec["train_loss"] - base["train_loss"]) < 1e-3, kr
+        assert abs(rec["valid_loss"] - base["valid_loss"]) < 1e-3, kr
+        for key in ("alpha_normal", "beta_normal"):
+            assert torch.allclose(torch.tensor(rec[key]), torch.tensor(base[key]), atol=1e-5), (kr, key)
+
+
+def test_search_config_kernel_choices():
+    assert SearchConfig(edge="adarts").resolved().kernels == "fused"
+    assert SearchConfig(edge="pcdarts").resolved().kernels == "reference"
+    with pytest.raises(ValueError, match="adarts edge only"):
+        SearchConfig(edge="pcdarts", kernels="fused").resolved()
+    with pytest.raises(ValueError, match="unknown recompute"):
+        SearchConfig(recompute="all").resolved()
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        SearchConfig(batch_size="big").resolved()
+    cfg = SearchConfig(batch_size="auto").resolved()
+    assert cfg.batch_size == "auto" and cfg.lr is None      # scaled once the probe has run
+
+
+def test_batch_size_auto_needs_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        run_search(search_cfg(tmp_path / "run", batch_size="auto"))
+
+
+def test_search_driver_flags(tmp_path):
+    search = load_driver("search")
+    with pytest.raises(SystemExit):
+        search.main(["--batch-size", "0"])
+    out = tmp_path / "drv"
+    rc = search.main(["--limit", "32", "--C", "4", "--layers", "3", "--batch-size", "16", "--epochs", "1",
+                      "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--kernels", "fused",
+                      "--recompute", "edge", "--channels-last", "--out", str(out)])
+    assert rc == 0
+    assert (out / "genotype.json").exists()
+    ck = load_checkpoint(str(out / "checkpoint.pt"))
+    assert ck["config"]["kernels"] == "fused" and ck["config"]["recompute"] == "edge"
+
+
+def test_search_step_returns_device_tensors():
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, edge="adarts", kernels="fused")
+    arch = Architect(net)
+    w = list(net.weight_parameters())
+    opt = torch.optim.SGD(w, lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    alpha0, stem0 = net.alphas_normal.detach().clone(), net.stem[0].weight.detach().clone()
+    loss, logits, vloss = train_mod.search_step(net, arch, opt, w, x, y, x, y, 0.1, 5.0)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+    assert logits.shape == (4, 10) and vloss is not None and vloss.dim() == 0
+    assert not torch.equal(net.alphas_normal, alpha0)      # the architecture step ran
+    assert not torch.equal(net.stem[0].weight, stem0)      # and the weight step

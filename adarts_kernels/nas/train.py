@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -63,9 +63,13 @@ class SearchConfig:
     preset: Optional[str] = None
     edge: str = "adarts"
     k: int = 4
+    kernels: str = "auto"       # "auto" (fused for the adarts edge), "fused" or "reference"
+    recompute: str = "none"     # "none" or "edge" (keep only edge inputs; re-run edges in backward)
+    amp: bool = False           # bfloat16 autocast (float32 by default)
+    channels_last: bool = False
     C: Optional[int] = None
     layers: Optional[int] = None
-    batch_size: Optional[int] = None
+    batch_size: Optional[Union[int, str]] = None   # an int, or "auto" (largest that fits the GPU)
     lr: Optional[float] = None
     lr_min: float = 0.0
     momentum: float = 0.9
@@ -89,7 +93,18 @@ class SearchConfig:
         name = self.preset or ("digits" if self.dataset == "digits" else "adarts")
         if name not in SEARCH_PRESETS:
             raise ValueError(f"unknown search preset {name!r}; expected one of {sorted(SEARCH_PRESETS)}")
-        return _apply_preset(dataclasses.replace(self, preset=name), SEARCH_PRESETS[name])
+        c = dataclasses.replace(self, preset=name)
+        if c.kernels == "auto":
+            c.kernels = "fused" if c.edge == "adarts" else "reference"
+        if c.kernels not in ("fused", "reference"):
+            raise ValueError(f"unknown kernels {c.kernels!r}; expected auto, fused or reference")
+        if c.kernels == "fused" and c.edge != "adarts":
+            raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={c.edge!r}")
+        if c.recompute not in ("none", "edge"):
+            raise ValueError(f"unknown recompute {c.recompute!r}; expected none or edge")
+        if c.batch_size == "auto":
+            return _apply_preset(c, SEARCH_PRESETS[name], scale_lr=False)
+        return _apply_preset(c, SEARCH_PRESETS[name])
 
 
 @dataclass
@@ -128,13 +143,16 @@ class RetrainConfig:
         return _apply_preset(dataclasses.replace(self, preset=name), RETRAIN_PRESETS[name])
 
 
-def _apply_preset(c, preset: dict):
+def _apply_preset(c, preset: dict, scale_lr: bool = True):
     """Fill ``c``'s unset fields from ``preset``; an unset lr follows the linear scaling rule
-    (SPEC section 4): the preset's lr times batch size over the preset's batch size."""
+    (SPEC section 4): the preset's lr times batch size over the preset's batch size.
+    ``scale_lr=False`` (batch size ``"auto"``, not known yet) leaves both for later."""
     for key, value in preset.items():
         if key != "lr" and getattr(c, key) is None:
             setattr(c, key, value)
-    if c.lr is None:
+    if isinstance(c.batch_size, str) and c.batch_size != "auto":
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {c.batch_size!r}")
+    if scale_lr and c.lr is None:
         c.lr = preset["lr"] * c.batch_size / preset["batch_size"]
     _check_common(c)
     return c
@@ -144,11 +162,13 @@ def _check_common(c) -> None:
     if c.dataset not in ("digits", "cifar10", "cifar100"):
         raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10 or cifar100")
     for key in ("batch_size", "epochs", "C", "layers"):
+        if key == "batch_size" and c.batch_size == "auto":
+            continue
         if getattr(c, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(c, key)}")
     if c.limit is not None and c.limit < 1:
         raise ValueError(f"limit must be at least 1, got {c.limit}")
-    if c.lr <= 0:
+    if c.lr is not None and c.lr <= 0:
         raise ValueError(f"lr must be positive, got {c.lr}")
 
 
@@ -278,6 +298,78 @@ def arch_summary(model: SearchNetwork) -> dict:
 EpochHook = Callable[[int, dict], None]
 
 
+def _search_model(cfg: "SearchConfig", num_classes: int, device: torch.device) -> SearchNetwork:
+    model = SearchNetwork(cfg.C, num_classes, cfg.layers, edge=cfg.edge, k=cfg.k, kernels=cfg.kernels,
+                          recompute=cfg.recompute).to(device)
+    if cfg.amp:
+        model.autocast_dtype = torch.bfloat16
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def search_step(model: SearchNetwork, architect: Architect, w_opt: torch.optim.Optimizer, weights: List[torch.Tensor],
+                x: torch.Tensor, y: torch.Tensor, xv: Optional[torch.Tensor], yv: Optional[torch.Tensor],
+                lr: float, grad_clip: float, channels_last: bool = False):
+    """One search step (SPEC section 4): an architecture step on ``(xv, yv)`` when given,
+    then a weight step on ``(x, y)`` with gradient-norm clipping.
+
+    Returns ``(loss, logits, arch_loss)`` as device tensors (``arch_loss`` is ``None``
+    without an architecture step). Nothing here reads device values on the host: with the
+    fused kernels the step makes no host synchronisation.
+    """
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        xv = None if xv is None else xv.contiguous(memory_format=torch.channels_last)
+    vloss = None
+    if xv is not None:
+        vloss = architect.step(x, y, xv, yv, eta=lr, weight_optimizer=w_opt)
+    w_opt.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    nn.utils.clip_grad_norm_(weights, grad_clip, foreach=True)
+    w_opt.step()
+    return loss.detach(), logits.detach(), vloss
+
+
+def _auto_batch(cfg: "SearchConfig", model: SearchNetwork, device: torch.device, num_classes: int,
+                size: int) -> dict:
+    """Find the largest search batch that fits ``device`` with real steps on a copy of the
+    model (both optimizers, the architecture step included), keep a 10% margin, and scale
+    the weight lr linearly from the preset. Sets ``cfg.batch_size`` and ``cfg.lr``."""
+    import copy
+    from ..profiling.max_batch import find_max_batch, safe_batch
+    if device.type != "cuda":
+        raise ValueError(f"--batch-size auto probes GPU memory; it needs a CUDA device, got {device}")
+
+    def try_batch(b: int) -> None:
+        probe = copy.deepcopy(model)
+        w = list(probe.weight_parameters())
+        opt = torch.optim.SGD(w, lr=0.0, momentum=cfg.momentum)
+        arch = Architect(probe, 0.0, cfg.arch_betas, 0.0, unrolled=cfg.unrolled)
+        x = torch.randn(b, 3, size, size, device=device)
+        t = torch.randint(0, num_classes, (b,), device=device)
+        try:
+            for _ in range(2):       # the second step has the optimizer states allocated
+                search_step(probe, arch, opt, w, x, t, x, t, 0.0, cfg.grad_clip, cfg.channels_last)
+            torch.cuda.synchronize(device)
+        finally:
+            del probe, opt, arch, x, t, w
+
+    torch.cuda.reset_peak_memory_stats(device)
+    best, tried = find_max_batch(try_batch, start=16, limit=1 << 14)
+    chosen = safe_batch(best, 0.9)
+    preset = SEARCH_PRESETS[cfg.preset]
+    user_lr = cfg.lr is not None
+    if not user_lr:
+        cfg.lr = preset["lr"] * chosen / preset["batch_size"]
+    cfg.batch_size = chosen
+    return {"max_fit": best, "batch_size": chosen, "margin": 0.9, "lr": cfg.lr,
+            "lr_rule": "given" if user_lr else f"{preset['lr']} x {chosen}/{preset['batch_size']}",
+            "tried": tried, "device": torch.cuda.get_device_name(device)}
+
+
 def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> dict:
     """Run (or resume) an architecture search; returns the final record.
 
@@ -295,14 +387,22 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
     else:                            # CIFAR: first half weights, last half architecture
         w_set, a_set = search_split(data["train"])
     pad = 4 if w_set.images.shape[-1] >= 32 else 2
+
+    torch.manual_seed(cfg.seed)
+    model = _search_model(cfg, w_set.num_classes, device)
+    auto = None
+    if cfg.batch_size == "auto":
+        if ckpt is not None:         # resume: the batch the run was started with
+            cfg.batch_size, cfg.lr = ckpt["config"]["batch_size"], ckpt["config"]["lr"]
+        else:
+            auto = _auto_batch(cfg, model, device, w_set.num_classes, w_set.images.shape[-1])
+            atomic_write_text(os.path.join(cfg.out, "auto_batch.json"), json.dumps(auto, indent=1))
     train_loader = BatchLoader(w_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
                                seed=cfg.seed, device=device)
     arch_loader = BatchLoader(a_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
                               seed=cfg.seed + 1, device=device)
     eval_loader = BatchLoader(a_set, cfg.batch_size, shuffle=False, augment=False, device=device)
 
-    torch.manual_seed(cfg.seed)
-    model = SearchNetwork(cfg.C, w_set.num_classes, cfg.layers, edge=cfg.edge, k=cfg.k).to(device)
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.lr_min)
@@ -315,9 +415,12 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
 
     n_weights = sum(p.numel() for p in model.weight_parameters())
     print(f"search: {cfg.edge} supernet C={cfg.C} layers={cfg.layers} k={cfg.k}, {n_weights:,} weights; "
-          f"{cfg.dataset} {len(w_set)}+{len(a_set)} images, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+          f"{cfg.dataset} {len(w_set)}+{len(a_set)} images, batch {cfg.batch_size}"
+          f"{' (auto: largest fit ' + str(auto['max_fit']) + ')' if auto else ''}, lr {cfg.lr:g}, "
           f"{cfg.epochs} epochs ({cfg.warmup_epochs} warm-up), "
-          f"{'second' if cfg.unrolled else 'first'} order, {device}", file=sys.stderr)
+          f"{'second' if cfg.unrolled else 'first'} order, kernels {cfg.kernels}, recompute {cfg.recompute}"
+          f"{', bf16 autocast' if cfg.amp else ''}{', channels_last' if cfg.channels_last else ''}, {device}",
+          file=sys.stderr)
 
     weights = list(model.weight_parameters())
     for epoch in range(start_epoch, cfg.epochs):
@@ -331,6 +434,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
         bar = progress(train_loader, total=len(train_loader), desc=f"search {epoch + 1}/{cfg.epochs}",
                        enable=cfg.progress)
         for step, (x, y) in enumerate(bar):
+            xv = yv = None
             if epoch >= cfg.warmup_epochs:
                 try:
                     xv, yv = next(arch_iter)
@@ -339,18 +443,14 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
                     arch_loader.set_epoch(epoch * 1009 + arch_pass)
                     arch_iter = iter(arch_loader)
                     xv, yv = next(arch_iter)
-                vloss = architect.step(x, y, xv, yv, eta=lr, weight_optimizer=w_opt)
+            loss, logits, vloss = search_step(model, architect, w_opt, weights, x, y, xv, yv, lr, cfg.grad_clip,
+                                              channels_last=cfg.channels_last)
+            if vloss is not None:
                 arch_meter.loss += vloss.double() * yv.shape[0]
                 arch_meter.n += yv.shape[0]
-            w_opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
-            w_opt.step()
             meter.update(loss, logits, y)
-            if step % 10 == 0:
-                set_postfix(bar, loss=f"{float(loss.detach()):.3f}")
+            if cfg.progress and step % 10 == 0:    # the loop's only host read, outside the step
+                set_postfix(bar, loss=f"{float(loss):.3f}")
         sched.step()
         train_loss, train_acc = meter.read()
         valid_loss, valid_acc = evaluate(model, eval_loader)
@@ -358,7 +458,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
         rec = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
             "arch_loss": (float(arch_meter.loss) / arch_meter.n) if arch_meter.n else None,
-            "valid_loss": valid_loss, "valid_acc": valid_acc,
+            "valid_loss": valid_loss, "valid_acc": valid_acc, "batch_size": cfg.batch_size,
             "genotype": G.to_dict(geno), "normal_skip_connect": G.count_skips(geno.normal),
             **arch_summary(model), "seconds": time.time() - t0,
         }
@@ -450,8 +550,8 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             meter.update(loss, logits, y)
-            if step % 10 == 0:
-                set_postfix(bar, loss=f"{float(loss.detach()):.3f}")
+            if cfg.progress and step % 10 == 0:    # the loop's only host read, outside the step
+                set_postfix(bar, loss=f"{float(loss):.3f}")
         sched.step()
         train_loss, train_acc = meter.read()
         valid_loss, valid_acc = evaluate(model, monitor_loader)

@@ -1,0 +1,51 @@
+"""``python -m adarts_kernels.profiling``: the supernet memory report.
+
+Prints, for a supernet configuration, the bytes saved for backward per sample by DARTS,
+PC-DARTS, the ADARTS reference, ADARTS fused and fused + edge recomputation, the largest
+batch each could fit in ``--gib`` GiB, and writes a plot of memory against batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .report import VARIANTS, format_report, memory_report, plot_memory, rss_crosscheck
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adarts_kernels.profiling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--C", type=int, default=16, help="initial channels (default 16)")
+    p.add_argument("--layers", type=int, default=8, help="cells (default 8)")
+    p.add_argument("--k", type=int, default=4, help="1/k of the channels through the candidates")
+    p.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    p.add_argument("--batch", type=int, default=4, help="batch of the measuring forward (default 4)")
+    p.add_argument("--gib", type=float, default=11.0, help="memory budget for the largest-batch column")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--plot", default="memory_vs_batch.png", help="PNG path ('' for none)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--rss-check", type=int, default=0, metavar="BATCH",
+                   help="also compare with RSS growth at this batch (fused variants; Linux)")
+    a = p.parse_args(argv)
+    if a.C % a.k or a.size % 4:
+        print(f"error: C must be divisible by k and size by 4, got C={a.C}, k={a.k}, size={a.size}", file=sys.stderr)
+        return 2
+    rows = memory_report(a.variants, a.C, a.layers, a.k, a.size, a.batch, a.gib)
+    print(format_report(rows, a.gib, f"Supernet C={a.C}, {a.layers} cells, {a.size}x{a.size}, k={a.k}, float32 "
+                                     f"(MB = 1e6 bytes; largest batch estimated from saved bytes + model state)"))
+    if a.rss_check:
+        for v in [v for v in a.variants if v.startswith("adarts-fused")]:
+            r = rss_crosscheck(v, a.rss_check, a.C, a.layers, a.k, a.size)
+            print(f"{v}: saved_activation_bytes {r['saved_bytes'] / 1e6:.1f} MB, RSS growth "
+                  f"{r['rss_growth'] / 1e6:.1f} MB at batch {a.rss_check} (ratio {r['ratio']:.3f})")
+    if a.plot:
+        print(f"plot: {plot_memory(rows, a.gib, a.plot)}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

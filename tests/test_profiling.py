@@ -1,0 +1,89 @@
+"""Memory report, largest-batch probe and the RSS cross-check of the saved-bytes count."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adarts_kernels.profiling import find_max_batch, is_oom, safe_batch
+from adarts_kernels.profiling.report import format_report, max_batch_estimate, memory_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_device(capacity: int):
+    """A try_batch that 'runs out of memory' above ``capacity``, like CUDA would."""
+    seen = []
+
+    def try_batch(b):
+        seen.append(b)
+        if b > capacity:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return try_batch, seen
+
+
+@pytest.mark.parametrize("capacity", [16, 23, 100, 777, 5000])
+def test_find_max_batch_finds_the_capacity(capacity):
+    try_batch, seen = fake_device(capacity)
+    best, tried = find_max_batch(try_batch, start=16, limit=4096, granularity=8)
+    assert best <= capacity and (best == 4096 or capacity - best < 8 or best == capacity), (best, tried)
+    assert [b for b, _ in tried] == seen
+    assert all(ok == (b <= capacity) for b, ok in tried)
+
+
+def test_find_max_batch_other_errors_propagate_and_start_must_fit():
+    def broken(b):
+        raise ValueError("shape mismatch")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        find_max_batch(broken)
+    with pytest.raises(RuntimeError, match="even batch 16 does not fit"):
+        find_max_batch(fake_device(8)[0], start=16)
+    assert is_oom(RuntimeError("CUDA out of memory")) and not is_oom(RuntimeError("other"))
+
+
+def test_safe_batch_margin():
+    assert safe_batch(1000) == 896
+    assert safe_batch(20) == 16
+    assert safe_batch(5) == 5
+
+
+def test_memory_report_orders_variants():
+    rows = memory_report(C=8, layers=3, size=16, batch=2, gib=1.0)
+    by = {r["variant"]: r for r in rows}
+    assert by["pcdarts"]["vs_pcdarts"] == 1.0
+    assert by["adarts-fused-recompute"]["mb_per_sample"] < by["adarts-fused"]["mb_per_sample"] \
+        < by["pcdarts"]["mb_per_sample"] < by["darts"]["mb_per_sample"]
+    assert by["adarts-fused"]["max_batch"] > 2 * by["pcdarts"]["max_batch"]
+    assert max_batch_estimate(1e6, 10**6, 11e6) == 10
+    text = format_report(rows, 1.0, "t")
+    assert "adarts-fused-recompute" in text and "| darts |" in text
+
+
+def test_cli_writes_table_plot_and_json(tmp_path):
+    from adarts_kernels.profiling.__main__ import main
+    png, js = tmp_path / "m.png", tmp_path / "m.json"
+    assert main(["--C", "8", "--layers", "3", "--size", "16", "--batch", "2", "--plot", str(png),
+                 "--json", str(js), "--variants", "pcdarts", "adarts-fused"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(js.read_text())
+    assert [r["variant"] for r in rows] == ["pcdarts", "adarts-fused"]
+    assert main(["--C", "10", "--k", "4"]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_saved_bytes_agree_with_rss_growth():
+    """Honest accounting: what saved_activation_bytes counts is what stays resident after
+    the forward (fresh process, malloc returning large blocks to the system), within 10%."""
+    code = ("import json; from adarts_kernels.profiling.report import rss_crosscheck as r; "
+            "print(json.dumps([r(v, batch=32, C=8, layers=5, size=32) for v in "
+            "('adarts-fused', 'adarts-fused-recompute')]))")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    for row in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert row["saved_bytes"] > 10e6, row
+        assert 0.9 <= row["ratio"] <= 1.1, row
