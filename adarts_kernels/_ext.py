@@ -21,6 +21,7 @@ OP_NAMES = (
     "attention_score_fwd", "attention_score_bwd",
     "attention_gather_fwd", "attention_gather_bwd",
     "attention_writeback_fwd", "attention_writeback_bwd",
+    "mixed_sum_fwd", "mixed_sum_bwd",
 )
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")

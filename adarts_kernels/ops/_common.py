@@ -54,17 +54,40 @@ def check_idx_values(op: str, idx: torch.Tensor, C: int) -> None:
 
 
 def contiguous(*ts):
-    return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in ts]
+    """Each tensor argument made contiguous, and each tensor inside a list argument (the
+    compiled ops take ``Tensor[]`` as lists of contiguous tensors); anything else unchanged."""
+    def one(t):
+        if isinstance(t, torch.Tensor):
+            return t.contiguous()
+        if isinstance(t, (list, tuple)) and t and all(isinstance(u, torch.Tensor) for u in t):
+            return [u.contiguous() for u in t]
+        return t
+    return [one(t) for t in ts]
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device.type
+    return "cpu"
 
 
 def run(name: str, impl: str, *args):
-    """Call function ``name`` (e.g. ``"attention_gather_fwd"``) of backend ``impl``."""
-    if impl == "reference":
-        return getattr(R, name)(*args)
-    args = contiguous(*args)
-    if impl in ("cpp", "cuda"):
-        return getattr(torch.ops.adarts_C, name)(*args)
-    if impl == "triton":
-        from .. import triton as tr
-        return getattr(tr, name)(*args)
+    """Call function ``name`` (e.g. ``"attention_gather_fwd"``) of backend ``impl``.
+
+    Autocast is switched off inside: the ops take one dtype and accumulate in float32
+    themselves; an autocast re-cast of their internal matrix products (the C++ kernels'
+    ``at::mm``, the reference's ``@``) would break both.
+    """
+    with torch.autocast(_device_type(args), enabled=False):
+        if impl == "reference":
+            return getattr(R, name)(*args)
+        args = contiguous(*args)
+        if impl in ("cpp", "cuda"):
+            return getattr(torch.ops.adarts_C, name)(*args)
+        if impl == "triton":
+            from .. import triton as tr
+            return getattr(tr, name)(*args)
     raise ValueError(f"unknown backend {impl!r}")

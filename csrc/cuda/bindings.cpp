@@ -22,11 +22,14 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../validate.h"
+#include "../validate_mixed_sum.h"
 #include "kernels.h"
 
 namespace adarts {
@@ -221,6 +224,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_writeback_b
   return {dx, da, dy, dbeta};
 }
 
+// ---------------------------------------------------------------------------- 4. mixed sum
+constexpr const char* kMixed = "mixed_sum";
+
+MixedSumDims check_mixed(at::TensorList z, const at::Tensor& x, const at::Tensor& w, int64_t stride, double eps) {
+  const MixedSumDims d = validate_mixed_sum(kMixed, z, x, w, stride, kCUDA);
+  validate_mixed_sum_eps(kMixed, eps);
+  ADARTS_CHECK(d.H * d.W <= cuda::kMaxPlane, kMixed, "the CUDA kernels take planes H*W below 2^31, got x of sizes ",
+               x.sizes());
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cuda(at::TensorList z, const at::Tensor& x,
+                                                                  const at::Tensor& w, int64_t stride, double eps,
+                                                                  const std::optional<at::Tensor>& run_mean,
+                                                                  const std::optional<at::Tensor>& run_var) {
+  const MixedSumDims d = check_mixed(z, x, w, stride, eps);
+  validate_mixed_sum_running(kMixed, run_mean, run_var, x, d, kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DType dt = dtype_of(kMixed, x);
+  const bool training = !run_mean.has_value();
+
+  const auto sopt = x.options().dtype(mixed_sum_stats_dtype(x));
+  at::Tensor y = at::empty({d.B, d.n, d.Ho, d.Wo}, x.options());
+  at::Tensor mean = at::empty({d.Q, d.n}, sopt), var = at::empty({d.Q, d.n}, sopt);
+  if (!training) {  // copies in the statistics dtype, enqueued on the current stream
+    mean.copy_(*run_mean);
+    var.copy_(*run_var);
+  }
+  std::array<const void*, cuda::kMixedSumMaxZ> zp{};
+  for (size_t i = 0; i < z.size(); ++i) zp[i] = z[i].const_data_ptr();
+  at::Tensor ws = workspace(x, cuda::mixed_sum_fwd_workspace_bytes(dt, d.B, d.n, static_cast<int>(stride)));
+  const int err = cuda::mixed_sum_fwd(dt, zp.data(), x.const_data_ptr(), w.const_data_ptr(), d.B, d.n, d.H, d.W,
+                                      static_cast<int>(stride), eps, training ? 1 : 0, mean.mutable_data_ptr(),
+                                      var.mutable_data_ptr(), y.mutable_data_ptr(), ws.mutable_data_ptr(),
+                                      current_stream());
+  check_launch(kMixed, "mixed_sum_fwd", err);
+  return {y, mean, var};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cuda(
+    const at::Tensor& grad, at::TensorList z, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, double eps, bool training) {
+  const MixedSumDims d = check_mixed(z, x, w, stride, eps);
+  validate_mixed_sum_bwd(kMixed, grad, mean, var, x, d, kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DType dt = dtype_of(kMixed, x);
+
+  std::vector<at::Tensor> dz;
+  dz.reserve(z.size());
+  std::array<const void*, cuda::kMixedSumMaxZ> zp{};
+  std::array<void*, cuda::kMixedSumMaxZ> dzp{};
+  for (size_t i = 0; i < z.size(); ++i) {
+    dz.push_back(at::empty(z[i].sizes(), z[i].options()));
+    zp[i] = z[i].const_data_ptr();
+    dzp[i] = dz.back().mutable_data_ptr();
+  }
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dw = at::empty(w.sizes(), w.options());
+  at::Tensor ws = workspace(x, cuda::mixed_sum_bwd_workspace_bytes(dt, d.B, d.n, d.H, d.W, static_cast<int>(stride)));
+  const int err = cuda::mixed_sum_bwd(dt, grad.const_data_ptr(), zp.data(), x.const_data_ptr(), w.const_data_ptr(),
+                                      mean.const_data_ptr(), var.const_data_ptr(), d.B, d.n, d.H, d.W,
+                                      static_cast<int>(stride), eps, training ? 1 : 0, dzp.data(),
+                                      dx.mutable_data_ptr(), dw.mutable_data_ptr(), ws.mutable_data_ptr(),
+                                      current_stream());
+  check_launch(kMixed, "mixed_sum_bwd", err);
+  return {dz, dx, dw};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adarts_C, CUDA, m) {
@@ -230,6 +301,8 @@ TORCH_LIBRARY_IMPL(adarts_C, CUDA, m) {
   m.impl("attention_gather_bwd", &attention_gather_bwd_cuda);
   m.impl("attention_writeback_fwd", &attention_writeback_fwd_cuda);
   m.impl("attention_writeback_bwd", &attention_writeback_bwd_cuda);
+  m.impl("mixed_sum_fwd", &mixed_sum_fwd_cuda);
+  m.impl("mixed_sum_bwd", &mixed_sum_bwd_cuda);
 }
 
 }  // namespace adarts

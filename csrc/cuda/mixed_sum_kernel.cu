@@ -1,0 +1,549 @@
+// CUDA kernels of adarts_C::mixed_sum_fwd / mixed_sum_bwd.
+//
+// Specification: adarts_kernels/ops/reference.py (mixed_sum_weight_index, mixed_sum_pools,
+// mixed_sum_fwd, mixed_sum_bwd); the same formulas as the CPU kernel
+// (csrc/cpu/mixed_sum_kernel.cpp). x (B, n, H, W); z: P planes-stacks (B, n, Ho, Wo), Ho = H/s,
+// Wo = W/s; Q = P + 2; u_0 = maxpool3x3(x), u_1 = avgpool3x3(x) (padding 1, mean over the
+// in-bounds cells), u_{2+i} = z[i]; o = (1, 2, 4, 5, 6, 7) at s = 1, (1, ..., 7) at s = 2:
+//
+//   forward   r_q = 1 / sqrt(var_q + eps),  uh_q = (u_q - mean_q) * r_q,
+//             y = sum_q w[o_q] * uh_q (+ w[3] * x at s = 1)
+//   backward  dw[o_q] = sum(g * uh_q), dw[3] = sum(g * x) at s = 1, dw[0] = 0
+//             du_q = w[o_q] r_q (g - mean_c(g) - uh_q mean_c(g uh_q))  (training; eval: w[o_q] r_q g)
+//             dz[i] = du_{2+i},  dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] g at s = 1)
+//
+// Pipeline (all on `stream`, no host synchronisation, no atomics: bitwise deterministic):
+//   forward   [training] stats_kernel: one group (warp or block) per (b, c) plane, per q the
+//                        plane sum and the squared deviations about the plane mean;
+//                        stats_combine_kernel: one thread per (q, c), planes added in b order,
+//                        M2 = sum_b [M2_b + HWo (mean_b - mean)^2], var = M2 / N;
+//             rstd_kernel: r = 1 / sqrt(var + eps);
+//             fwd_y_kernel: one thread per output element (pools recomputed from x).
+//   backward  rstd_kernel; bwd_partial_kernel: one group per plane, the Q + 2 plane sums
+//             [g, g uh_0 .. g uh_{Q-1}, g x]; [training] bwd_combine_kernel: channel means;
+//             dw_kernel: one block per entry of dw, planes added in a fixed order;
+//             bwd_du_kernel: one thread per output: dz, and du_0, du_1 / count and the
+//             window position of the maximum into the workspace;
+//             bwd_dx_kernel: one thread per input element gathering the outputs whose window
+//             holds it, in row-major output order (the order of the reference's scatter).
+// The max pool keeps the first maximum of each window in row-major order, a NaN counting as
+// the maximum (the window's last NaN), as F.max_pool2d. Accumulation in float (double for
+// double); the statistics are in that accumulation type.
+#include "common.cuh"
+
+#include <climits>
+#include <cstdint>
+
+namespace adarts {
+namespace cuda {
+namespace {
+
+// (the element-type helpers, sums, plane mapping and launch helpers are in common.cuh)
+
+constexpr int kMaxZ = kMixedSumMaxZ;
+constexpr int kMaxQ = kMaxZ + 2;
+
+__device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
+
+template <typename T> struct ZIn { const T* p[kMaxZ]; };
+template <typename T> struct ZOut { T* p[kMaxZ]; };
+
+// Sizes shared by the kernels; in-plane indices fit in int (H * W < 2^31, checked).
+struct Geom {
+  int64_t B, n, planes;  // planes = B * n
+  int H, W, Ho, Wo;
+  int64_t HWo;           // Ho * Wo
+  int stride, P, Q;
+};
+
+// Column of w weighting u_q: (1, 2, 4, 5, 6, 7) at stride 1, (1, ..., 7) at stride 2.
+__device__ __forceinline__ int weight_index(int stride, int q) { return stride == 1 && q >= 2 ? q + 2 : q + 1; }
+
+// Max-pool update: v replaces the maximum m when v > m or v is NaN (row-major visiting:
+// the first maximum, or the last NaN).
+template <typename A> __device__ __forceinline__ bool takes(A v, A m) { return v > m || v != v; }
+
+// Both pools at output (oi, oj) of the plane xp (H x W): mx (and arg, its flat index in the
+// plane), av = sum / cells over the window's in-bounds cells, visited in row-major order.
+template <typename T, typename A>
+__device__ __forceinline__ void pool_at(const T* __restrict__ xp, const Geom& g, int oi, int oj, A& mx, A& av,
+                                        int& arg, int& cells) {
+  const int r0 = max(g.stride * oi - 1, 0), r1 = min(g.stride * oi + 2, g.H);
+  const int c0 = max(g.stride * oj - 1, 0), c1 = min(g.stride * oj + 2, g.W);
+  A best = A(-INFINITY), sum = A(0);
+  int where = r0 * g.W + c0;
+  for (int r = r0; r < r1; ++r) {
+    for (int c = c0; c < c1; ++c) {
+      const A v = to_acc(xp[r * g.W + c]);
+      sum += v;
+      if (takes(v, best)) {
+        best = v;
+        where = r * g.W + c;
+      }
+    }
+  }
+  cells = (r1 - r0) * (c1 - c0);
+  mx = best;
+  av = sum / A(cells);
+  arg = where;
+}
+
+template <typename A> __device__ __forceinline__ A group_sum(A v, int warp_mode, A* sh) {
+  return warp_mode ? warp_sum(v) : block_sum(v, sh);
+}
+
+// ------------------------------------------------------------------ forward
+// Per plane and q: part_sum = sum u_q, part_m2 = sum (u_q - part_sum / HWo)^2 (planes x Q).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+stats_kernel(const T* __restrict__ x, ZIn<T> z, Geom g, int warp_mode, typename AccT<T>::type* __restrict__ part_sum,
+             typename AccT<T>::type* __restrict__ part_m2) {
+  using A = typename AccT<T>::type;
+  __shared__ A sh[32];
+  Span s;
+  if (!plane_span(g.planes, g.HWo, warp_mode, g.HWo, s)) return;
+  const T* xp = x + s.plane * static_cast<int64_t>(g.H) * g.W;
+  const A hwo = A(g.HWo);
+  // the two pools together: sums, then squared deviations (pools recomputed)
+  A s0 = A(0), s1 = A(0);
+  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+    const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
+    A mx, av;
+    int arg, cells;
+    pool_at(xp, g, oi, oj, mx, av, arg, cells);
+    s0 += mx;
+    s1 += av;
+  }
+  s0 = group_sum(s0, warp_mode, sh);
+  s1 = group_sum(s1, warp_mode, sh);
+  const A m0 = s0 / hwo, m1 = s1 / hwo;
+  A v0 = A(0), v1 = A(0);
+  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+    const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
+    A mx, av;
+    int arg, cells;
+    pool_at(xp, g, oi, oj, mx, av, arg, cells);
+    const A d0 = mx - m0, d1 = av - m1;
+    v0 += d0 * d0;
+    v1 += d1 * d1;
+  }
+  v0 = group_sum(v0, warp_mode, sh);
+  v1 = group_sum(v1, warp_mode, sh);
+  if (s.rank == 0) {
+    part_sum[s.plane * g.Q] = s0;
+    part_m2[s.plane * g.Q] = v0;
+    part_sum[s.plane * g.Q + 1] = s1;
+    part_m2[s.plane * g.Q + 1] = v1;
+  }
+#pragma unroll
+  for (int q = 2; q < kMaxQ; ++q) {
+    if (q >= g.Q) break;
+    const T* zp = z.p[q - 2] + s.plane * g.HWo;
+    A sq = A(0);
+    for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) sq += to_acc(zp[p]);
+    sq = group_sum(sq, warp_mode, sh);
+    const A m = sq / hwo;
+    A vq = A(0);
+    for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+      const A d = to_acc(zp[p]) - m;
+      vq += d * d;
+    }
+    vq = group_sum(vq, warp_mode, sh);
+    if (s.rank == 0) {
+      part_sum[s.plane * g.Q + q] = sq;
+      part_m2[s.plane * g.Q + q] = vq;
+    }
+  }
+}
+
+// One thread per (q, c): mean, var (Q, n) from the per-plane partials, planes in b order.
+// B == 0 gives 0 / 0 = NaN, as torch.var_mean of nothing.
+template <typename A>
+__global__ void stats_combine_kernel(const A* __restrict__ part_sum, const A* __restrict__ part_m2, Geom g,
+                                     A* __restrict__ mean, A* __restrict__ var) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= g.Q * g.n) return;
+  const int64_t q = t / g.n, c = t - q * g.n;
+  const A hwo = A(g.HWo), count = A(g.B * g.HWo);
+  A S = A(0);
+  for (int64_t b = 0; b < g.B; ++b) S += part_sum[(b * g.n + c) * g.Q + q];
+  const A m = S / count;
+  A M2 = A(0);
+  for (int64_t b = 0; b < g.B; ++b) {
+    const int64_t k = (b * g.n + c) * g.Q + q;
+    const A dm = part_sum[k] / hwo - m;
+    M2 += part_m2[k] + hwo * (dm * dm);
+  }
+  mean[t] = m;
+  var[t] = M2 / count;
+}
+
+// rstd = 1 / sqrt(var + eps), (Q, n).
+template <typename A>
+__global__ void rstd_kernel(const A* __restrict__ var, int64_t count, A eps, A* __restrict__ rstd) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < count) rstd[t] = A(1) / acc_sqrt(var[t] + eps);
+}
+
+// One thread per output element (grid-stride): y = sum_q w[o_q] uh_q (+ w[3] x).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+fwd_y_kernel(const T* __restrict__ x, ZIn<T> z, const T* __restrict__ w, const typename AccT<T>::type* __restrict__ mean,
+             const typename AccT<T>::type* __restrict__ rstd, Geom g, T* __restrict__ y) {
+  using A = typename AccT<T>::type;
+  const int64_t total = g.planes * g.HWo;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t plane = e / g.HWo, c = plane % g.n;
+    const int p = static_cast<int>(e - plane * g.HWo);
+    const int oi = p / g.Wo, oj = p - oi * g.Wo;
+    const T* xp = x + plane * static_cast<int64_t>(g.H) * g.W;
+    A mx, av;
+    int arg, cells;
+    pool_at(xp, g, oi, oj, mx, av, arg, cells);
+    A acc = to_acc(w[weight_index(g.stride, 0)]) * ((mx - mean[c]) * rstd[c]);
+    acc = acc + to_acc(w[weight_index(g.stride, 1)]) * ((av - mean[g.n + c]) * rstd[g.n + c]);
+#pragma unroll
+    for (int q = 2; q < kMaxQ; ++q) {
+      if (q >= g.Q) break;
+      const int64_t k = q * g.n + c;
+      acc = acc + to_acc(w[weight_index(g.stride, q)]) * ((to_acc(z.p[q - 2][e]) - mean[k]) * rstd[k]);
+    }
+    if (g.stride == 1) acc = acc + to_acc(w[3]) * to_acc(xp[p]);  // the identity (Ho x Wo == H x W)
+    y[e] = from_acc<T>(acc);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// Per plane, K = Q + 2 sums: part[plane * K + k] = [g, g uh_0, ..., g uh_{Q-1}, g x (s = 1)].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+bwd_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z,
+                   const typename AccT<T>::type* __restrict__ mean, const typename AccT<T>::type* __restrict__ rstd,
+                   Geom g, int warp_mode, typename AccT<T>::type* __restrict__ part) {
+  using A = typename AccT<T>::type;
+  __shared__ A sh[32];
+  Span s;
+  if (!plane_span(g.planes, g.HWo, warp_mode, g.HWo, s)) return;
+  const int64_t c = s.plane % g.n;
+  const T* xp = x + s.plane * static_cast<int64_t>(g.H) * g.W;
+  const T* gp = grad + s.plane * g.HWo;
+  A mq[kMaxQ], rq[kMaxQ], acc[kMaxQ + 2];
+#pragma unroll
+  for (int q = 0; q < kMaxQ; ++q) {
+    const bool live = q < g.Q;
+    mq[q] = live ? mean[q * g.n + c] : A(0);
+    rq[q] = live ? rstd[q * g.n + c] : A(0);
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxQ + 2; ++k) acc[k] = A(0);
+  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+    const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
+    A mx, av;
+    int arg, cells;
+    pool_at(xp, g, oi, oj, mx, av, arg, cells);
+    const A gv = to_acc(gp[p]);
+    acc[0] += gv;
+    acc[1] += gv * ((mx - mq[0]) * rq[0]);
+    acc[2] += gv * ((av - mq[1]) * rq[1]);
+#pragma unroll
+    for (int q = 2; q < kMaxQ; ++q) {
+      if (q < g.Q) acc[1 + q] += gv * ((to_acc(z.p[q - 2][s.plane * g.HWo + p]) - mq[q]) * rq[q]);
+    }
+    if (g.stride == 1) acc[kMaxQ + 1] += gv * to_acc(xp[p]);
+  }
+  const int K = g.Q + 2;
+#pragma unroll
+  for (int k = 0; k < kMaxQ + 2; ++k) {
+    // acc[kMaxQ + 1] (g x) is stored as column Q + 1
+    const bool live = k < g.Q + 1 || k == kMaxQ + 1;
+    if (!live) continue;  // uniform over the group
+    const A t = group_sum(acc[k], warp_mode, sh);
+    const int col = k == kMaxQ + 1 ? g.Q + 1 : k;
+    if (s.rank == 0) part[s.plane * K + col] = t;
+  }
+}
+
+// One thread per (k, c), k in [0, Q]: chan[k * n + c] = mean over (b, p) of column k of the
+// partials (k = 0: g; k = 1 + q: g uh_q), planes in b order.
+template <typename A>
+__global__ void bwd_combine_kernel(const A* __restrict__ part, Geom g, A* __restrict__ chan) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= (g.Q + 1) * g.n) return;
+  const int64_t k = t / g.n, c = t - k * g.n;
+  const int64_t K = g.Q + 2;
+  A S = A(0);
+  for (int64_t b = 0; b < g.B; ++b) S += part[(b * g.n + c) * K + k];
+  chan[t] = S / A(g.B * g.HWo);
+}
+
+// Column of the partials summed into dw[k], or -1 for dw[k] = 0.
+__device__ __forceinline__ int dw_column(int stride, int Q, int k) {
+  if (k == 0) return -1;
+  if (stride == 2) return k;                // q = k - 1, column 1 + q
+  if (k == 3) return Q + 1;                 // g x: the identity
+  return k < 3 ? k : k - 1;                 // q = k - 1 (k = 1, 2) or k - 2 (k = 4..7)
+}
+
+// Block k: dw[k] = sum over planes of its partial column (fixed order: deterministic).
+template <typename T>
+__global__ void dw_kernel(const typename AccT<T>::type* __restrict__ part, Geom g, T* __restrict__ dw) {
+  using A = typename AccT<T>::type;
+  __shared__ A sh[32];
+  const int k = blockIdx.x;
+  const int col = dw_column(g.stride, g.Q, k);
+  const int64_t K = g.Q + 2;
+  A v = A(0);
+  if (col >= 0) {
+    for (int64_t i = threadIdx.x; i < g.planes; i += blockDim.x) v += part[i * K + col];
+  }
+  v = block_sum(v, sh);
+  if (threadIdx.x == 0) dw[k] = from_acc<T>(v);
+}
+
+// One thread per output element: dz[i] = du_{2+i}; du0 = du_0, du1 = du_1 / cells and the
+// flat position of the window maximum into the workspace (for bwd_dx_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, const T* __restrict__ w,
+              const typename AccT<T>::type* __restrict__ mean, const typename AccT<T>::type* __restrict__ rstd,
+              const typename AccT<T>::type* __restrict__ chan, Geom g, int training, ZOut<T> dz,
+              typename AccT<T>::type* __restrict__ du0, typename AccT<T>::type* __restrict__ du1,
+              int* __restrict__ argmax) {
+  using A = typename AccT<T>::type;
+  const int64_t total = g.planes * g.HWo;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t plane = e / g.HWo, c = plane % g.n;
+    const int p = static_cast<int>(e - plane * g.HWo);
+    const int oi = p / g.Wo, oj = p - oi * g.Wo;
+    A mx, av;
+    int arg, cells;
+    pool_at(x + plane * static_cast<int64_t>(g.H) * g.W, g, oi, oj, mx, av, arg, cells);
+    const A gv = to_acc(grad[e]);
+    const A gm = training ? chan[c] : A(0);
+    // du_q for the value u of u_q
+    auto du = [&](int q, A u) -> A {
+      const int64_t k = q * g.n + c;
+      const A r = rstd[k];
+      const A coef = to_acc(w[weight_index(g.stride, q)]) * r;
+      if (!training) return gv * coef;
+      const A uh = (u - mean[k]) * r;
+      return (gv - gm - uh * chan[(1 + q) * g.n + c]) * coef;
+    };
+    du0[e] = du(0, mx);
+    du1[e] = du(1, av) / A(cells);
+    argmax[e] = arg;
+#pragma unroll
+    for (int q = 2; q < kMaxQ; ++q) {
+      if (q < g.Q) dz.p[q - 2][e] = from_acc<T>(du(q, to_acc(z.p[q - 2][e])));
+    }
+  }
+}
+
+// One thread per input element (grid-stride): the outputs whose window holds (ih, iw), in
+// row-major order: dx = sum du0 where it is the maximum + sum du1 (+ w[3] g at s = 1).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ w, const typename AccT<T>::type* __restrict__ du0,
+              const typename AccT<T>::type* __restrict__ du1, const int* __restrict__ argmax, Geom g,
+              T* __restrict__ dx) {
+  using A = typename AccT<T>::type;
+  const int64_t HW = static_cast<int64_t>(g.H) * g.W;
+  const int64_t total = g.planes * HW;
+  const A w3 = to_acc(w[3]);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t plane = e / HW;
+    const int idx = static_cast<int>(e - plane * HW);
+    const int ih = idx / g.W, iw = idx - ih * g.W;
+    // outputs o with s*o - 1 <= i <= s*o + 1, 0 <= o < Lo
+    const int oi0 = ih <= 1 ? 0 : (ih + g.stride - 2) / g.stride, oi1 = min((ih + 1) / g.stride, g.Ho - 1);
+    const int oj0 = iw <= 1 ? 0 : (iw + g.stride - 2) / g.stride, oj1 = min((iw + 1) / g.stride, g.Wo - 1);
+    const int64_t base = plane * g.HWo;
+    A dmax = A(0), davg = A(0);
+    for (int oi = oi0; oi <= oi1; ++oi) {
+      for (int oj = oj0; oj <= oj1; ++oj) {
+        const int64_t o = base + oi * g.Wo + oj;
+        if (argmax[o] == idx) dmax += du0[o];
+        davg += du1[o];
+      }
+    }
+    A v = dmax + davg;
+    if (g.stride == 1) v = v + w3 * to_acc(grad[e]);  // the identity (grad plane == x plane)
+    dx[e] = from_acc<T>(v);
+  }
+}
+
+// ------------------------------------------------------------------ host side
+inline bool make_geom(int64_t B, int64_t n, int64_t H, int64_t W, int stride, Geom& g) {
+  if (B < 0 || n < 0 || H < 1 || W < 1 || H * W > kMaxPlane || (stride != 1 && stride != 2)) return false;
+  if (stride == 2 && (H % 2 != 0 || W % 2 != 0)) return false;
+  g.B = B;
+  g.n = n;
+  g.planes = B * n;
+  g.H = static_cast<int>(H);
+  g.W = static_cast<int>(W);
+  g.Ho = static_cast<int>(H / stride);
+  g.Wo = static_cast<int>(W / stride);
+  g.HWo = static_cast<int64_t>(g.Ho) * g.Wo;
+  g.stride = stride;
+  g.P = stride == 1 ? 4 : 5;
+  g.Q = g.P + 2;
+  return true;
+}
+
+// Blocks of kThreads for `count` threads of a grid-stride loop (at least one block).
+inline unsigned elementwise_blocks(int64_t count) {
+  const int64_t b = ceil_div(count > 0 ? count : 1, kThreads);
+  return static_cast<unsigned>(b < (int64_t(1) << 20) ? b : (int64_t(1) << 20));
+}
+
+// Workspace carving: consecutive 256-byte aligned pieces.
+struct Carve {
+  char* at;
+  template <typename U> U* take(size_t count) {
+    U* p = reinterpret_cast<U*>(at);
+    at += round_up(count * sizeof(U));
+    return p;
+  }
+};
+
+inline size_t fwd_ws_bytes(size_t acc, int64_t planes, int64_t n, int Q) {
+  return 2 * round_up(static_cast<size_t>(planes > 0 ? planes : 1) * Q * acc) +
+         round_up(static_cast<size_t>(n > 0 ? n : 1) * Q * acc);
+}
+
+inline size_t bwd_ws_bytes(size_t acc, int64_t planes, int64_t n, int64_t HWo, int Q) {
+  const size_t outs = static_cast<size_t>(planes * HWo > 0 ? planes * HWo : 1);
+  const size_t nn = static_cast<size_t>(n > 0 ? n : 1);
+  return round_up(static_cast<size_t>(planes > 0 ? planes : 1) * (Q + 2) * acc) +  // part
+         round_up(nn * (Q + 1) * acc) +                                            // chan
+         round_up(nn * Q * acc) +                                                  // rstd
+         2 * round_up(outs * acc) + round_up(outs * sizeof(int));                  // du0, du1, argmax
+}
+
+template <typename T>
+int mixed_fwd_impl(const void* const* z, const T* x, const T* w, int64_t B, int64_t n, int64_t H, int64_t W,
+                   int stride, double eps, int training, typename AccT<T>::type* mean,
+                   typename AccT<T>::type* var, T* y, void* workspace, cudaStream_t stream) {
+  using A = typename AccT<T>::type;
+  Geom g;
+  if (!make_geom(B, n, H, W, stride, g)) return static_cast<int>(cudaErrorInvalidValue);
+  ZIn<T> zin{};
+  for (int k = 0; k < g.P; ++k) zin.p[k] = static_cast<const T*>(z[k]);
+  Carve cv{static_cast<char*>(workspace)};
+  A* part_sum = cv.take<A>(static_cast<size_t>(g.planes > 0 ? g.planes : 1) * g.Q);
+  A* part_m2 = cv.take<A>(static_cast<size_t>(g.planes > 0 ? g.planes : 1) * g.Q);
+  A* rstd = cv.take<A>(static_cast<size_t>(n > 0 ? n : 1) * g.Q);
+  const int64_t Qn = g.Q * g.n;
+  if (Qn == 0) return 0;  // n == 0: nothing to compute
+  if (training) {
+    if (g.planes > 0) {
+      const PlaneLaunch L = plane_launch(g.planes, g.HWo, /*tiled=*/false);
+      if (!L.ok) return static_cast<int>(cudaErrorInvalidConfiguration);
+      stats_kernel<T><<<L.grid, L.block, 0, stream>>>(x, zin, g, L.warp_mode, part_sum, part_m2);
+      ADARTS_LAUNCH_CHECK();
+    }
+    stats_combine_kernel<A><<<elementwise_blocks(Qn), kThreads, 0, stream>>>(part_sum, part_m2, g, mean, var);
+    ADARTS_LAUNCH_CHECK();
+  }
+  rstd_kernel<A><<<elementwise_blocks(Qn), kThreads, 0, stream>>>(var, Qn, static_cast<A>(eps), rstd);
+  ADARTS_LAUNCH_CHECK();
+  const int64_t total = g.planes * g.HWo;
+  if (total > 0) {
+    fwd_y_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(x, zin, w, mean, rstd, g, y);
+    ADARTS_LAUNCH_CHECK();
+  }
+  return 0;
+}
+
+template <typename T>
+int mixed_bwd_impl(const T* grad, const void* const* z, const T* x, const T* w, const typename AccT<T>::type* mean,
+                   const typename AccT<T>::type* var, int64_t B, int64_t n, int64_t H, int64_t W, int stride,
+                   double eps, int training, void* const* dz, T* dx, T* dw, void* workspace, cudaStream_t stream) {
+  using A = typename AccT<T>::type;
+  Geom g;
+  if (!make_geom(B, n, H, W, stride, g)) return static_cast<int>(cudaErrorInvalidValue);
+  ZIn<T> zin{};
+  ZOut<T> dzo{};
+  for (int k = 0; k < g.P; ++k) {
+    zin.p[k] = static_cast<const T*>(z[k]);
+    dzo.p[k] = static_cast<T*>(dz[k]);
+  }
+  const size_t outs = static_cast<size_t>(g.planes * g.HWo > 0 ? g.planes * g.HWo : 1);
+  const size_t nn = static_cast<size_t>(n > 0 ? n : 1);
+  Carve cv{static_cast<char*>(workspace)};
+  A* part = cv.take<A>(static_cast<size_t>(g.planes > 0 ? g.planes : 1) * (g.Q + 2));
+  A* chan = cv.take<A>(nn * (g.Q + 1));
+  A* rstd = cv.take<A>(nn * g.Q);
+  A* du0 = cv.take<A>(outs);
+  A* du1 = cv.take<A>(outs);
+  int* argmax = cv.take<int>(outs);
+  const int64_t Qn = g.Q * g.n;
+  if (Qn > 0) {
+    rstd_kernel<A><<<elementwise_blocks(Qn), kThreads, 0, stream>>>(var, Qn, static_cast<A>(eps), rstd);
+    ADARTS_LAUNCH_CHECK();
+  }
+  if (g.planes > 0) {
+    const PlaneLaunch L = plane_launch(g.planes, g.HWo, /*tiled=*/false);
+    if (!L.ok) return static_cast<int>(cudaErrorInvalidConfiguration);
+    bwd_partial_kernel<T><<<L.grid, L.block, 0, stream>>>(grad, x, zin, mean, rstd, g, L.warp_mode, part);
+    ADARTS_LAUNCH_CHECK();
+    if (training) {
+      bwd_combine_kernel<A><<<elementwise_blocks((g.Q + 1) * g.n), kThreads, 0, stream>>>(part, g, chan);
+      ADARTS_LAUNCH_CHECK();
+    }
+  }
+  dw_kernel<T><<<8, kThreads, 0, stream>>>(part, g, dw);  // written even when there are no planes (zeros)
+  ADARTS_LAUNCH_CHECK();
+  const int64_t total = g.planes * g.HWo;
+  if (total > 0) {
+    bwd_du_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(grad, x, zin, w, mean, rstd, chan, g,
+                                                                         training, dzo, du0, du1, argmax);
+    ADARTS_LAUNCH_CHECK();
+    const int64_t inputs = g.planes * static_cast<int64_t>(g.H) * g.W;
+    bwd_dx_kernel<T><<<elementwise_blocks(inputs), kThreads, 0, stream>>>(grad, w, du0, du1, argmax, g, dx);
+    ADARTS_LAUNCH_CHECK();
+  }
+  return 0;
+}
+
+}  // namespace
+
+size_t mixed_sum_fwd_workspace_bytes(DType dt, int64_t B, int64_t n, int stride) {
+  return fwd_ws_bytes(acc_size(dt), B * n, n, (stride == 1 ? 4 : 5) + 2);
+}
+
+size_t mixed_sum_bwd_workspace_bytes(DType dt, int64_t B, int64_t n, int64_t H, int64_t W, int stride) {
+  const int64_t s = stride == 2 ? 2 : 1;
+  return bwd_ws_bytes(acc_size(dt), B * n, n, (H / s) * (W / s), (stride == 1 ? 4 : 5) + 2);
+}
+
+int mixed_sum_fwd(DType dt, const void* const* z, const void* x, const void* w, int64_t B, int64_t n, int64_t H,
+                  int64_t W, int stride, double eps, int training, void* mean, void* var, void* y, void* workspace,
+                  cudaStream_t stream) {
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = typename AccT<T>::type;
+    return mixed_fwd_impl<T>(z, static_cast<const T*>(x), static_cast<const T*>(w), B, n, H, W, stride, eps,
+                             training, static_cast<A*>(mean), static_cast<A*>(var), static_cast<T*>(y), workspace,
+                             stream);
+  });
+}
+
+int mixed_sum_bwd(DType dt, const void* grad, const void* const* z, const void* x, const void* w, const void* mean,
+                  const void* var, int64_t B, int64_t n, int64_t H, int64_t W, int stride, double eps, int training,
+                  void* const* dz, void* dx, void* dw, void* workspace, cudaStream_t stream) {
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = typename AccT<T>::type;
+    return mixed_bwd_impl<T>(static_cast<const T*>(grad), z, static_cast<const T*>(x), static_cast<const T*>(w),
+                             static_cast<const A*>(mean), static_cast<const A*>(var), B, n, H, W, stride, eps,
+                             training, dz, static_cast<T*>(dx), static_cast<T*>(dw), workspace, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace adarts
