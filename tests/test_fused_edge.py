@@ -134,3 +134,25 @@ def test_fused_supernet_channels_last_and_bf16_autocast():
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_fused_edge_compiles_fullgraph():
+    torch.manual_seed(0)
+    ref, fused = AttentionMixedOp(8, 2, 4), FusedAttentionMixedOp(8, 2, 4)
+    fused.load_state_dict(ref.state_dict())
+    x, a, b = torch.randn(2, 8, 6, 6), torch.randn(8), torch.randn(())
+
+    def f(m, x, a, b):
+        return m(x, F.softmax(a, 0), torch.sigmoid(b))
+
+    compiled = torch.compile(lambda x, a, b: f(fused, x, a, b), fullgraph=True, backend="aot_eager")
+    ins = [t.clone().requires_grad_() for t in (x, a, b)]
+    ref_ins = [t.clone().requires_grad_() for t in (x, a, b)]
+    out, expect = compiled(*ins), f(ref, *ref_ins)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expect.sum().backward()
+    for p, q in zip(ins, ref_ins):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    for (n, b1), (_, b2) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(b2, b1, msg=n)

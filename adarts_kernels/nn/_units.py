@@ -37,6 +37,16 @@ def _stat(v: Tensor) -> Tensor:
     return v[None, :, None, None]
 
 
+def _layout(t: Tensor) -> Tensor:
+    """The convolutions' operand layout. On CPU, channels_last: oneDNN's depthwise and 1x1
+    convolutions with the few channels of a partial-channel edge (C/k = 4..16) are 4-20x
+    faster in it than in NCHW (measured at batch 16-64, 4 channels, 32x32: depthwise 5x5
+    forward 0.84 -> 0.10 ms, backward 1.83 -> 0.47 ms; 1x1 forward 0.81 -> 0.04 ms)."""
+    if t.device.type == "cpu" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
 def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None) -> Tensor:
     if spec[0] == "conv":
         return F.conv2d(r, w0, None, spec[1], spec[2])
@@ -56,8 +66,8 @@ def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tenso
     if spec[0] == "fr":
         half = w0.shape[0]
         conf = ([2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-        dr, dw0, _ = _conv_bwd(gz[:, :half].contiguous(), r, w0, None, *conf)
-        dr2, dw1, _ = _conv_bwd(gz[:, half:].contiguous(), r[:, :, 1:, 1:], w1, None, *conf)
+        dr, dw0, _ = _conv_bwd(_layout(gz[:, :half]), r, w0, None, *conf)
+        dr2, dw1, _ = _conv_bwd(_layout(gz[:, half:]), r[:, :, 1:, 1:], w1, None, *conf)
         dr[:, :, 1:, 1:] += dr2
         return dr, dw0, dw1
     _, s, p, d = spec
@@ -80,7 +90,7 @@ class SharedReluConvs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], *weights: Tensor):
-        r = F.relu(u)
+        r = _layout(F.relu(u))
         ws = [w.to(u.dtype) for w in weights]
         zs, at = [], 0
         for spec in specs:
@@ -94,7 +104,7 @@ class SharedReluConvs(torch.autograd.Function):
     def backward(ctx, *gzs: Tensor):
         u, *weights = ctx.saved_tensors
         ws = [w.to(u.dtype) for w in weights]
-        r = F.relu(u)
+        r = _layout(F.relu(u))
         dr = None
         grads: List[Optional[Tensor]] = []
         at = 0
@@ -103,7 +113,7 @@ class SharedReluConvs(torch.autograd.Function):
             if gz is None:
                 grads += [None] * nw
             else:
-                d, dw0, dw1 = _chain_bwd(gz.contiguous().to(u.dtype), r, spec, *ws[at:at + nw])
+                d, dw0, dw1 = _chain_bwd(_layout(gz.to(u.dtype)), r, spec, *ws[at:at + nw])
                 dr = d if dr is None else dr + d
                 grads += [g.to(w.dtype) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
             at += nw
@@ -132,7 +142,7 @@ class BnReluDwPw(torch.autograd.Function):
         else:
             mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
         rstd = torch.rsqrt(var + eps)
-        h = F.relu(((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype))
+        h = _layout(F.relu(((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
         z = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
         ctx.save_for_backward(u, w_dw, w_pw, mean, rstd)
         ctx.conf = (stride, padding, dilation, training)
@@ -144,8 +154,8 @@ class BnReluDwPw(torch.autograd.Function):
         u, w_dw, w_pw, mean, rstd = ctx.saved_tensors
         stride, padding, dilation, training = ctx.conf
         uh = (u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)
-        h = F.relu(uh).to(u.dtype)
-        dh, dwd, dwp = _chain_bwd(gz.contiguous().to(u.dtype), h, ("dwpw", stride, padding, dilation),
+        h = _layout(F.relu(uh).to(u.dtype))
+        dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
                                   w_dw.to(u.dtype), w_pw.to(u.dtype))
         duh = dh.to(rstd.dtype) * (uh > 0)
         if training:
