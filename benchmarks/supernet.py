@@ -84,7 +84,7 @@ def plot(rows, path, title):
         vals = [r.get(key) or 0 for r in rows]
         bars = ax.bar(range(len(rows)), vals, color=["#999", "#4c72b0", "#dd8452", "#55a868", "#8172b3"][:len(rows)])
         for b, v in zip(bars, vals):
-            ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from adarts_kernels.nas import SearchNetwork  # noqa: E402
 from adarts_kernels.profiling import saved_activation_bytes  # noqa: E402
+from adarts_kernels.profiling.report import VARIANTS, build_supernet  # noqa: E402
 
 PCDARTS_SPEC_MB = 39.9   # SPEC section 8, PC-DARTS official code
 
@@ -35,18 +35,8 @@ def commit() -> str:
         return "unknown"
 
 
-VARIANTS = {  # name -> (edge, kernels)
-    "darts": ("darts", "reference"),
-    "pcdarts": ("pcdarts", "reference"),
-    "adarts": ("adarts", "reference"),
-    "adarts-fused": ("adarts", "fused"),
-}
-
-
 def measure(variant: str, C: int, layers: int, size: int, batch: int, k: int, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    edge, kernels = VARIANTS[variant]
-    net = SearchNetwork(C=C, num_classes=10, layers=layers, edge=edge, k=k, kernels=kernels).train()
+    net = build_supernet(variant, C, layers, k, seed=seed)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     nbytes = saved_activation_bytes(lambda: net.loss(x, y), module=net)

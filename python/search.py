@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--recompute", default=d.recompute, choices=["none", "edge"],
                    help="edge: keep only each edge's input and recompute the edge in backward")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (default float32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     p.add_argument("--C", type=int, default=None, help="initial channels")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--batch-size", type=_batch_size, default=None,

@@ -6,11 +6,11 @@ ties, and no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``).
 Skipped unless a CUDA device is visible and the installed extension registers CUDA kernels
 (built with WITH_CUDA from csrc/cuda/).
 """
-import contextlib
 import math
 
 import pytest
 import torch
+from gpu_helpers import no_host_sync
 
 from adarts_kernels.ops import reference as R
 
@@ -52,16 +52,6 @@ def ops():
     return torch.ops.adarts_C
 
 
-@contextlib.contextmanager
-def no_host_sync():
-    """Any host<->device synchronisation inside raises (torch's sync debug mode)."""
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
 
 
 def close(got, ref, dtype, scale=1.0, what=""):

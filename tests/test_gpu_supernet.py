@@ -4,10 +4,10 @@ search step without host synchronisation, bf16 autocast and channels_last, recom
 Skipped where no CUDA device is visible. Backends that cannot run (no CUDA kernels built,
 no Triton) are skipped with the reason.
 """
-import contextlib
 
 import pytest
 import torch
+from gpu_helpers import no_host_sync
 
 from adarts_kernels.backend import why_unavailable
 
@@ -23,15 +23,6 @@ def gpu_impls():
             for n in ("cuda", "triton")]
 
 
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
 
 
 def nets(impl, recompute="none", C=8, layers=5):

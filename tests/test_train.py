@@ -652,9 +652,11 @@ def test_search_config_kernel_choices():
     assert cfg.batch_size == "auto" and cfg.lr is None      # scaled once the probe has run
 
 
-def test_batch_size_auto_needs_a_gpu(tmp_path):
+def test_batch_size_auto_and_channels_last_need_a_gpu(tmp_path):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         run_search(search_cfg(tmp_path / "run", batch_size="auto"))
+    with pytest.raises(ValueError, match="channels_last is a GPU option"):
+        run_search(search_cfg(tmp_path / "run2", channels_last=True))
 
 
 def test_search_driver_flags(tmp_path):
@@ -664,7 +666,7 @@ def test_search_driver_flags(tmp_path):
     out = tmp_path / "drv"
     rc = search.main(["--limit", "32", "--C", "4", "--layers", "3", "--batch-size", "16", "--epochs", "1",
                       "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--kernels", "fused",
-                      "--recompute", "edge", "--channels-last", "--out", str(out)])
+                      "--recompute", "edge", "--out", str(out)])
     assert rc == 0
     assert (out / "genotype.json").exists()
     ck = load_checkpoint(str(out / "checkpoint.pt"))

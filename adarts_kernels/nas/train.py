@@ -388,6 +388,11 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None) -> d
         w_set, a_set = search_split(data["train"])
     pad = 4 if w_set.images.shape[-1] >= 32 else 2
 
+    if cfg.channels_last and device.type != "cuda":
+        raise ValueError("channels_last is a GPU option: on CPU the fused kernels already run their "
+                         "convolutions in channels_last where it pays, and torch's CPU channels_last "
+                         "convolution backward can corrupt memory on the strided views the plain-PyTorch "
+                         "FactorizedReduce makes (seen with torch 2.13)")
     torch.manual_seed(cfg.seed)
     model = _search_model(cfg, w_set.num_classes, device)
     auto = None

@@ -37,6 +37,27 @@ def _stat(v: Tensor) -> Tensor:
     return v[None, :, None, None]
 
 
+def _bn_stats(u: Tensor, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor],
+              eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, rstd)`` of an affine-free BN, per channel, in the accumulation dtype:
+    batch statistics (biased variance) in training, the running ones in eval."""
+    acc = _acc_dtype(u)
+    if training:
+        var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _bn_backward(g: Tensor, uh: Tensor, rstd: Tensor, training: bool) -> Tensor:
+    """Input gradient of an affine-free BN from the output gradient ``g`` and the normalised
+    value ``uh`` (both in the accumulation dtype): ``rstd * (g - mean_c(g) - uh * mean_c(g * uh))``
+    with batch statistics, ``rstd * g`` with running ones."""
+    if training:
+        g = g - g.mean(dim=(0, 2, 3), keepdim=True) - uh * (g * uh).mean(dim=(0, 2, 3), keepdim=True)
+    return g * _stat(rstd)
+
+
 def _layout(t: Tensor) -> Tensor:
     """The convolutions' operand layout. On CPU, channels_last: oneDNN's depthwise and 1x1
     convolutions with the few channels of a partial-channel edge (C/k = 4..16) are 4-20x
@@ -51,6 +72,7 @@ def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None) -
     if spec[0] == "conv":
         return F.conv2d(r, w0, None, spec[1], spec[2])
     if spec[0] == "fr":
+        r = r.contiguous()   # NCHW: see _chain_bwd
         return torch.cat([F.conv2d(r, w0, stride=2), F.conv2d(r[:, :, 1:, 1:], w1, stride=2)], dim=1)
     _, s, p, d = spec
     return F.conv2d(F.conv2d(r, w0, None, s, p, d, r.shape[1]), w1)
@@ -64,10 +86,13 @@ def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tenso
         dr, dw0, _ = _conv_bwd(gz, r, w0, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [True, True, False])
         return dr, dw0, None
     if spec[0] == "fr":
+        # NCHW, not channels_last: oneDNN's strided 1x1 convolution backward in channels_last
+        # corrupts the heap for some of these shapes (torch 2.13 CPU, seen as glibc aborts)
         half = w0.shape[0]
+        r, gz = r.contiguous(), gz.contiguous()
         conf = ([2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-        dr, dw0, _ = _conv_bwd(_layout(gz[:, :half]), r, w0, None, *conf)
-        dr2, dw1, _ = _conv_bwd(_layout(gz[:, half:]), r[:, :, 1:, 1:], w1, None, *conf)
+        dr, dw0, _ = _conv_bwd(gz[:, :half].contiguous(), r, w0, None, *conf)
+        dr2, dw1, _ = _conv_bwd(gz[:, half:].contiguous(), r[:, :, 1:, 1:], w1, None, *conf)
         dr[:, :, 1:, 1:] += dr2
         return dr, dw0, dw1
     _, s, p, d = spec
@@ -136,13 +161,8 @@ class BnReluDwPw(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w_dw, w_pw, stride: int, padding: int, dilation: int, training: bool,
                 run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
-        acc = _acc_dtype(u)
-        if training:
-            var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
-        else:
-            mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
-        rstd = torch.rsqrt(var + eps)
-        h = _layout(F.relu(((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
+        mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
+        h = _layout(F.relu(((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
         z = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
         ctx.save_for_backward(u, w_dw, w_pw, mean, rstd)
         ctx.conf = (stride, padding, dilation, training)
@@ -157,10 +177,7 @@ class BnReluDwPw(torch.autograd.Function):
         h = _layout(F.relu(uh).to(u.dtype))
         dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
                                   w_dw.to(u.dtype), w_pw.to(u.dtype))
-        duh = dh.to(rstd.dtype) * (uh > 0)
-        if training:
-            duh = duh - duh.mean(dim=(0, 2, 3), keepdim=True) - uh * (duh * uh).mean(dim=(0, 2, 3), keepdim=True)
-        du = (duh * _stat(rstd)).to(u.dtype)
+        du = _bn_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
         return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None
 
 
@@ -213,13 +230,8 @@ class BatchNormKeepOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
-        acc = _acc_dtype(u)
-        if training:
-            var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
-        else:
-            mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
-        rstd = torch.rsqrt(var + eps)
-        y = ((u.to(acc) - _stat(mean)) * _stat(rstd)).to(u.dtype)
+        mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
+        y = ((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)
         ctx.save_for_backward(y, rstd)
         ctx.training = training
         ctx.mark_non_differentiable(mean, var)
@@ -228,11 +240,8 @@ class BatchNormKeepOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _gm, _gv):
         y, rstd = ctx.saved_tensors
-        g = g.to(rstd.dtype)
-        if ctx.training:
-            yf = y.to(rstd.dtype)
-            g = g - g.mean(dim=(0, 2, 3), keepdim=True) - yf * (g * yf).mean(dim=(0, 2, 3), keepdim=True)
-        return (g * _stat(rstd)).to(y.dtype), None, None, None, None
+        du = _bn_backward(g.to(rstd.dtype), y.to(rstd.dtype), rstd, ctx.training)
+        return du.to(y.dtype), None, None, None, None
 
 
 def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d, update_stats: bool = True) -> Tensor:
