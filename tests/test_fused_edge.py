@@ -67,7 +67,7 @@ def test_bad_arguments_named():
 
 def test_fused_supernet_matches_reference_and_saves_less():
     torch.manual_seed(0)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
     fused = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="fused")
     fused.load_state_dict(ref.state_dict())
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -102,7 +102,7 @@ def test_fused_supernet_saved_bytes_per_sample_targets():
 @pytest.mark.parametrize("train", [True, False])
 def test_supernet_variants_same_function_gradients_and_buffers(kernels, recompute, train):
     torch.manual_seed(1)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
     net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels=kernels, recompute=recompute)
     net.load_state_dict(ref.state_dict())
     ref.train(train), net.train(train)
@@ -119,7 +119,7 @@ def test_supernet_variants_same_function_gradients_and_buffers(kernels, recomput
 
 def test_fused_supernet_channels_last_and_bf16_autocast():
     torch.manual_seed(3)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
     net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="fused")
     net.load_state_dict(ref.state_dict())
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -156,3 +156,11 @@ def test_fused_edge_compiles_fullgraph():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     for (n, b1), (_, b2) in zip(ref.named_buffers(), fused.named_buffers()):
         torch.testing.assert_close(b2, b1, msg=n)
+
+
+def test_fused_is_the_default_for_the_adarts_edge():
+    assert SearchNetwork(C=8, layers=3, edge="adarts").kernels == "fused"
+    assert isinstance(SearchNetwork(C=8, layers=3, edge="adarts").cells[0]._ops[0], FusedAttentionMixedOp)
+    assert SearchNetwork(C=8, layers=3, edge="pcdarts").kernels == "reference"
+    assert isinstance(SearchNetwork(C=8, layers=3, edge="adarts", kernels="reference").cells[0]._ops[0],
+                      AttentionMixedOp)

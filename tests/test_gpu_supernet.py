@@ -28,7 +28,7 @@ def gpu_impls():
 def nets(impl, recompute="none", C=8, layers=5):
     from adarts_kernels.nas import SearchNetwork
     torch.manual_seed(0)
-    ref = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts").cuda()
+    ref = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts", kernels="reference").cuda()
     net = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts", kernels="fused",
                         recompute=recompute).cuda()
     net.load_state_dict(ref.state_dict())

@@ -249,7 +249,7 @@ def _batches(n=8, size=8, dtype=torch.float32, seed=1):
 @pytest.mark.parametrize("edge", ["adarts", "darts"])
 def test_architect_step_changes_only_arch_parameters(edge, unrolled):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge)
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
     model.train()
     xt, yt, xv, yv = _batches()
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
@@ -297,7 +297,7 @@ def _smooth(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("edge", ["darts", "pcdarts"])
 def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge)
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)
@@ -318,7 +318,7 @@ def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
 def test_unrolled_gradient_matches_exact_second_order(edge):
     """grad_alpha L_val(w - eta*(dL_train/dw + wd*w + mu*m), alpha), by double backprop."""
     torch.manual_seed(0)
-    model = _smooth(SearchNetwork(4, 10, 3, edge=edge)).double()
+    model = _smooth(SearchNetwork(4, 10, 3, edge=edge, kernels="reference")).double()
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)

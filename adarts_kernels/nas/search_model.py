@@ -19,7 +19,7 @@ from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
 from .genotypes import Genotype
 
 EDGES = ("adarts", "pcdarts", "darts")
-KERNELS = ("reference", "fused")
+KERNELS = ("auto", "reference", "fused")
 RECOMPUTE = ("none", "edge")
 
 
@@ -94,7 +94,8 @@ class SearchNetwork(nn.Module):
     channels + shuffle) or ``"darts"`` (all channels). ADARTS and PC-DARTS use edge
     normalisation (beta); DARTS has no beta.
 
-    ``kernels``: ``"reference"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
+    ``kernels``: ``"auto"`` (the default: fused for the ADARTS edge, reference for the
+    baselines), ``"reference"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
     :class:`~adarts_kernels.nn.FusedAttentionMixedOp`: same parameters, same function, less
     memory; the cells' ReLU-Conv-BN preprocessing then keeps no ReLU output either); the fused
     kernels exist for the ADARTS edge only.
@@ -110,13 +111,15 @@ class SearchNetwork(nn.Module):
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
-                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "reference",
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "auto",
                  recompute: str = "none"):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
+        if kernels == "auto":
+            kernels = "fused" if edge == "adarts" else "reference"
         if recompute not in RECOMPUTE:
             raise ValueError(f"unknown recompute {recompute!r}; expected one of {list(RECOMPUTE)}")
         if kernels == "fused" and edge != "adarts":
