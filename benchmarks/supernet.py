@@ -3,8 +3,9 @@
 recomputation, one run, one device.
 
 Per variant: bytes saved for backward per sample (deterministic); the median time of a full
-search step (architecture step + weight step, both optimizers) after warm-up at equal
-batch; on GPU also the peak memory of a search step (``torch.cuda.max_memory_allocated``)
+search step (architecture step + weight step, both optimizers) after 2 warm-up steps at
+equal batch, the variants' steps interleaved round-robin so that machine drift hits all of
+them alike; on GPU also the peak memory of a search step (``torch.cuda.max_memory_allocated``)
 at batch 64 and 256 and the largest batch that fits the device (probed with real steps).
 
     python benchmarks/supernet.py                      # CPU: batch 16, saved bytes + step time
@@ -46,19 +47,6 @@ def make_step(variant, batch, device, C, layers, size, amp=False, net=None):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def step_ms(step, device, warmup=2, reps=5):
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_mb(step, device):
@@ -115,25 +103,19 @@ def main(argv=None):
     gpu = device.type == "cuda"
     batches = a.batch or ([64, 256] if gpu else [16])
     rows = []
-    for v in a.variants:
+    from adarts_kernels.profiling import is_oom
+    rows = []
+    for v in a.variants:          # memory: deterministic bytes; on GPU peak memory and largest batch
         net = build_supernet(v, a.C, a.layers)
         row = {"variant": v, "mb_per_sample": saved_bytes_per_sample(net, a.size, 2) / 1e6}
-        for b in batches:
+        for b in batches if gpu else []:
             try:
-                step = make_step(v, b, device, a.C, a.layers, a.size, a.amp)
-                row[f"step_ms_b{b}"] = step_ms(step, device, reps=a.reps)
-                if gpu:
-                    row[f"peak_mb_b{b}"] = peak_mb(step, device)
-                del step
+                row[f"peak_mb_b{b}"] = peak_mb(make_step(v, b, device, a.C, a.layers, a.size, a.amp), device)
             except Exception as e:      # noqa: BLE001 - an out-of-memory row is a result
-                from adarts_kernels.profiling import is_oom
                 if not is_oom(e):
                     raise
-                row[f"step_ms_b{b}"] = None
                 row[f"peak_mb_b{b}"] = "OOM"
-            if gpu:
-                torch.cuda.empty_cache()
-        row["step_ms"] = row.get(f"step_ms_b{batches[0]}")
+            torch.cuda.empty_cache()
         if gpu and not a.no_max_batch and (a.max_batch_variants is None or v in a.max_batch_variants):
             def try_batch(b, v=v):
                 s = make_step(v, b, device, a.C, a.layers, a.size, a.amp)
@@ -145,6 +127,33 @@ def main(argv=None):
             row["max_batch_probe_s"] = time.time() - t0
         rows.append(row)
         print({k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
+    for b in batches:             # time: the variants' steps interleaved, so drift hits all alike
+        steps = {}
+        for row in rows:
+            try:
+                steps[row["variant"]] = make_step(row["variant"], b, device, a.C, a.layers, a.size, a.amp)
+                for _ in range(2):
+                    steps[row["variant"]]()
+            except Exception as e:      # noqa: BLE001
+                if not is_oom(e):
+                    raise
+                steps.pop(row["variant"], None)
+                if gpu:
+                    torch.cuda.empty_cache()
+        times = {v: [] for v in steps}
+        for _ in range(a.reps):
+            for v, step in steps.items():
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times[v].append((time.perf_counter() - t0) * 1e3)
+        for row in rows:
+            ts = times.get(row["variant"])
+            row[f"step_ms_b{b}"] = statistics.median(ts) if ts else None
+        del steps
+    for row in rows:
+        row["step_ms"] = row.get(f"step_ms_b{batches[0]}")
     base = {r["variant"]: r for r in rows}
     for r in rows:
         for ref in ("pcdarts", "adarts"):

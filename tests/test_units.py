@@ -116,3 +116,28 @@ def test_recompute_edge_same_gradients_buffers_once_and_counts_inputs(stride):
     xin = torch.randn(3, 8, 6, 6, requires_grad=True)
     nbytes = saved_activation_bytes(lambda: recompute_edge(e2, xin * 1.0, F.softmax(alpha, 0), beta), module=e2)
     assert nbytes == xin.numel() * 4 + 8 * 4 + 4
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_keep_intermediates_same_gradients_more_saved(stride):
+    from adarts_kernels.nn._units import keep_intermediates
+    n = 3
+    u0 = rnd(2, n, 6, 6, seed=1)
+    specs = (("dwpw", stride, 1, 1), ("fr",), ("conv", 1, 0))
+    ws0 = [rnd(n, 1, 3, 3, seed=2), rnd(n, n, 1, 1, seed=3), rnd(1, n, 1, 1, seed=6), rnd(1, n, 1, 1, seed=7),
+           rnd(4, n, 1, 1, seed=8)]
+    wd, wp = rnd(n, 1, 3, 3, seed=4), rnd(n, n, 1, 1, seed=5)
+    res = []
+    for keep in (False, True):
+        u = u0.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in ws0 + [wd, wp]]
+        ctx = keep_intermediates() if keep else torch.enable_grad()
+        with ctx:
+            outs = SharedReluConvs.apply(u * 1.0, specs, *ws[:5])
+            z2, _, _ = BnReluDwPw.apply(outs[0], ws[5], ws[6], 1, 1, 1, True, None, None, 1e-5)
+            nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u * 1.0, specs, *ws[:5]))
+        (sum(o.square().sum() for o in outs[1:]) + z2.square().sum()).backward()
+        res.append(([u.grad] + [w.grad for w in ws], nbytes))
+    for a, b in zip(res[0][0], res[1][0]):
+        torch.testing.assert_close(a, b)
+    assert res[1][1] > res[0][1]        # kept: ReLU and depthwise outputs too

@@ -10,6 +10,8 @@ pointwise output is the next BatchNorm's input, which its consumer keeps.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +25,27 @@ _conv_bwd = torch.ops.aten.convolution_backward.default
 #: pointwise 1x1; two weights), ``("fr",)`` (FactorizedReduce's two offset stride-2 1x1
 #: convolutions; two weights) or ``("conv", stride, padding)`` (one dense convolution; one weight).
 Spec = Tuple
+
+
+_KEEP = threading.local()
+
+
+@contextlib.contextmanager
+def keep_intermediates():
+    """Inside, the units keep their ReLU and depthwise outputs instead of recomputing them
+    in backward. For a graph that lives only briefly: the re-run of an edge inside
+    :func:`~adarts_kernels.nn.recompute.recompute_edge`'s backward, whose memory is released
+    as soon as that edge's gradients are out."""
+    prev = getattr(_KEEP, "on", False)
+    _KEEP.on = True
+    try:
+        yield
+    finally:
+        _KEEP.on = prev
+
+
+def _keeping() -> bool:
+    return getattr(_KEEP, "on", False)
 
 
 def _n_weights(spec: Spec) -> int:
@@ -68,36 +91,43 @@ def _layout(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None) -> Tensor:
+def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(z, t)``: the chain's output and its depthwise output (``None`` for other chains)."""
     if spec[0] == "conv":
-        return F.conv2d(r, w0, None, spec[1], spec[2])
+        return F.conv2d(r, w0, None, spec[1], spec[2]), None
     if spec[0] == "fr":
-        r = r.contiguous()   # NCHW: see _chain_bwd
-        return torch.cat([F.conv2d(r, w0, stride=2), F.conv2d(r[:, :, 1:, 1:], w1, stride=2)], dim=1)
+        # 1x1 stride-2 convolutions = channel mixing of the even / odd subsampled grids, as
+        # matrix products (oneDNN's channels_last strided 1x1 backward corrupted the heap on
+        # CPU, torch 2.13, and its NCHW path is slow with few channels)
+        return torch.cat([torch.einsum("oc,bchw->bohw", w0[:, :, 0, 0], r[:, :, ::2, ::2]),
+                          torch.einsum("oc,bchw->bohw", w1[:, :, 0, 0], r[:, :, 1::2, 1::2])], dim=1), None
     _, s, p, d = spec
-    return F.conv2d(F.conv2d(r, w0, None, s, p, d, r.shape[1]), w1)
+    t = F.conv2d(r, w0, None, s, p, d, r.shape[1])
+    return F.conv2d(t, w1), t
 
 
-def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(dr, dw0, dw1)``; the depthwise output is recomputed here and dropped."""
+def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None,
+               t: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(dr, dw0, dw1)``; the depthwise output ``t`` is recomputed here (and dropped) unless given."""
     if spec[0] == "conv":
         _, s, p = spec
         dr, dw0, _ = _conv_bwd(gz, r, w0, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [True, True, False])
         return dr, dw0, None
     if spec[0] == "fr":
-        # NCHW, not channels_last: oneDNN's strided 1x1 convolution backward in channels_last
-        # corrupts the heap for some of these shapes (torch 2.13 CPU, seen as glibc aborts)
         half = w0.shape[0]
-        r, gz = r.contiguous(), gz.contiguous()
-        conf = ([2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-        dr, dw0, _ = _conv_bwd(gz[:, :half].contiguous(), r, w0, None, *conf)
-        dr2, dw1, _ = _conv_bwd(gz[:, half:].contiguous(), r[:, :, 1:, 1:], w1, None, *conf)
-        dr[:, :, 1:, 1:] += dr2
+        g0, g1 = gz[:, :half], gz[:, half:]
+        r0, r1 = r[:, :, ::2, ::2], r[:, :, 1::2, 1::2]
+        dw0 = torch.einsum("bohw,bchw->oc", g0, r0)[:, :, None, None]
+        dw1 = torch.einsum("bohw,bchw->oc", g1, r1)[:, :, None, None]
+        dr = torch.zeros_like(r)
+        dr[:, :, ::2, ::2] = torch.einsum("bohw,oc->bchw", g0, w0[:, :, 0, 0])
+        dr[:, :, 1::2, 1::2] = torch.einsum("bohw,oc->bchw", g1, w1[:, :, 0, 0])
         return dr, dw0, dw1
     _, s, p, d = spec
     n = r.shape[1]
-    t = F.conv2d(r, w0, None, s, p, d, n)
+    if t is None:
+        t = F.conv2d(r, w0, None, s, p, d, n)
     dt, dw1, _ = _conv_bwd(gz, t, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
     del t
     dr, dw0, _ = _conv_bwd(dt, r, w0, None, [s, s], [p, p], [d, d], False, [0, 0], n, [True, True, False])
@@ -110,35 +140,48 @@ class SharedReluConvs(torch.autograd.Function):
     ``u: (B, n, H, W)``; ``weights``, in chain order: ``dwpw``: depthwise ``(n, 1, k, k)``
     and pointwise ``(n_out, n, 1, 1)``; ``fr``: two ``(n_out/2, n, 1, 1)``; ``conv``: one
     ``(n_out, n, k, k)``. Saved: ``u`` and the weights only. Backward recomputes ``r`` once
-    and each depthwise output in turn.
+    and each depthwise output in turn (under :func:`keep_intermediates`: kept instead).
     """
 
     @staticmethod
     def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], *weights: Tensor):
         r = _layout(F.relu(u))
         ws = [w.to(u.dtype) for w in weights]
-        zs, at = [], 0
+        zs, ts, at = [], [], 0
         for spec in specs:
-            zs.append(_chain_fwd(r, spec, *ws[at:at + _n_weights(spec)]))
+            z, t = _chain_fwd(r, spec, *ws[at:at + _n_weights(spec)])
+            zs.append(z)
+            ts.append(t)
             at += _n_weights(spec)
-        ctx.save_for_backward(u, *weights)
+        ctx.keep = _keeping()
+        if ctx.keep:
+            ctx.save_for_backward(u, *weights, r, *ts)
+        else:
+            ctx.save_for_backward(u, *weights)
         ctx.specs = specs
         return tuple(zs)
 
     @staticmethod
     def backward(ctx, *gzs: Tensor):
-        u, *weights = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        u = saved[0]
+        nw_all = sum(_n_weights(sp) for sp in ctx.specs)
+        weights = saved[1:1 + nw_all]
         ws = [w.to(u.dtype) for w in weights]
-        r = _layout(F.relu(u))
+        if ctx.keep:
+            r, ts = saved[1 + nw_all], saved[2 + nw_all:]
+        else:
+            r, ts = _layout(F.relu(u)), [None] * len(ctx.specs)
         dr = None
         grads: List[Optional[Tensor]] = []
         at = 0
-        for spec, gz in zip(ctx.specs, gzs):
+        for spec, gz, t in zip(ctx.specs, gzs, ts):
             nw = _n_weights(spec)
             if gz is None:
                 grads += [None] * nw
             else:
-                d, dw0, dw1 = _chain_bwd(_layout(gz.to(u.dtype)), r, spec, *ws[at:at + nw])
+                pair = list(ws[at:at + nw]) + [None] * (2 - nw)
+                d, dw0, dw1 = _chain_bwd(_layout(gz.to(u.dtype)), r, spec, *pair, t=t)
                 dr = d if dr is None else dr + d
                 grads += [g.to(w.dtype) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
             at += nw
@@ -163,20 +206,21 @@ class BnReluDwPw(torch.autograd.Function):
                 run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
         mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
         h = _layout(F.relu(((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
-        z = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
-        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd)
+        z, t = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
+        ctx.keep = _keeping()
+        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *((h, t) if ctx.keep else ()))
         ctx.conf = (stride, padding, dilation, training)
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
 
     @staticmethod
     def backward(ctx, gz, _gm, _gv):
-        u, w_dw, w_pw, mean, rstd = ctx.saved_tensors
+        u, w_dw, w_pw, mean, rstd, *kept = ctx.saved_tensors
         stride, padding, dilation, training = ctx.conf
         uh = (u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)
-        h = _layout(F.relu(uh).to(u.dtype))
+        h, t = kept if kept else (_layout(F.relu(uh).to(u.dtype)), None)
         dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
-                                  w_dw.to(u.dtype), w_pw.to(u.dtype))
+                                  w_dw.to(u.dtype), w_pw.to(u.dtype), t=t)
         du = _bn_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
         return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None
 

@@ -17,6 +17,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from ._units import keep_intermediates
+
 Tensor = torch.Tensor
 
 
@@ -46,7 +48,9 @@ class _EdgeRecompute(torch.autograd.Function):
         if snapshot is None:
             edge.update_stats = False
         try:
-            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            # the re-run graph lives only until its gradients are out: its units may keep
+            # their intermediates instead of recomputing them a second time
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), keep_intermediates():
                 out = edge(*ins)
             wrt = [t for t in (*ins, *params) if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
