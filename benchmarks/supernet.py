@@ -29,8 +29,8 @@ from adarts_kernels.profiling import find_max_batch  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet, saved_bytes_per_sample  # noqa: E402
 
 
-def make_step(variant, batch, device, C, layers, size, amp=False, net=None):
-    net = net if net is not None else build_supernet(variant, C, layers).to(device)
+def make_step(variant, batch, device, C, layers, size, amp=False):
+    net = build_supernet(variant, C, layers).to(device)
     if amp:
         net.autocast_dtype = torch.bfloat16
     w = list(net.weight_parameters())

@@ -78,6 +78,16 @@ def test_batch_norm_keep_output(training):
         batch_norm_keep_output(u, nn.BatchNorm2d(4).double())
 
 
+def test_update_running_stats_frozen_while_replaying():
+    from adarts_kernels.nn._units import replaying
+    bn = nn.BatchNorm2d(3, affine=False)
+    with replaying():
+        update_running_stats([bn], torch.ones(1, 3), torch.ones(1, 3), 10)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+    update_running_stats([bn], torch.ones(1, 3), torch.ones(1, 3), 10)
+    assert torch.allclose(bn.running_mean, torch.full((3,), 0.1)) and int(bn.num_batches_tracked) == 1
+
+
 def test_update_running_stats_like_batchnorm_with_cumulative_momentum():
     bns = [nn.BatchNorm2d(3, affine=False, momentum=None) for _ in range(2)]
     refs = [nn.BatchNorm2d(3, affine=False, momentum=None) for _ in range(2)]
@@ -119,8 +129,8 @@ def test_recompute_edge_same_gradients_buffers_once_and_counts_inputs(stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_keep_intermediates_same_gradients_more_saved(stride):
-    from adarts_kernels.nn._units import keep_intermediates
+def test_replaying_keeps_intermediates_same_gradients(stride):
+    from adarts_kernels.nn._units import replaying
     n = 3
     u0 = rnd(2, n, 6, 6, seed=1)
     specs = (("dwpw", stride, 1, 1), ("fr",), ("conv", 1, 0))
@@ -131,7 +141,7 @@ def test_keep_intermediates_same_gradients_more_saved(stride):
     for keep in (False, True):
         u = u0.clone().requires_grad_()
         ws = [w.clone().requires_grad_() for w in ws0 + [wd, wp]]
-        ctx = keep_intermediates() if keep else torch.enable_grad()
+        ctx = replaying() if keep else torch.enable_grad()
         with ctx:
             outs = SharedReluConvs.apply(u * 1.0, specs, *ws[:5])
             z2, _, _ = BnReluDwPw.apply(outs[0], ws[5], ws[6], 1, 1, 1, True, None, None, 1e-5)

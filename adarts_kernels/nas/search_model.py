@@ -23,6 +23,21 @@ KERNELS = ("auto", "reference", "fused")
 RECOMPUTE = ("none", "edge")
 
 
+def resolve_kernels(edge: str, kernels: str, recompute: str = "none") -> str:
+    """The kernels a supernet of ``edge`` runs on: ``"auto"`` is ``"fused"`` for the ADARTS
+    edge and ``"reference"`` for the baselines. Raises ``ValueError`` for an unknown choice,
+    an unknown ``recompute`` or fused kernels asked for a baseline edge."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {recompute!r}; expected one of {list(RECOMPUTE)}")
+    if kernels == "auto":
+        return "fused" if edge == "adarts" else "reference"
+    if kernels == "fused" and edge != "adarts":
+        raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={edge!r}")
+    return kernels
+
+
 def _make_edge(kind: str, C: int, stride: int, k: int, kernels: str = "reference") -> nn.Module:
     if kind == "adarts":
         return FusedAttentionMixedOp(C, stride, k) if kernels == "fused" else AttentionMixedOp(C, stride, k)
@@ -116,14 +131,7 @@ class SearchNetwork(nn.Module):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
-        if kernels not in KERNELS:
-            raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
-        if kernels == "auto":
-            kernels = "fused" if edge == "adarts" else "reference"
-        if recompute not in RECOMPUTE:
-            raise ValueError(f"unknown recompute {recompute!r}; expected one of {list(RECOMPUTE)}")
-        if kernels == "fused" and edge != "adarts":
-            raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={edge!r}")
+        kernels = resolve_kernels(edge, kernels, recompute)
         if edge != "darts" and (C % k != 0):
             raise ValueError(f"C={C} channels are not divisible by k={k}")
         if layers < 1 or C < 1 or num_classes < 1:

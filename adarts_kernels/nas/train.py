@@ -27,7 +27,7 @@ from ..utils.io import JsonlLogger, atomic_torch_save, atomic_write_text, load_c
 from . import genotypes as G
 from .architect import Architect
 from .eval_model import EvalNetwork, count_parameters
-from .search_model import SearchNetwork, normalized_betas
+from .search_model import SearchNetwork, normalized_betas, resolve_kernels
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -94,14 +94,7 @@ class SearchConfig:
         if name not in SEARCH_PRESETS:
             raise ValueError(f"unknown search preset {name!r}; expected one of {sorted(SEARCH_PRESETS)}")
         c = dataclasses.replace(self, preset=name)
-        if c.kernels == "auto":
-            c.kernels = "fused" if c.edge == "adarts" else "reference"
-        if c.kernels not in ("fused", "reference"):
-            raise ValueError(f"unknown kernels {c.kernels!r}; expected auto, fused or reference")
-        if c.kernels == "fused" and c.edge != "adarts":
-            raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={c.edge!r}")
-        if c.recompute not in ("none", "edge"):
-            raise ValueError(f"unknown recompute {c.recompute!r}; expected none or edge")
+        c.kernels = resolve_kernels(c.edge, c.kernels, c.recompute)
         if c.batch_size == "auto":
             return _apply_preset(c, SEARCH_PRESETS[name], scale_lr=False)
         return _apply_preset(c, SEARCH_PRESETS[name])

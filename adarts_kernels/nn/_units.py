@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.reference import acc_dtype
+
 Tensor = torch.Tensor
 _conv_bwd = torch.ops.aten.convolution_backward.default
 
@@ -27,33 +29,30 @@ _conv_bwd = torch.ops.aten.convolution_backward.default
 Spec = Tuple
 
 
-_KEEP = threading.local()
+_REPLAY = threading.local()
 
 
 @contextlib.contextmanager
-def keep_intermediates():
-    """Inside, the units keep their ReLU and depthwise outputs instead of recomputing them
-    in backward. For a graph that lives only briefly: the re-run of an edge inside
-    :func:`~adarts_kernels.nn.recompute.recompute_edge`'s backward, whose memory is released
-    as soon as that edge's gradients are out."""
-    prev = getattr(_KEEP, "on", False)
-    _KEEP.on = True
+def replaying():
+    """The forward inside is a replay of one already run (an edge re-run by
+    :func:`~adarts_kernels.nn.recompute.recompute_edge` in backward): the units keep their
+    ReLU and depthwise outputs instead of recomputing them (the replayed graph lives only
+    until its gradients are out), and :func:`update_running_stats` does nothing, so that
+    BatchNorm statistics move once per real forward."""
+    prev = getattr(_REPLAY, "on", False)
+    _REPLAY.on = True
     try:
         yield
     finally:
-        _KEEP.on = prev
+        _REPLAY.on = prev
 
 
-def _keeping() -> bool:
-    return getattr(_KEEP, "on", False)
+def _replaying() -> bool:
+    return getattr(_REPLAY, "on", False)
 
 
 def _n_weights(spec: Spec) -> int:
     return 1 if spec[0] == "conv" else 2
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 def _stat(v: Tensor) -> Tensor:
@@ -64,7 +63,7 @@ def _bn_stats(u: Tensor, training: bool, run_mean: Optional[Tensor], run_var: Op
               eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """``(mean, var, rstd)`` of an affine-free BN, per channel, in the accumulation dtype:
     batch statistics (biased variance) in training, the running ones in eval."""
-    acc = _acc_dtype(u)
+    acc = acc_dtype(u.dtype)
     if training:
         var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
     else:
@@ -148,7 +147,7 @@ class SharedReluConvs(torch.autograd.Function):
     ``u: (B, n, H, W)``; ``weights``, in chain order: ``dwpw``: depthwise ``(n, 1, k, k)``
     and pointwise ``(n_out, n, 1, 1)``; ``fr``: two ``(n_out/2, n, 1, 1)``; ``conv``: one
     ``(n_out, n, k, k)``. Saved: ``u`` and the weights only. Backward recomputes ``r`` once
-    and each depthwise output in turn (under :func:`keep_intermediates`: kept instead).
+    and each depthwise output in turn (under :func:`replaying`: kept instead).
     """
 
     @staticmethod
@@ -161,7 +160,7 @@ class SharedReluConvs(torch.autograd.Function):
             zs.append(z)
             ts.append(t)
             at += _n_weights(spec)
-        ctx.keep = _keeping()
+        ctx.keep = _replaying()
         if ctx.keep:
             ctx.save_for_backward(u, *weights, r, *ts)
         else:
@@ -215,7 +214,7 @@ class BnReluDwPw(torch.autograd.Function):
         mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
         h = _layout(F.relu(((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
         z, t = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
-        ctx.keep = _keeping()
+        ctx.keep = _replaying()
         ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *((h, t) if ctx.keep else ()))
         ctx.conf = (stride, padding, dilation, training)
         ctx.mark_non_differentiable(mean, var)
@@ -233,15 +232,21 @@ class BnReluDwPw(torch.autograd.Function):
         return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None
 
 
+def bn_mode(bn: nn.BatchNorm2d) -> Tuple[bool, Optional[Tensor], Optional[Tensor]]:
+    """``(training, run_mean, run_var)`` as ``bn`` would normalise: batch statistics when it
+    is training or tracks none (running statistics ``None``), its running ones otherwise."""
+    training = bn.training or bn.running_mean is None
+    return (True, None, None) if training else (False, bn.running_mean, bn.running_var)
+
+
 def dwpw_spec(dw: nn.Conv2d) -> Spec:
     return ("dwpw", dw.stride[0], dw.padding[0], dw.dilation[0])
 
 
 def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d) -> Tuple[Tensor, Tensor, Tensor]:
-    """:class:`BnReluDwPw` with settings read from the modules: batch statistics when ``bn``
-    is training (or tracks none), its running statistics otherwise. Returns ``(z, mean, var)``."""
-    training = bn.training or bn.running_mean is None
-    rm, rv = (None, None) if training else (bn.running_mean, bn.running_var)
+    """:class:`BnReluDwPw` with settings read from the modules (:func:`bn_mode`). Returns
+    ``(z, mean, var)``."""
+    training, rm, rv = bn_mode(bn)
     return BnReluDwPw.apply(u, dw.weight, pw.weight, dw.stride[0], dw.padding[0], dw.dilation[0],
                             training, rm, rv, bn.eps)
 
@@ -249,7 +254,10 @@ def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d) -
 def update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
     """What ``BatchNorm2d`` does to its buffers in a training forward, for several BNs at
     once: ``mean, var: (len(bns), n)`` the batch mean and biased variance over ``count``
-    values per channel. Device-side arithmetic only (no host synchronisation)."""
+    values per channel. Device-side arithmetic only (no host synchronisation). Nothing moves
+    while :func:`replaying`."""
+    if _replaying():
+        return
     live = [(q, bn) for q, bn in enumerate(bns)
             if bn.training and bn.track_running_stats and bn.running_mean is not None]
     if not live:
@@ -296,14 +304,13 @@ class BatchNormKeepOutput(torch.autograd.Function):
         return du.to(y.dtype), None, None, None, None
 
 
-def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d, update_stats: bool = True) -> Tensor:
+def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     """``bn(u)`` for an affine-free ``bn`` through :class:`BatchNormKeepOutput`, with the
     running statistics updated as ``BatchNorm2d`` would."""
     if bn.affine:
         raise ValueError("batch_norm_keep_output: the BN must be affine-free (affine=False)")
-    training = bn.training or bn.running_mean is None
-    rm, rv = (None, None) if training else (bn.running_mean, bn.running_var)
+    training, rm, rv = bn_mode(bn)
     y, mean, var = BatchNormKeepOutput.apply(u, training, rm, rv, bn.eps)
-    if training and update_stats:
+    if training:
         update_running_stats([bn], mean[None], var[None], u.numel() // u.shape[1])
     return y

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
-from ._units import (SharedReluConvs, batch_norm_keep_output, bn_relu_dw_pw, dwpw_spec,
+from ._units import (SharedReluConvs, batch_norm_keep_output, bn_mode, bn_relu_dw_pw, dwpw_spec,
                      update_running_stats)
 from .edges import ChannelAttention, _Candidates, _check_edge_input, _check_k
 from .operations import FactorizedReduce, ReLUConvBN
@@ -42,6 +42,10 @@ class FusedAttentionMixedOp(nn.Module):
     ``impl`` picks the backend of the fused ops (default: ``ADARTS_KERNELS_IMPL`` / auto).
     """
 
+    #: BatchNorm statistics move only through ``update_running_stats`` (never a BN module's
+    #: own forward), which a replay (``nn/recompute.py``) freezes: no buffer snapshot needed.
+    stats_through_units = True
+
     def __init__(self, C: int, stride: int, k: int = 4, impl: Optional[str] = None):
         super().__init__()
         _check_k("FusedAttentionMixedOp", C, k)
@@ -51,7 +55,6 @@ class FusedAttentionMixedOp(nn.Module):
         self.attention = ChannelAttention(C)   # same parameters and keys as the reference
         self.cands = _Candidates(C // k, stride)
         self.last_idx: Optional[torch.Tensor] = None
-        self.update_stats = True    # False while an edge recomputation replays the forward
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
         _check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride)
@@ -71,34 +74,26 @@ class FusedAttentionMixedOp(nn.Module):
         ops = self.cands._ops
         s2 = self.stride == 2
         seps, dils = (ops[4].op, ops[5].op), (ops[6].op, ops[7].op)
-        chains = [m for m in (seps + dils)]
-        specs = tuple(dwpw_spec(m[1]) for m in chains)
-        wts = [w for m in chains for w in (m[1].weight, m[2].weight)]
+        specs = tuple(dwpw_spec(m[1]) for m in seps + dils)
+        wts = [w for m in seps + dils for w in (m[1].weight, m[2].weight)]
         if s2:
-            fr = ops[3]
             specs = (("fr",),) + specs
-            wts = [fr.conv_1.weight, fr.conv_2.weight] + wts
-        first = SharedReluConvs.apply(xs, specs, *wts)
-        z_fr, (z_s3, z_s5, z_d3, z_d5) = (first[0] if s2 else None), first[int(s2):]
+            wts = [ops[3].conv_1.weight, ops[3].conv_2.weight] + wts
+        first = list(SharedReluConvs.apply(xs, specs, *wts))   # [z_fr], z_sep3, z_sep5, z_dil3, z_dil5
         count = xs.shape[0] * (xs.shape[2] // self.stride) * (xs.shape[3] // self.stride)
-        zs = []
-        for seq, z1 in zip(seps, (z_s3, z_s5)):
-            z2, m1, v1 = bn_relu_dw_pw(z1, seq[3], seq[5], seq[6])
-            if self.training and self.update_stats:
-                update_running_stats([seq[3]], m1[None], v1[None], count)
-            zs.append(z2)
-        zs += [z_d3, z_d5]
+        at = int(s2)
+        for i, seq in enumerate(seps):        # second half of each sep_conv, its first BN folded in
+            first[at + i], m1, v1 = bn_relu_dw_pw(first[at + i], seq[3], seq[5], seq[6])
+            update_running_stats([seq[3]], m1[None], v1[None], count)       # no-op in eval mode
         bns = [ops[1][1], ops[2][1]] + ([ops[3].bn] if s2 else []) + [seps[0][7], seps[1][7], dils[0][3], dils[1][3]]
-        if s2:
-            zs.insert(0, z_fr)
-        if self.training or bns[0].running_mean is None:
-            y, mean, var = mixed_sum(zs, xs, weights, self.stride, bns[0].eps, impl=self.impl)
-            if self.update_stats:
-                update_running_stats(bns, mean, var, count)
+        training, _, _ = bn_mode(bns[0])
+        if training:
+            y, mean, var = mixed_sum(first, xs, weights, self.stride, bns[0].eps, impl=self.impl)
+            update_running_stats(bns, mean, var, count)
         else:
             rm = torch.stack([bn.running_mean for bn in bns])
             rv = torch.stack([bn.running_var for bn in bns])
-            y, _, _ = mixed_sum(zs, xs, weights, self.stride, bns[0].eps, rm, rv, impl=self.impl)
+            y, _, _ = mixed_sum(first, xs, weights, self.stride, bns[0].eps, rm, rv, impl=self.impl)
         return y
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ edges reading it); backward re-runs the edge with autograd and differentiates it
 Unlike ``torch.utils.checkpoint``, the kept inputs go through ``ctx.save_for_backward``, so
 saved-tensor hooks (``adarts_kernels.profiling.saved_activation_bytes``) count them. The
 recomputation does not move BatchNorm running statistics a second time, and replays the
-forward's autocast state. The edge must be deterministic (the ADARTS edges are: the
+forward's autocast state; the re-run happens under ``nn._units.replaying``. The edge must be deterministic (the ADARTS edges are: the
 top-k selection is a stable sort).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from ._units import keep_intermediates
+from ._units import replaying
 
 Tensor = torch.Tensor
 
@@ -28,7 +28,7 @@ def _bn_buffers(edge: nn.Module) -> List[Tensor]:
 
 class _EdgeRecompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, edge: nn.Module, n_in: int, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor],
+    def forward(ctx, edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor],
                 *params: Tensor):
         dev = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
@@ -44,25 +44,21 @@ class _EdgeRecompute(torch.autograd.Function):
         edge = ctx.edge
         ins = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, weights, edge_weight)]
         enabled, dtype, dev = ctx.autocast
-        snapshot = [b.clone() for b in _bn_buffers(edge)] if not hasattr(edge, "update_stats") else None
-        if snapshot is None:
-            edge.update_stats = False
+        # edges whose BN modules run their own forward get their buffers restored afterwards;
+        # the fused edge moves its statistics through the units, which a replay freezes
+        snapshot = None if getattr(edge, "stats_through_units", False) else [b.clone() for b in _bn_buffers(edge)]
         try:
-            # the re-run graph lives only until its gradients are out: its units may keep
-            # their intermediates instead of recomputing them a second time
-            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), keep_intermediates():
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), replaying():
                 out = edge(*ins)
             wrt = [t for t in (*ins, *params) if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
             grads = [next(got) if (t is not None and t.requires_grad) else None for t in (*ins, *params)]
         finally:   # after the gradients: BatchNorm's backward may read the buffers it saw
-            if snapshot is None:
-                edge.update_stats = True
-            else:
+            if snapshot is not None:
                 with torch.no_grad():
                     for b, s in zip(_bn_buffers(edge), snapshot):
                         b.copy_(s)
-        return (None, None, *grads)
+        return (None, *grads)
 
 
 def recompute_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
@@ -72,4 +68,4 @@ def recompute_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Opt
     if not torch.is_grad_enabled():
         return edge(x, weights, edge_weight)
     params = [p for p in edge.parameters() if p.requires_grad]
-    return _EdgeRecompute.apply(edge, 3, x, weights, edge_weight, *params)
+    return _EdgeRecompute.apply(edge, x, weights, edge_weight, *params)

@@ -44,10 +44,6 @@ def _(z, x, w, stride, eps, run_mean, run_var, impl):
     return run("mixed_sum_fwd", impl, z, x, w, stride, eps, run_mean, run_var)
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 @_mixed_sum.register_fake
 def _(z, x, w, stride, eps, run_mean, run_var, impl):
     B, n, H, W = x.shape
@@ -55,8 +51,8 @@ def _(z, x, w, stride, eps, run_mean, run_var, impl):
         torch._check(t.shape[0] == B and t.shape[1] == n)
         torch._check(t.shape[2] == H // stride and t.shape[3] == W // stride)
     Q = len(z) + 2
-    return (x.new_empty((B, n, H // stride, W // stride)), x.new_empty((Q, n), dtype=_stats_dtype(x)),
-            x.new_empty((Q, n), dtype=_stats_dtype(x)))
+    return (x.new_empty((B, n, H // stride, W // stride)), x.new_empty((Q, n), dtype=R.acc_dtype(x.dtype)),
+            x.new_empty((Q, n), dtype=R.acc_dtype(x.dtype)))
 
 
 @torch.library.custom_op("adarts::_mixed_sum_backward", mutates_args=())

@@ -25,9 +25,14 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float32 for half precision, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _acc(t: Tensor) -> Tensor:
-    """float32 for half precision inputs, unchanged otherwise (float32, float64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """``t`` in the accumulation dtype (:func:`acc_dtype`)."""
+    return t.to(acc_dtype(t.dtype))
 
 
 # ----------------------------------------------------------------------------- 1. scoring
@@ -219,7 +224,8 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float
         var = torch.stack([v for v, _ in vm])
         mean = torch.stack([m for _, m in vm])
     else:
-        mean, var = _acc(run_mean).clone(), _acc(run_var).clone()
+        acc = acc_dtype(x.dtype)    # the statistics' dtype follows x, whatever the buffers' dtype
+        mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
     rstd = torch.rsqrt(var + eps)
     y = None
     for q, o in enumerate(mixed_sum_weight_index(stride)):

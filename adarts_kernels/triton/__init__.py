@@ -103,8 +103,8 @@ def _acc_dtype(dtype):
 
 
 def _acc_torch(dtype):
-    import torch
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    from ..ops.reference import acc_dtype   # float64 stays float64, every other float: float32
+    return acc_dtype(dtype)
 
 
 def _block_hw(n: int, lo: int = 16, hi: int = 1024) -> int:
