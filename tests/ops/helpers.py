@@ -1,0 +1,170 @@
+"""Helpers shared by the per-op tests (``tests/ops/test_<op>.py``).
+
+Every op test is parametrised over the backends with :func:`backend_params`: ``reference``
+and ``cpp`` on CPU tensors, ``triton`` on CUDA tensors (or interpreted on CPU tensors with
+``TRITON_INTERPRET=1``, which ``tests/conftest.py`` sets where no GPU is), ``cuda`` on CUDA
+tensors. A backend that cannot run is skipped with the reason, or fails where CI demands it
+(``ADARTS_REQUIRE_EXT=1`` for cpp, ``ADARTS_REQUIRE_TRITON=1`` for triton).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import pytest
+import torch
+
+from adarts_kernels.backend import why_unavailable
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+LOW = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float64, torch.float32) + LOW
+
+#: (rtol, atol) of a backend against the reference in the same dtype: both accumulate in
+#: float32 (float64 for float64) and round once, so they differ by the reductions' order.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+_REQUIRED = {"cpp": "ADARTS_REQUIRE_EXT", "triton": "ADARTS_REQUIRE_TRITON"}
+
+
+def device_of(impl: str) -> str:
+    """The device a backend's tests run on: CUDA for ``cuda`` (and ``triton`` where a GPU
+    is), CPU otherwise."""
+    if impl == "cuda" or (impl == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def unavailable(impl: str) -> Optional[str]:
+    """Why ``impl`` cannot run its tests here, or ``None``."""
+    dev = device_of(impl)
+    if dev == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return why_unavailable(impl, dev)
+
+
+def backend_params(impls=BACKENDS) -> List:
+    """``pytest.param`` per backend, ``gpu``-marked on CUDA. Use the argument name ``impl``:
+    ``tests/ops/conftest.py`` then skips a backend that cannot run here (with the reason),
+    or fails the test where the environment requires that backend (CI)."""
+    return [pytest.param(impl, marks=[pytest.mark.gpu] if device_of(impl) == "cuda" else [], id=impl)
+            for impl in impls]
+
+
+def require(impl: str) -> None:
+    """Inside a test: skip (or fail where required) when ``impl`` cannot run."""
+    reason = unavailable(impl)
+    if reason is None:
+        return
+    env = _REQUIRED.get(impl)
+    if env is not None and os.environ.get(env) == "1" and device_of(impl) == "cpu":
+        pytest.fail(f"{reason} [{env}=1]")
+    pytest.skip(reason)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, g: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Fresh normal values, drawn in float64 on the CPU (the same values for every dtype)."""
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def attention_values(B: int, C: int, g: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """A channel attention ``a: (B, C)`` in ``(0.05, 0.95)`` (a sigmoid's range, away from 0)."""
+    return (torch.rand(B, C, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(device=device, dtype=dtype)
+
+
+def rand_idx(C: int, n: int, g: torch.Generator, device="cpu") -> torch.Tensor:
+    """``n`` distinct channels of ``C`` in random (unsorted) order, int64."""
+    return torch.randperm(C, generator=g)[:n].to(device)
+
+
+def noncontig(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (channels last in memory for 4-d tensors,
+    a strided view otherwise; 0-d tensors are returned as they are)."""
+    if t.dim() == 0:
+        return t
+    if t.dim() == 4:
+        v = t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        if v.is_contiguous():   # a size-1 dimension: fall back to a strided view
+            v = torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+    else:
+        v = torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+    assert torch.equal(v, t)
+    return v
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values at a storage offset of one element (no vectorised path applies)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = buf[1:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+def poison_heap(*like: torch.Tensor) -> None:
+    """Allocate NaN-filled blocks of the outputs' sizes and free them, so that an output
+    buffer the allocator hands out again starts as NaN: an element a kernel forgets to write
+    shows up in the whole-tensor comparisons."""
+    for t in like:
+        for dt in (torch.float64, torch.float32, torch.float16):
+            torch.full((max(t.numel(), 1),), float("nan"), dtype=dt, device=t.device)
+
+
+def upcast(t):
+    """float16 / bfloat16 tensors (also inside lists) as float32; anything else unchanged."""
+    if isinstance(t, (list, tuple)):
+        return [upcast(u) for u in t]
+    if isinstance(t, torch.Tensor) and t.dtype in LOW:
+        return t.float()
+    return t
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 equal_nan: bool = False) -> None:
+    """Same shape, dtype and device type; values within :data:`TOL` of ``dtype``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
+    if not actual.is_floating_point():
+        assert torch.equal(actual.cpu(), expected.cpu()), f"{what}: {actual.tolist()} vs {expected.tolist()}"
+        return
+    if not equal_nan:
+        assert not torch.isnan(actual).any() or torch.isnan(expected).any(), f"{what}: NaN (an element never written?)"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol, equal_nan=equal_nan,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_low_precision(ours, ref, truth, dtype: torch.dtype, what: str = "") -> None:
+    """bfloat16 / float16: against ``truth`` (the reference in float32 on the same rounded
+    inputs) ``ours`` errs by at most twice what the reference's own same-precision result
+    ``ref`` errs by, plus one unit in the last place of the largest value."""
+    eps = torch.finfo(dtype).eps
+    for i, (o, r, t) in enumerate(zip(ours, ref, truth)):
+        assert o.dtype == r.dtype and o.shape == r.shape, (what, i, o.dtype, o.shape, r.dtype, r.shape)
+        t = t.float().cpu()
+        err = (o.float().cpu() - t).abs().max().item() if o.numel() else 0.0
+        base = (r.float().cpu() - t).abs().max().item() if r.numel() else 0.0
+        floor = eps * (t.abs().max().item() if t.numel() else 0.0) + 1e-30
+        assert err <= 2 * base + floor, f"{what}[{i}] {dtype}: error {err:.3g} vs the reference's own {base:.3g}"
+
+
+def assert_topk(idx: torch.Tensor, ref_idx: torch.Tensor, score: torch.Tensor, tol: float) -> None:
+    """``idx`` equal to ``ref_idx``, except where the two positions hold scores equal within ``tol``."""
+    assert idx.dtype == torch.int64 and idx.shape == ref_idx.shape
+    idx, ref_idx, score = idx.cpu(), ref_idx.cpu(), score.cpu()
+    if torch.equal(idx, ref_idx):
+        return
+    diff = (score[idx] - score[ref_idx]).abs().max().item()
+    assert diff <= tol, f"top-k differs beyond near-ties: {idx.tolist()} vs {ref_idx.tolist()}"
