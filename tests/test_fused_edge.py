@@ -67,7 +67,7 @@ def test_bad_arguments_named():
 
 def test_fused_supernet_matches_reference_and_saves_less():
     torch.manual_seed(0)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="modules")
     fused = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="fused")
     fused.load_state_dict(ref.state_dict())
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -98,11 +98,11 @@ def test_fused_supernet_saved_bytes_per_sample_targets():
     assert recompute <= 0.10 * pc, (recompute, pc)
 
 
-@pytest.mark.parametrize("kernels,recompute", [("fused", "none"), ("fused", "edge"), ("reference", "edge")])
+@pytest.mark.parametrize("kernels,recompute", [("fused", "none"), ("fused", "edge"), ("modules", "edge")])
 @pytest.mark.parametrize("train", [True, False])
 def test_supernet_variants_same_function_gradients_and_buffers(kernels, recompute, train):
     torch.manual_seed(1)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="modules")
     net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels=kernels, recompute=recompute)
     net.load_state_dict(ref.state_dict())
     ref.train(train), net.train(train)
@@ -119,7 +119,7 @@ def test_supernet_variants_same_function_gradients_and_buffers(kernels, recomput
 
 def test_fused_supernet_channels_last_and_bf16_autocast():
     torch.manual_seed(3)
-    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="reference")
+    ref = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="modules")
     net = SearchNetwork(C=8, num_classes=10, layers=3, edge="adarts", kernels="fused")
     net.load_state_dict(ref.state_dict())
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -161,6 +161,102 @@ def test_fused_edge_compiles_fullgraph():
 def test_fused_is_the_default_for_the_adarts_edge():
     assert SearchNetwork(C=8, layers=3, edge="adarts").kernels == "fused"
     assert isinstance(SearchNetwork(C=8, layers=3, edge="adarts").cells[0]._ops[0], FusedAttentionMixedOp)
-    assert SearchNetwork(C=8, layers=3, edge="pcdarts").kernels == "reference"
-    assert isinstance(SearchNetwork(C=8, layers=3, edge="adarts", kernels="reference").cells[0]._ops[0],
+    assert SearchNetwork(C=8, layers=3, edge="pcdarts").kernels == "modules"
+    assert isinstance(SearchNetwork(C=8, layers=3, edge="adarts", kernels="modules").cells[0]._ops[0],
                       AttentionMixedOp)
+
+
+# ----------------------------------------------------------------------------- candidates by role
+
+def test_roles_are_read_by_name_from_the_candidates():
+    from adarts_kernels.nn import PRIMITIVES
+    for stride in (1, 2):
+        roles = FusedAttentionMixedOp(8, stride, 4).roles
+        assert roles.pool_columns == (PRIMITIVES.index("max_pool_3x3"), PRIMITIVES.index("avg_pool_3x3"))
+        z = ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+        if stride == 2:
+            z = ["skip_connect"] + z       # FactorizedReduce ends in a BN: a BN input
+            assert roles.identity_column is None
+        else:
+            assert roles.identity_column == PRIMITIVES.index("skip_connect")
+        assert [b.name for b in roles.bn_inputs] == z
+        assert roles.z_columns == tuple(PRIMITIVES.index(n) for n in z)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_reordered_candidates_compute_the_reference_function(stride):
+    """A new order of the candidates (alpha's columns) is followed, not mis-mapped."""
+    order = ("dil_conv_5x5", "avg_pool_3x3", "sep_conv_3x3", "none", "skip_connect", "max_pool_3x3",
+             "dil_conv_3x3", "sep_conv_5x5")
+    torch.manual_seed(4)
+    ref = AttentionMixedOp(8, stride, 4, primitives=order)
+    fused = FusedAttentionMixedOp(8, stride, 4, primitives=order)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, 6, 6)
+    w = F.softmax(torch.randn(8), 0)
+    torch.testing.assert_close(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    # fewer candidates: weights follow the list's length
+    few = ("max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3")
+    ref, fused = AttentionMixedOp(8, stride, 4, primitives=few), FusedAttentionMixedOp(8, stride, 4, primitives=few)
+    fused.load_state_dict(ref.state_dict())
+    w = F.softmax(torch.randn(3), 0)
+    torch.testing.assert_close(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        fused(x, F.softmax(torch.randn(8), 0))
+
+
+def test_unsupported_candidates_fail_at_construction(monkeypatch):
+    import torch.nn as nn
+
+    from adarts_kernels.nn import operations
+    monkeypatch.setitem(operations.OPS, "conv_7x1_1x7",
+                        lambda C, stride, affine: nn.Conv2d(C, C, (7, 1), stride, (3, 0), bias=False))
+    prims = operations.PRIMITIVES + ("conv_7x1_1x7",)
+    AttentionMixedOp(8, 1, 4, primitives=prims)          # the plain-PyTorch edge runs any candidate
+    with pytest.raises(ValueError, match=r"candidate 'conv_7x1_1x7' \(column 8\): Conv2d has no fused"):
+        FusedAttentionMixedOp(8, 1, 4, primitives=prims)
+    no_avg = tuple(p for p in operations.PRIMITIVES if p != "avg_pool_3x3")
+    with pytest.raises(ValueError, match="needs a max_pool_3x3 and an avg_pool_3x3 candidate; no avg pool"):
+        FusedAttentionMixedOp(8, 1, 4, primitives=no_avg)
+    with pytest.raises(ValueError, match="a second max pool"):
+        FusedAttentionMixedOp(8, 1, 4, primitives=operations.PRIMITIVES + ("max_pool_3x3",))
+    monkeypatch.setitem(operations.OPS, "max_pool_5x5", lambda C, stride, affine: nn.MaxPool2d(5, stride, 2))
+    with pytest.raises(ValueError, match="takes 3x3 pools"):
+        FusedAttentionMixedOp(8, 1, 4, primitives=tuple(p if p != "max_pool_3x3" else "max_pool_5x5"
+                                                        for p in operations.PRIMITIVES))
+
+
+def test_fused_edge_trusts_the_indices_it_selects(monkeypatch):
+    """The idx from attention_score is not re-checked inside the edge (public ops still check)."""
+    import adarts_kernels.ops.attention_gather as gather_mod
+    import adarts_kernels.ops.attention_writeback as writeback_mod
+    from adarts_kernels.ops import _common
+
+    def refuse(*a, **k):
+        raise AssertionError("check_idx_values called inside the fused edge")
+    for mod in (_common, gather_mod, writeback_mod):
+        if hasattr(mod, "check_idx_values"):
+            monkeypatch.setattr(mod, "check_idx_values", refuse)
+    for impl in IMPLS:
+        edge = FusedAttentionMixedOp(8, 1, 4, impl=impl)
+        edge(torch.randn(2, 8, 4, 4), F.softmax(torch.randn(8), 0)).sum().backward()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_replay_is_an_explicit_argument(train):
+    """replay=True: same output, BN running statistics untouched, intermediates kept."""
+    torch.manual_seed(5)
+    edge = FusedAttentionMixedOp(8, 2, 4).train(train)
+    x, w = torch.randn(3, 8, 6, 6), F.softmax(torch.randn(8), 0)
+    before = {n: b.clone() for n, b in edge.named_buffers()}
+    out_replay = edge(x, w, replay=True)
+    for n, b in edge.named_buffers():
+        assert torch.equal(b, before[n]), n
+    out = edge(x, w)
+    torch.testing.assert_close(out_replay, out)
+    if train:
+        assert any(not torch.equal(b, before[n]) for n, b in edge.named_buffers())
+    xin = x.clone().requires_grad_()
+    kept = saved_activation_bytes(lambda: edge(xin * 1.0, w, replay=True), module=edge)
+    lean = saved_activation_bytes(lambda: edge(xin * 1.0, w), module=edge)
+    assert kept > lean

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adarts_kernels.nn._units import (BatchNormKeepOutput, BnReluDwPw, SharedReluConvs, batch_norm_keep_output,
-                                      update_running_stats)
+from adarts_kernels.nn.batchnorm import BatchNormKeepOutput, batch_norm_keep_output, update_running_stats
+from adarts_kernels.nn.units import BnReluDwPw, SharedReluConvs
 from adarts_kernels.nn.edges import AttentionMixedOp
 from adarts_kernels.nn.recompute import recompute_edge
 from adarts_kernels.profiling import saved_activation_bytes
@@ -25,8 +25,8 @@ def test_shared_relu_convs_gradcheck_and_matches_modules(stride):
     ws = [rnd(n, 1, 3, 3, seed=2), rnd(n, n, 1, 1, seed=3), rnd(n, 1, 5, 5, seed=4), rnd(n, n, 1, 1, seed=5),
           rnd(2, n, 1, 1, seed=6), rnd(2, n, 1, 1, seed=7), rnd(5, n, 1, 1, seed=8)]
     ws = [w.requires_grad_() for w in ws]
-    assert torch.autograd.gradcheck(lambda u, *w: SharedReluConvs.apply(u, specs, *w), (u, *ws))
-    outs = SharedReluConvs.apply(u, specs, *ws)
+    assert torch.autograd.gradcheck(lambda u, *w: SharedReluConvs.apply(u, specs, False, *w), (u, *ws))
+    outs = SharedReluConvs.apply(u, specs, False, *ws)
     r = F.relu(u)
     expect = [F.conv2d(F.conv2d(r, ws[0], None, stride, 1, 1, n), ws[1]),
               F.conv2d(F.conv2d(r, ws[2], None, stride, 4, 2, n), ws[3]),
@@ -40,7 +40,7 @@ def test_shared_relu_convs_keeps_only_its_input():
     u0 = torch.randn(4, 4, 8, 8, requires_grad=True)
     w = [torch.randn(4, 1, 3, 3, requires_grad=True), torch.randn(4, 4, 1, 1, requires_grad=True)]
     specs = (("dwpw", 1, 1, 1),) * 4
-    nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u0 * 1.0, specs, *(w * 4)))
+    nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u0 * 1.0, specs, False, *(w * 4)))
     assert nbytes == u0.numel() * 4        # u once; no ReLU or depthwise outputs
 
 
@@ -51,12 +51,12 @@ def test_bn_relu_dw_pw_gradcheck_and_matches_modules(training):
     wd, wp = rnd(n, 1, 3, 3, seed=2).requires_grad_(), rnd(4, n, 1, 1, seed=3).requires_grad_()
     rm, rv = rnd(n, seed=4), rnd(n, seed=5).abs() + 0.5
     assert torch.autograd.gradcheck(
-        lambda u, a, b: BnReluDwPw.apply(u, a, b, 1, 2, 2, training, rm, rv, 1e-5)[0], (u, wd, wp))
+        lambda u, a, b: BnReluDwPw.apply(u, a, b, 1, 2, 2, training, rm, rv, 1e-5, False)[0], (u, wd, wp))
     bn = nn.BatchNorm2d(n, affine=False).double().train(training)
     bn.running_mean.copy_(rm), bn.running_var.copy_(rv)
     expect = F.conv2d(F.conv2d(F.relu(bn(u)), wd, None, 1, 2, 2, n), wp)
     z, mean, var = BnReluDwPw.apply(u, wd, wp, 1, 2, 2, training, None if training else rm,
-                                    None if training else rv, 1e-5)
+                                    None if training else rv, 1e-5, False)
     torch.testing.assert_close(z, expect)
     if training:
         torch.testing.assert_close(mean, u.detach().mean((0, 2, 3)))
@@ -78,14 +78,24 @@ def test_batch_norm_keep_output(training):
         batch_norm_keep_output(u, nn.BatchNorm2d(4).double())
 
 
-def test_update_running_stats_frozen_while_replaying():
-    from adarts_kernels.nn._units import replaying
-    bn = nn.BatchNorm2d(3, affine=False)
-    with replaying():
-        update_running_stats([bn], torch.ones(1, 3), torch.ones(1, 3), 10)
-    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
-    update_running_stats([bn], torch.ones(1, 3), torch.ones(1, 3), 10)
-    assert torch.allclose(bn.running_mean, torch.full((3,), 0.1)) and int(bn.num_batches_tracked) == 1
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_update_running_stats_like_batchnorm(momentum):
+    bns = [nn.BatchNorm2d(3, affine=False, momentum=momentum) for _ in range(2)]
+    refs = [nn.BatchNorm2d(3, affine=False, momentum=momentum) for _ in range(2)]
+    eval_bn = nn.BatchNorm2d(3, affine=False).eval()
+    for step in range(3):
+        us = [torch.randn(4, 3, 5, 5) * (q + 1) + step for q in range(2)]
+        for r, u in zip(refs, us):
+            r(u)
+        var, mean = zip(*[torch.var_mean(u, dim=(0, 2, 3), unbiased=False) for u in us])
+        update_running_stats(bns, torch.stack(mean), torch.stack(var), 100)
+        update_running_stats([eval_bn], torch.stack(mean)[:1], torch.stack(var)[:1], 100)
+    for a, b in zip(bns, refs):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 3
+    # a BN in eval mode is left alone
+    assert torch.equal(eval_bn.running_mean, torch.zeros(3)) and int(eval_bn.num_batches_tracked) == 0
 
 
 def test_update_running_stats_like_batchnorm_with_cumulative_momentum():
@@ -129,8 +139,7 @@ def test_recompute_edge_same_gradients_buffers_once_and_counts_inputs(stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_replaying_keeps_intermediates_same_gradients(stride):
-    from adarts_kernels.nn._units import replaying
+def test_keep_holds_intermediates_same_gradients(stride):
     n = 3
     u0 = rnd(2, n, 6, 6, seed=1)
     specs = (("dwpw", stride, 1, 1), ("fr",), ("conv", 1, 0))
@@ -141,11 +150,9 @@ def test_replaying_keeps_intermediates_same_gradients(stride):
     for keep in (False, True):
         u = u0.clone().requires_grad_()
         ws = [w.clone().requires_grad_() for w in ws0 + [wd, wp]]
-        ctx = replaying() if keep else torch.enable_grad()
-        with ctx:
-            outs = SharedReluConvs.apply(u * 1.0, specs, *ws[:5])
-            z2, _, _ = BnReluDwPw.apply(outs[0], ws[5], ws[6], 1, 1, 1, True, None, None, 1e-5)
-            nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u * 1.0, specs, *ws[:5]))
+        outs = SharedReluConvs.apply(u * 1.0, specs, keep, *ws[:5])
+        z2, _, _ = BnReluDwPw.apply(outs[0], ws[5], ws[6], 1, 1, 1, True, None, None, 1e-5, keep)
+        nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u * 1.0, specs, keep, *ws[:5]))
         (sum(o.square().sum() for o in outs[1:]) + z2.square().sum()).backward()
         res.append(([u.grad] + [w.grad for w in ws], nbytes))
     for a, b in zip(res[0][0], res[1][0]):

@@ -1,11 +1,15 @@
 """Modules: candidate operations and the supernet edges."""
-from .edges import AttentionMixedOp, ChannelAttention, MixedOp, PartialMixedOp, channel_shuffle, select_channels
-from .fused import FusedAttentionMixedOp, FusedFactorizedReduce, FusedReLUConvBN
+from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
+from .edges import (AttentionMixedOp, Candidates, ChannelAttention, MixedOp, PartialMixedOp, channel_shuffle,
+                    check_edge_input, check_k, select_channels)
+from .fused import FusedAttentionMixedOp, FusedCandidates, FusedFactorizedReduce, FusedReLUConvBN
 from .operations import OPS, PRIMITIVES, make_op, make_search_op
-from .recompute import recompute_edge
+from .recompute import ReplayableEdge, recompute_edge
 
 __all__ = [
-    "AttentionMixedOp", "FusedAttentionMixedOp", "ChannelAttention", "MixedOp", "PartialMixedOp", "channel_shuffle", "select_channels",
-    "FusedFactorizedReduce", "FusedReLUConvBN", "recompute_edge",
+    "AttentionMixedOp", "FusedAttentionMixedOp", "ChannelAttention", "MixedOp", "PartialMixedOp", "channel_shuffle",
+    "select_channels", "Candidates", "FusedCandidates", "check_edge_input", "check_k",
+    "FusedFactorizedReduce", "FusedReLUConvBN", "ReplayableEdge", "recompute_edge",
+    "batch_norm_keep_output", "batchnorm_mode", "update_running_stats",
     "OPS", "PRIMITIVES", "make_op", "make_search_op",
 ]

@@ -12,7 +12,7 @@ The output is ``(B, C, H, W)`` at stride 1 and ``(B, C, H/2, W/2)`` at stride 2.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,16 +21,18 @@ import torch.nn.functional as F
 from .operations import PRIMITIVES, make_search_op
 
 
-def _check_edge_input(name: str, x: torch.Tensor, weights: torch.Tensor, C: int, stride: int) -> None:
-    # Shape-only checks: no device data is read, so no host synchronisation.
+def check_edge_input(name: str, x: torch.Tensor, weights: torch.Tensor, C: int, stride: int,
+                     n_ops: int = len(PRIMITIVES)) -> None:
+    """Shape, dtype and device checks of an edge's ``x: (B, C, H, W)`` and ``weights: (n_ops,)``,
+    raising with the edge's ``name``. Shape-only: no device data is read (no host synchronisation)."""
     if x.dim() != 4:
         raise ValueError(f"{name}: expected x of shape (B, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
     if x.shape[1] != C:
         raise ValueError(f"{name}: built for C={C} channels, got x with {x.shape[1]} channels (shape {tuple(x.shape)})")
     if stride == 2 and (x.shape[2] % 2 or x.shape[3] % 2):
         raise ValueError(f"{name}: a stride-2 edge needs even H and W, got {tuple(x.shape)}")
-    if weights.shape != (len(PRIMITIVES),):
-        raise ValueError(f"{name}: weights must have shape ({len(PRIMITIVES)},), one per candidate, "
+    if weights.shape != (n_ops,):
+        raise ValueError(f"{name}: weights must have shape ({n_ops},), one per candidate, "
                          f"got {tuple(weights.shape)}")
     if weights.device != x.device:
         raise ValueError(f"{name}: weights on {weights.device} but x on {x.device}")
@@ -38,34 +40,37 @@ def _check_edge_input(name: str, x: torch.Tensor, weights: torch.Tensor, C: int,
         raise TypeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
 
 
-def _check_k(name: str, C: int, k: int) -> None:
+def check_k(name: str, C: int, k: int) -> None:
+    """``k`` a positive integer dividing ``C`` (the 1/k partial channel connection)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"{name}: k must be a positive integer, got {k!r}")
     if C % k != 0:
         raise ValueError(f"{name}: C={C} channels are not divisible by k={k}")
 
 
-class _Candidates(nn.Module):
-    """The 8 search candidates for ``C`` channels and their weighted sum."""
+class Candidates(nn.Module):
+    """The search candidates for ``C`` channels (``PRIMITIVES`` by default: the column order
+    of alpha) and their weighted sum. Keys ``_ops.<i>.*``, ``i`` the candidate's column."""
 
-    def __init__(self, C: int, stride: int):
+    def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._ops = nn.ModuleList(make_search_op(p, C, stride) for p in PRIMITIVES)
+        self.primitives = tuple(primitives)
+        self._ops = nn.ModuleList(make_search_op(p, C, stride) for p in self.primitives)
 
     def mixed(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_o weights[o] * op_o(x)``, the DARTS mixed operation."""
         return sum(w * op(x) for w, op in zip(weights, self._ops))
 
 
-class MixedOp(_Candidates):
+class MixedOp(Candidates):
     """DARTS edge: every candidate on all ``C`` channels."""
 
-    def __init__(self, C: int, stride: int):
-        super().__init__(C, stride)
+    def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
+        super().__init__(C, stride, primitives)
         self.C, self.stride = C, stride
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
-        _check_edge_input("MixedOp", x, weights, self.C, self.stride)
+        check_edge_input("MixedOp", x, weights, self.C, self.stride, len(self.primitives))
         out = self.mixed(x, weights)
         return out if edge_weight is None else edge_weight * out
 
@@ -81,15 +86,15 @@ class PartialMixedOp(nn.Module):
     """PC-DARTS edge: the first ``C/k`` channels through the candidates, the rest bypass
     (max-pooled 2x2 at stride 2); concat, then channel shuffle with ``k`` groups."""
 
-    def __init__(self, C: int, stride: int, k: int = 4):
+    def __init__(self, C: int, stride: int, k: int = 4, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        _check_k("PartialMixedOp", C, k)
+        check_k("PartialMixedOp", C, k)
         self.C, self.stride, self.k = C, stride, k
         self.mp = nn.MaxPool2d(2, 2)
-        self.cands = _Candidates(C // k, stride)
+        self.cands = Candidates(C // k, stride, primitives)
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
-        _check_edge_input("PartialMixedOp", x, weights, self.C, self.stride)
+        check_edge_input("PartialMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         c_sel = self.C // self.k
         xtemp, xtemp2 = x[:, :c_sel], x[:, c_sel:]
         temp1 = self.cands.mixed(xtemp, weights)
@@ -148,18 +153,18 @@ class AttentionMixedOp(nn.Module):
     the device. ``last_idx`` holds the indices of the latest forward (for inspection).
     """
 
-    def __init__(self, C: int, stride: int, k: int = 4):
+    def __init__(self, C: int, stride: int, k: int = 4, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        _check_k("AttentionMixedOp", C, k)
+        check_k("AttentionMixedOp", C, k)
         if stride not in (1, 2):
             raise ValueError(f"AttentionMixedOp: stride must be 1 or 2, got {stride}")
         self.C, self.stride, self.k = C, stride, k
         self.attention = ChannelAttention(C)
-        self.cands = _Candidates(C // k, stride)
+        self.cands = Candidates(C // k, stride, primitives)
         self.last_idx: Optional[torch.Tensor] = None
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
-        _check_edge_input("AttentionMixedOp", x, weights, self.C, self.stride)
+        check_edge_input("AttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         a = self.attention(x)                                   # (B, C)
         xa = x * a[:, :, None, None]                            # (B, C, H, W)
         idx = select_channels(a.detach().sum(dim=0), self.C // self.k)  # (C/k,)

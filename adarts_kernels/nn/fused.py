@@ -8,7 +8,7 @@ ways), same function. Inside:
 - ``adarts::attention_gather`` for ``x_sel = (x * a)[:, idx]`` (``x * a`` is never formed);
 - the convolution candidates on ``x_sel`` with one ReLU shared by all four (and by the
   FactorizedReduce of ``skip_connect`` at stride 2), keeping only ``x_sel`` and recomputing
-  ReLU and depthwise outputs in backward (``nn/_units.py``); the first BN of each
+  ReLU and depthwise outputs in backward (``nn/units.py``); the first BN of each
   ``sep_conv`` is folded into its second half the same way;
 - ``adarts::mixed_sum`` for the weighted sum with every candidate's trailing affine-free
   BatchNorm folded in (pooling recomputed in backward, ``none`` skipped);
@@ -19,81 +19,198 @@ Saved for backward per edge, in units of ``|x_sel| = |x| / k``: ``x_sel`` (1), t
 (2 inside the sep_convs + 4 final, + 1/4 for the FactorizedReduce at stride 2), the mixed
 output ``y`` (1), and ``a: (B, C)``; the edge input ``x`` is the node state, shared with the
 other edges. BatchNorm running statistics are updated exactly as ``BatchNorm2d`` does.
+
+The candidates are reached by role through :class:`FusedCandidates`, built once in
+``__init__`` from the candidates' module types (never by position): the fused ops know
+nothing of the search space, and a candidate the fused edge cannot run (a new kind, a
+missing pool, a pool of another size) fails at construction with its name.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
-from ._units import (SharedReluConvs, batch_norm_keep_output, bn_mode, bn_relu_dw_pw, dwpw_spec,
-                     update_running_stats)
-from .edges import ChannelAttention, _Candidates, _check_edge_input, _check_k
-from .operations import FactorizedReduce, ReLUConvBN
+from ..ops.mixed_sum import MAX_Z
+from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
+from .edges import Candidates, ChannelAttention, check_edge_input, check_k
+from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero
+from .recompute import ReplayableEdge
+from .units import SharedReluConvs, Spec, bn_relu_dw_pw, dwpw_spec
 
 
-class FusedAttentionMixedOp(nn.Module):
-    """The ADARTS edge (SPEC section 2) computed with the fused ops.
+class _BnInput(NamedTuple):
+    """A candidate that ends in an affine-free BN whose input the mixed sum takes (``z``)."""
+    name: str
+    column: int
+    module: nn.Module     # FactorizedReduce, SepConv or DilConv
+    spec: Spec            # its chain after the shared ReLU (units.SharedReluConvs)
 
-    ``x: (B, C, H, W)``, ``weights: (8,)`` (softmax of the edge's alpha row), optional
-    ``edge_weight`` (0-dim, the normalised beta) -> ``(B, C, H/stride, W/stride)``.
-    ``impl`` picks the backend of the fused ops (default: ``ADARTS_KERNELS_IMPL`` / auto).
+
+def _columns(weights: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
+    """``weights[cols]``: a view when the columns are consecutive (no kernel launch), else a stack."""
+    if all(b == a + 1 for a, b in zip(cols, cols[1:])):
+        return weights[cols[0]:cols[0] + len(cols)]
+    return torch.stack([weights[c] for c in cols])
+
+
+class FusedCandidates:
+    """The candidates of a fused edge by role, read once from their modules.
+
+    ``none`` (:class:`Zero`) is skipped; the ``max``/``avg`` 3x3 pools (:class:`PoolBN`) are
+    the mixed sum's pooling inputs; ``skip_connect`` is the identity weight at stride 1
+    (:class:`Identity`) or a BN input at stride 2 (:class:`FactorizedReduce`); every
+    :class:`SepConv` and :class:`DilConv` is a BN input. Each role keeps its column of
+    ``weights`` (the candidate's position in ``primitives``). A plain object, not a module:
+    ``state_dict`` keys stay those of the candidates.
     """
 
-    #: BatchNorm statistics move only through ``update_running_stats`` (never a BN module's
-    #: own forward), which a replay (``nn/recompute.py``) freezes: no buffer snapshot needed.
-    stats_through_units = True
+    def __init__(self, cands: Candidates, stride: int, owner: str = "FusedAttentionMixedOp"):
+        pools: dict = {}
+        self.identity_column: Optional[int] = None
+        self.bn_inputs: List[_BnInput] = []
+        for col, (name, op) in enumerate(zip(cands.primitives, cands._ops)):
+            where = f"{owner}: candidate {name!r} (column {col})"
+            if isinstance(op, Zero):
+                continue
+            if isinstance(op, PoolBN):
+                kind = "max" if isinstance(op.pool, nn.MaxPool2d) else "avg" if isinstance(op.pool, nn.AvgPool2d) else None
+                if kind is None:
+                    raise ValueError(f"{where}: the fused mixed sum has no {type(op.pool).__name__}")
+                if kind in pools:
+                    raise ValueError(f"{where}: a second {kind} pool (the first is {pools[kind][0]!r}); "
+                                     "the fused mixed sum takes one max and one avg pool")
+                _check_pool(where, op.pool, stride)
+                pools[kind] = (name, col, op.bn)
+            elif isinstance(op, Identity):
+                self.identity_column = col
+            elif isinstance(op, FactorizedReduce):
+                self.bn_inputs.append(_BnInput(name, col, op, ("fr",)))
+            elif isinstance(op, SepConv):
+                self.bn_inputs.append(_BnInput(name, col, op, dwpw_spec(op.layers().dw1)))
+            elif isinstance(op, DilConv):
+                self.bn_inputs.append(_BnInput(name, col, op, dwpw_spec(op.layers().dw)))
+            else:
+                raise ValueError(f"{where}: {type(op).__name__} has no fused implementation "
+                                 "(use AttentionMixedOp, the plain-PyTorch edge, for this search space)")
+        missing = [k for k in ("max", "avg") if k not in pools]
+        if missing:
+            raise ValueError(f"{owner}: the fused mixed sum needs a max_pool_3x3 and an avg_pool_3x3 candidate; "
+                             f"no {' and no '.join(missing)} pool among {list(cands.primitives)}")
+        if len(self.bn_inputs) > MAX_Z:
+            raise ValueError(f"{owner}: {len(self.bn_inputs)} convolution candidates "
+                             f"({[b.name for b in self.bn_inputs]}); the fused mixed sum takes at most {MAX_Z}")
+        self.pool_columns = (pools["max"][1], pools["avg"][1])
+        self.z_columns = tuple(b.column for b in self.bn_inputs)
+        #: the BNs folded into the mixed sum, in its statistics' row order: max pool, avg pool, z...
+        self.bns: List[nn.BatchNorm2d] = [pools["max"][2], pools["avg"][2]] + [_final_bn(b.module)
+                                                                                for b in self.bn_inputs]
+        for bn in self.bns + [b.module.layers().bn1 for b in self.bn_inputs if isinstance(b.module, SepConv)]:
+            if bn.affine:
+                raise ValueError(f"{owner}: the fused candidates fold affine-free BatchNorms; got {bn}")
+        eps = {bn.eps for bn in self.bns}
+        if len(eps) != 1:
+            raise ValueError(f"{owner}: the folded BatchNorms must share one eps, got {sorted(eps)}")
+        self.eps = eps.pop()
 
-    def __init__(self, C: int, stride: int, k: int = 4, impl: Optional[str] = None):
+    def specs(self) -> Tuple[Spec, ...]:
+        return tuple(b.spec for b in self.bn_inputs)
+
+    def first_weights(self) -> List[torch.Tensor]:
+        """The weights of each BN input's chain after the shared ReLU, in ``specs()`` order."""
+        out: List[torch.Tensor] = []
+        for b in self.bn_inputs:
+            m = b.module
+            if isinstance(m, FactorizedReduce):
+                out += [m.conv_1.weight, m.conv_2.weight]
+            elif isinstance(m, SepConv):
+                out += [m.layers().dw1.weight, m.layers().pw1.weight]
+            else:
+                out += [m.layers().dw.weight, m.layers().pw.weight]
+        return out
+
+    def split(self, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(z_weights (P,), pool_weights (2,), identity_weight (0-dim) or None)`` from ``weights``."""
+        iw = None if self.identity_column is None else weights[self.identity_column]
+        return _columns(weights, self.z_columns), _columns(weights, self.pool_columns), iw
+
+
+def _check_pool(where: str, pool: nn.Module, stride: int) -> None:
+    def one(v):
+        return v if isinstance(v, int) else v[0] if len(set(v)) == 1 else None
+    ok = one(pool.kernel_size) == 3 and one(pool.stride) == stride and one(pool.padding) == 1 and not pool.ceil_mode
+    if isinstance(pool, nn.MaxPool2d):
+        ok = ok and one(pool.dilation) == 1
+    else:
+        ok = ok and not pool.count_include_pad and pool.divisor_override is None
+    if not ok:
+        raise ValueError(f"{where}: the fused mixed sum takes 3x3 pools, padding 1, stride {stride} "
+                         f"(avg without padded cells), got {pool}")
+
+
+def _final_bn(m: nn.Module) -> nn.BatchNorm2d:
+    return m.bn if isinstance(m, FactorizedReduce) else m.layers().bn2 if isinstance(m, SepConv) else m.layers().bn
+
+
+class FusedAttentionMixedOp(ReplayableEdge):
+    """The ADARTS edge (SPEC section 2) computed with the fused ops.
+
+    ``x: (B, C, H, W)``, ``weights: (len(primitives),)`` (softmax of the edge's alpha row),
+    optional ``edge_weight`` (0-dim, the normalised beta) -> ``(B, C, H/stride, W/stride)``.
+    ``impl`` picks the backend of the fused ops (default: ``ADARTS_KERNELS_IMPL`` / auto).
+    ``replay=True``: a re-run inside backward (:func:`~adarts_kernels.nn.recompute.recompute_edge`):
+    BatchNorm running statistics stay put and the units keep their intermediates.
+    """
+
+    def __init__(self, C: int, stride: int, k: int = 4, impl: Optional[str] = None,
+                 primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        _check_k("FusedAttentionMixedOp", C, k)
+        check_k("FusedAttentionMixedOp", C, k)
         if stride not in (1, 2):
             raise ValueError(f"FusedAttentionMixedOp: stride must be 1 or 2, got {stride}")
         self.C, self.stride, self.k, self.impl = C, stride, k, impl
         self.attention = ChannelAttention(C)   # same parameters and keys as the reference
-        self.cands = _Candidates(C // k, stride)
+        self.cands = Candidates(C // k, stride, primitives)
+        self.roles = FusedCandidates(self.cands, stride)
         self.last_idx: Optional[torch.Tensor] = None
 
-    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
-        _check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride)
+    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *, replay: bool = False):
+        check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         mlp = self.attention.mlp
         # Under autocast the states may be bfloat16/float16 while weights, alpha and beta stay
         # float32: the fused ops take one dtype, the state's (a no-op in plain float32).
         dt = x.dtype
         a, idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
         self.last_idx = idx
-        x_sel = attention_gather(x, a, idx, impl=self.impl)
-        y = self._mixed(x_sel, weights.to(dt))
+        # idx comes straight from attention_score: distinct and in range by construction
+        x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=False)
+        y = self._mixed(x_sel, weights.to(dt), replay)
         ew = None if edge_weight is None else edge_weight.to(dt)
-        return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl)
+        return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl, validate_idx=False)
 
-    def _mixed(self, xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_o weights[o] * op_o(xs)`` over the 8 candidates: ``(B, n, H/s, W/s)``."""
-        ops = self.cands._ops
-        s2 = self.stride == 2
-        seps, dils = (ops[4].op, ops[5].op), (ops[6].op, ops[7].op)
-        specs = tuple(dwpw_spec(m[1]) for m in seps + dils)
-        wts = [w for m in seps + dils for w in (m[1].weight, m[2].weight)]
-        if s2:
-            specs = (("fr",),) + specs
-            wts = [ops[3].conv_1.weight, ops[3].conv_2.weight] + wts
-        first = list(SharedReluConvs.apply(xs, specs, *wts))   # [z_fr], z_sep3, z_sep5, z_dil3, z_dil5
+    def _mixed(self, xs: torch.Tensor, weights: torch.Tensor, replay: bool) -> torch.Tensor:
+        """``sum_o weights[o] * op_o(xs)`` over the candidates: ``(B, n, H/s, W/s)``."""
+        roles = self.roles
+        zs = list(SharedReluConvs.apply(xs, roles.specs(), replay, *roles.first_weights()))
         count = xs.shape[0] * (xs.shape[2] // self.stride) * (xs.shape[3] // self.stride)
-        at = int(s2)
-        for i, seq in enumerate(seps):        # second half of each sep_conv, its first BN folded in
-            first[at + i], m1, v1 = bn_relu_dw_pw(first[at + i], seq[3], seq[5], seq[6])
-            update_running_stats([seq[3]], m1[None], v1[None], count)       # no-op in eval mode
-        bns = [ops[1][1], ops[2][1]] + ([ops[3].bn] if s2 else []) + [seps[0][7], seps[1][7], dils[0][3], dils[1][3]]
-        training, _, _ = bn_mode(bns[0])
+        for i, b in enumerate(roles.bn_inputs):   # second half of each sep_conv, its first BN folded in
+            if isinstance(b.module, SepConv):
+                L = b.module.layers()
+                zs[i], m1, v1 = bn_relu_dw_pw(zs[i], L.bn1, L.dw2, L.pw2, keep=replay)
+                if not replay:
+                    update_running_stats([L.bn1], m1[None], v1[None], count)    # no-op in eval mode
+        z_w, pool_w, id_w = roles.split(weights)
+        training, _, _ = batchnorm_mode(roles.bns[0])
         if training:
-            y, mean, var = mixed_sum(first, xs, weights, self.stride, bns[0].eps, impl=self.impl)
-            update_running_stats(bns, mean, var, count)
+            y, mean, var = mixed_sum(zs, xs, z_w, pool_w, id_w, self.stride, roles.eps, impl=self.impl)
+            if not replay:
+                update_running_stats(roles.bns, mean, var, count)
         else:
-            rm = torch.stack([bn.running_mean for bn in bns])
-            rv = torch.stack([bn.running_var for bn in bns])
-            y, _, _ = mixed_sum(first, xs, weights, self.stride, bns[0].eps, rm, rv, impl=self.impl)
+            rm = torch.stack([bn.running_mean for bn in roles.bns])
+            rv = torch.stack([bn.running_var for bn in roles.bns])
+            y, _, _ = mixed_sum(zs, xs, z_w, pool_w, id_w, self.stride, roles.eps, rm, rv, impl=self.impl)
         return y
 
     def extra_repr(self) -> str:
@@ -111,7 +228,7 @@ class FusedReLUConvBN(ReLUConvBN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.op[1], self.op[2]
-        (z,) = SharedReluConvs.apply(x, (("conv", conv.stride[0], conv.padding[0]),), conv.weight)
+        (z,) = SharedReluConvs.apply(x, (("conv", conv.stride[0], conv.padding[0]),), False, conv.weight)
         return _bn(z, bn)
 
 
@@ -122,5 +239,5 @@ class FusedFactorizedReduce(FactorizedReduce):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"FactorizedReduce needs even H and W, got input of shape {tuple(x.shape)}")
-        (z,) = SharedReluConvs.apply(x, (("fr",),), self.conv_1.weight, self.conv_2.weight)
+        (z,) = SharedReluConvs.apply(x, (("fr",),), False, self.conv_1.weight, self.conv_2.weight)
         return _bn(z, self.bn)

@@ -9,7 +9,7 @@ Every module here is the plain-PyTorch definition used by DARTS, PC-DARTS and AD
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,16 @@ class DilConv(nn.Module):
     def forward(self, x):
         return self.op(x)
 
+    def layers(self) -> "DilConvLayers":
+        """The layers by name (the positions in ``self.op`` are known here only)."""
+        return DilConvLayers(dw=self.op[1], pw=self.op[2], bn=self.op[3])
+
+
+class DilConvLayers(NamedTuple):
+    dw: nn.Conv2d
+    pw: nn.Conv2d
+    bn: nn.BatchNorm2d
+
 
 class SepConv(nn.Module):
     """Two [ReLU, depthwise kxk, pointwise 1x1, BN] blocks; the first depthwise has the stride."""
@@ -76,6 +86,37 @@ class SepConv(nn.Module):
 
     def forward(self, x):
         return self.op(x)
+
+    def layers(self) -> "SepConvLayers":
+        """The layers by name (the positions in ``self.op`` are known here only)."""
+        return SepConvLayers(dw1=self.op[1], pw1=self.op[2], bn1=self.op[3], dw2=self.op[5], pw2=self.op[6],
+                             bn2=self.op[7])
+
+
+class SepConvLayers(NamedTuple):
+    dw1: nn.Conv2d
+    pw1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    dw2: nn.Conv2d
+    pw2: nn.Conv2d
+    bn2: nn.BatchNorm2d
+
+
+class PoolBN(nn.Sequential):
+    """A pooling candidate of the search supernet: the pooling, then ``BatchNorm2d(C,
+    affine=False)`` (SPEC section 1). A ``Sequential`` (keys ``0.*``, ``1.*``) with the two
+    layers by name."""
+
+    def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d):
+        super().__init__(pool, bn)
+
+    @property
+    def pool(self) -> nn.Module:
+        return self[0]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self[1]
 
 
 class Identity(nn.Module):
@@ -145,5 +186,5 @@ def make_search_op(name: str, C: int, stride: int) -> nn.Module:
     ``BatchNorm2d(C, affine=False)`` (SPEC section 1)."""
     op = make_op(name, C, stride, affine=False)
     if "pool" in name:
-        op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+        op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
     return op

@@ -6,9 +6,17 @@ edges reading it); backward re-runs the edge with autograd and differentiates it
 
 Unlike ``torch.utils.checkpoint``, the kept inputs go through ``ctx.save_for_backward``, so
 saved-tensor hooks (``adarts_kernels.profiling.saved_activation_bytes``) count them. The
-recomputation does not move BatchNorm running statistics a second time, and replays the
-forward's autocast state; the re-run happens under ``nn._units.replaying``. The edge must be deterministic (the ADARTS edges are: the
-top-k selection is a stable sort).
+recomputation replays the forward's autocast state and does not move BatchNorm running
+statistics a second time:
+
+- a :class:`ReplayableEdge` (the fused edge) is re-run as ``edge(x, weights, edge_weight,
+  replay=True)``: it then moves no statistics and keeps its units' intermediates (the
+  re-run graph lives only until its gradients are out);
+- any other edge (the plain-PyTorch edges, whose ``BatchNorm2d`` modules update their
+  buffers in their own forward) is re-run as a plain call, and its BatchNorm buffers are
+  restored afterwards.
+
+The edge must be deterministic (the ADARTS edges are: the top-k selection is a stable sort).
 """
 from __future__ import annotations
 
@@ -17,9 +25,18 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from ._units import replaying
-
 Tensor = torch.Tensor
+
+
+class ReplayableEdge(nn.Module):
+    """An edge whose forward takes ``replay``: ``forward(x, weights, edge_weight=None, *,
+    replay=False)``. With ``replay=True`` the forward is a re-run of one already made (by
+    :func:`recompute_edge`, inside backward): it must compute the same function, move no
+    BatchNorm running statistics and may keep intermediates instead of recomputing them."""
+
+    def forward(self, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None, *,
+                replay: bool = False) -> Tensor:
+        raise NotImplementedError
 
 
 def _bn_buffers(edge: nn.Module) -> List[Tensor]:
@@ -44,12 +61,11 @@ class _EdgeRecompute(torch.autograd.Function):
         edge = ctx.edge
         ins = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, weights, edge_weight)]
         enabled, dtype, dev = ctx.autocast
-        # edges whose BN modules run their own forward get their buffers restored afterwards;
-        # the fused edge moves its statistics through the units, which a replay freezes
-        snapshot = None if getattr(edge, "stats_through_units", False) else [b.clone() for b in _bn_buffers(edge)]
+        replayable = isinstance(edge, ReplayableEdge)
+        snapshot = None if replayable else [b.clone() for b in _bn_buffers(edge)]
         try:
-            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), replaying():
-                out = edge(*ins)
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                out = edge(*ins, replay=True) if replayable else edge(*ins)
             wrt = [t for t in (*ins, *params) if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
             grads = [next(got) if (t is not None and t.requires_grad) else None for t in (*ins, *params)]

@@ -7,18 +7,23 @@ four convolution candidates (and the FactorizedReduce of ``skip_connect`` at str
 whose ReLU is computed once and shared; the first BN's input for the second half of a
 ``sep_conv``. ReLU and the depthwise convolutions are recomputed in backward. Each
 pointwise output is the next BatchNorm's input, which its consumer keeps.
+
+Every unit takes an explicit ``keep`` flag: ``keep=True`` keeps the ReLU and depthwise
+outputs instead of recomputing them, which is what a forward re-run inside backward
+(:func:`~adarts_kernels.nn.recompute.recompute_edge`) wants: its graph lives only until its
+gradients are out. Nothing here moves BatchNorm running statistics: the callers do, with
+:func:`~adarts_kernels.nn.batchnorm.update_running_stats`.
 """
+
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.reference import acc_dtype
+from .batchnorm import affine_free_backward, affine_free_stats, batchnorm_mode, channel
 
 Tensor = torch.Tensor
 _conv_bwd = torch.ops.aten.convolution_backward.default
@@ -29,55 +34,8 @@ _conv_bwd = torch.ops.aten.convolution_backward.default
 Spec = Tuple
 
 
-_REPLAY = threading.local()
-
-
-@contextlib.contextmanager
-def replaying():
-    """The forward inside is a replay of one already run (an edge re-run by
-    :func:`~adarts_kernels.nn.recompute.recompute_edge` in backward): the units keep their
-    ReLU and depthwise outputs instead of recomputing them (the replayed graph lives only
-    until its gradients are out), and :func:`update_running_stats` does nothing, so that
-    BatchNorm statistics move once per real forward."""
-    prev = getattr(_REPLAY, "on", False)
-    _REPLAY.on = True
-    try:
-        yield
-    finally:
-        _REPLAY.on = prev
-
-
-def _replaying() -> bool:
-    return getattr(_REPLAY, "on", False)
-
-
 def _n_weights(spec: Spec) -> int:
     return 1 if spec[0] == "conv" else 2
-
-
-def _stat(v: Tensor) -> Tensor:
-    return v[None, :, None, None]
-
-
-def _bn_stats(u: Tensor, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor],
-              eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(mean, var, rstd)`` of an affine-free BN, per channel, in the accumulation dtype:
-    batch statistics (biased variance) in training, the running ones in eval."""
-    acc = acc_dtype(u.dtype)
-    if training:
-        var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
-    else:
-        mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
-    return mean, var, torch.rsqrt(var + eps)
-
-
-def _bn_backward(g: Tensor, uh: Tensor, rstd: Tensor, training: bool) -> Tensor:
-    """Input gradient of an affine-free BN from the output gradient ``g`` and the normalised
-    value ``uh`` (both in the accumulation dtype): ``rstd * (g - mean_c(g) - uh * mean_c(g * uh))``
-    with batch statistics, ``rstd * g`` with running ones."""
-    if training:
-        g = g - g.mean(dim=(0, 2, 3), keepdim=True) - uh * (g * uh).mean(dim=(0, 2, 3), keepdim=True)
-    return g * _stat(rstd)
 
 
 def _layout(t: Tensor) -> Tensor:
@@ -146,12 +104,13 @@ class SharedReluConvs(torch.autograd.Function):
 
     ``u: (B, n, H, W)``; ``weights``, in chain order: ``dwpw``: depthwise ``(n, 1, k, k)``
     and pointwise ``(n_out, n, 1, 1)``; ``fr``: two ``(n_out/2, n, 1, 1)``; ``conv``: one
-    ``(n_out, n, k, k)``. Saved: ``u`` and the weights only. Backward recomputes ``r`` once
-    and each depthwise output in turn (under :func:`replaying`: kept instead).
+    ``(n_out, n, k, k)``. Saved: ``u`` and the weights only; backward recomputes ``r`` once
+    and each depthwise output in turn. With ``keep=True`` (a re-run inside backward) ``r``
+    and the depthwise outputs are kept instead.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], *weights: Tensor):
+    def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], keep: bool, *weights: Tensor):
         r = _layout(F.relu(u))
         ws = [w.to(u.dtype) for w in weights]
         zs, ts, at = [], [], 0
@@ -160,8 +119,8 @@ class SharedReluConvs(torch.autograd.Function):
             zs.append(z)
             ts.append(t)
             at += _n_weights(spec)
-        ctx.keep = _replaying()
-        if ctx.keep:
+        ctx.keep = keep
+        if keep:
             ctx.save_for_backward(u, *weights, r, *ts)
         else:
             ctx.save_for_backward(u, *weights)
@@ -193,7 +152,7 @@ class SharedReluConvs(torch.autograd.Function):
                 grads += [g.to(w.dtype) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
             at += nw
         du = None if dr is None else dr * (u > 0)
-        return (du, None, *grads)
+        return (du, None, None, *grads)
 
 
 class BnReluDwPw(torch.autograd.Function):
@@ -204,18 +163,17 @@ class BnReluDwPw(torch.autograd.Function):
     training, ``run_mean, run_var`` in eval; not differentiable).
 
     Saved: ``u``, the weights and the per-channel ``mean, rstd``. Backward recomputes
-    ``relu(BN(u))`` and the depthwise output, then the two convolution backwards and the
-    BN backward (with the batch statistics' terms in training).
+    ``relu(BN(u))`` and the depthwise output (kept instead with ``keep=True``), then the two
+    convolution backwards and the BN backward (with the batch statistics' terms in training).
     """
 
     @staticmethod
     def forward(ctx, u, w_dw, w_pw, stride: int, padding: int, dilation: int, training: bool,
-                run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
-        mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
-        h = _layout(F.relu(((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)))
+                run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float, keep: bool):
+        mean, var, rstd = affine_free_stats(u, training, run_mean, run_var, eps)
+        h = _layout(F.relu(((u.to(rstd.dtype) - channel(mean)) * channel(rstd)).to(u.dtype)))
         z, t = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
-        ctx.keep = _replaying()
-        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *((h, t) if ctx.keep else ()))
+        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *((h, t) if keep else ()))
         ctx.conf = (stride, padding, dilation, training)
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
@@ -224,93 +182,22 @@ class BnReluDwPw(torch.autograd.Function):
     def backward(ctx, gz, _gm, _gv):
         u, w_dw, w_pw, mean, rstd, *kept = ctx.saved_tensors
         stride, padding, dilation, training = ctx.conf
-        uh = (u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)
+        uh = (u.to(rstd.dtype) - channel(mean)) * channel(rstd)
         h, t = kept if kept else (_layout(F.relu(uh).to(u.dtype)), None)
         dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
                                   w_dw.to(u.dtype), w_pw.to(u.dtype), t=t)
-        du = _bn_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
-        return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None
-
-
-def bn_mode(bn: nn.BatchNorm2d) -> Tuple[bool, Optional[Tensor], Optional[Tensor]]:
-    """``(training, run_mean, run_var)`` as ``bn`` would normalise: batch statistics when it
-    is training or tracks none (running statistics ``None``), its running ones otherwise."""
-    training = bn.training or bn.running_mean is None
-    return (True, None, None) if training else (False, bn.running_mean, bn.running_var)
+        du = affine_free_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
+        return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None, None
 
 
 def dwpw_spec(dw: nn.Conv2d) -> Spec:
     return ("dwpw", dw.stride[0], dw.padding[0], dw.dilation[0])
 
 
-def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d) -> Tuple[Tensor, Tensor, Tensor]:
-    """:class:`BnReluDwPw` with settings read from the modules (:func:`bn_mode`). Returns
-    ``(z, mean, var)``."""
-    training, rm, rv = bn_mode(bn)
+def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d,
+                  keep: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """:class:`BnReluDwPw` with settings read from the modules
+    (:func:`~adarts_kernels.nn.batchnorm.batchnorm_mode`). Returns ``(z, mean, var)``."""
+    training, rm, rv = batchnorm_mode(bn)
     return BnReluDwPw.apply(u, dw.weight, pw.weight, dw.stride[0], dw.padding[0], dw.dilation[0],
-                            training, rm, rv, bn.eps)
-
-
-def update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
-    """What ``BatchNorm2d`` does to its buffers in a training forward, for several BNs at
-    once: ``mean, var: (len(bns), n)`` the batch mean and biased variance over ``count``
-    values per channel. Device-side arithmetic only (no host synchronisation). Nothing moves
-    while :func:`replaying`."""
-    if _replaying():
-        return
-    live = [(q, bn) for q, bn in enumerate(bns)
-            if bn.training and bn.track_running_stats and bn.running_mean is not None]
-    if not live:
-        return
-    with torch.no_grad():
-        unbiased = var * (count / max(count - 1, 1))
-        for q, bn in live:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:      # cumulative average, as BatchNorm2d
-                m = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-                bn.running_mean.add_((mean[q].to(bn.running_mean.dtype) - bn.running_mean) * m)
-                bn.running_var.add_((unbiased[q].to(bn.running_var.dtype) - bn.running_var) * m)
-            else:
-                bn.running_mean.lerp_(mean[q].to(bn.running_mean.dtype), bn.momentum)
-                bn.running_var.lerp_(unbiased[q].to(bn.running_var.dtype), bn.momentum)
-
-
-class BatchNormKeepOutput(torch.autograd.Function):
-    """Affine-free BatchNorm that keeps its *output* for backward instead of its input.
-
-    ``y = (u - mean) * rstd`` per channel, ``u: (B, n, H, W)``. The backward of an affine-free
-    BN needs only the normalised value, which is ``y`` itself::
-
-        du = rstd * (g - mean_c(g) - y * mean_c(g * y))      (training: batch statistics)
-        du = rstd * g                                         (eval: running statistics)
-
-    so when ``y`` is kept anyway (a cell state that the edges read) the BN costs nothing
-    extra. Returns ``(y, mean, var)``; ``mean, var: (n,)`` are not differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, u, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
-        mean, var, rstd = _bn_stats(u, training, run_mean, run_var, eps)
-        y = ((u.to(rstd.dtype) - _stat(mean)) * _stat(rstd)).to(u.dtype)
-        ctx.save_for_backward(y, rstd)
-        ctx.training = training
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, g, _gm, _gv):
-        y, rstd = ctx.saved_tensors
-        du = _bn_backward(g.to(rstd.dtype), y.to(rstd.dtype), rstd, ctx.training)
-        return du.to(y.dtype), None, None, None, None
-
-
-def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d) -> Tensor:
-    """``bn(u)`` for an affine-free ``bn`` through :class:`BatchNormKeepOutput`, with the
-    running statistics updated as ``BatchNorm2d`` would."""
-    if bn.affine:
-        raise ValueError("batch_norm_keep_output: the BN must be affine-free (affine=False)")
-    training, rm, rv = bn_mode(bn)
-    y, mean, var = BatchNormKeepOutput.apply(u, training, rm, rv, bn.eps)
-    if training:
-        update_running_stats([bn], mean[None], var[None], u.numel() // u.shape[1])
-    return y
+                            training, rm, rv, bn.eps, keep)

@@ -1,0 +1,122 @@
+"""Affine-free BatchNorm pieces shared by the fused modules, as small public helpers.
+
+The fused edge folds its candidates' affine-free BatchNorms into other computations
+(``adarts::mixed_sum``, :class:`~adarts_kernels.nn.units.BnReluDwPw`,
+:class:`BatchNormKeepOutput`), so their ``BatchNorm2d`` modules never run their own forward.
+These helpers read a module's settings (:func:`batchnorm_mode`), compute the statistics and
+the input gradient (:func:`affine_free_stats`, :func:`affine_free_backward`) and move the
+module's running statistics as its own training forward would
+(:func:`update_running_stats`). Shapes: ``u: (B, n, H, W)``, statistics ``(n,)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops.reference import acc_dtype
+
+Tensor = torch.Tensor
+
+
+def channel(v: Tensor) -> Tensor:
+    """A per-channel vector ``(n,)`` as ``(1, n, 1, 1)`` for broadcasting against ``(B, n, H, W)``."""
+    return v[None, :, None, None]
+
+
+def batchnorm_mode(bn: nn.BatchNorm2d) -> Tuple[bool, Optional[Tensor], Optional[Tensor]]:
+    """``(training, run_mean, run_var)`` as ``bn`` would normalise: batch statistics when it
+    is training or tracks none (running statistics ``None``), its running ones otherwise."""
+    training = bn.training or bn.running_mean is None
+    return (True, None, None) if training else (False, bn.running_mean, bn.running_var)
+
+
+def affine_free_stats(u: Tensor, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor],
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, rstd)`` of an affine-free BN of ``u: (B, n, H, W)``, each ``(n,)`` in the
+    accumulation dtype: batch statistics (biased variance) in training, the running ones in eval."""
+    acc = acc_dtype(u.dtype)
+    if training:
+        var, mean = torch.var_mean(u.to(acc), dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def affine_free_backward(g: Tensor, uh: Tensor, rstd: Tensor, training: bool) -> Tensor:
+    """Input gradient of an affine-free BN from the output gradient ``g`` and the normalised
+    value ``uh`` (both ``(B, n, H, W)`` in the accumulation dtype):
+    ``rstd * (g - mean_c(g) - uh * mean_c(g * uh))`` with batch statistics, ``rstd * g`` with
+    running ones."""
+    if training:
+        g = g - g.mean(dim=(0, 2, 3), keepdim=True) - uh * (g * uh).mean(dim=(0, 2, 3), keepdim=True)
+    return g * channel(rstd)
+
+
+def update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, count: int) -> None:
+    """Move the running statistics of several BNs as ``BatchNorm2d``'s training forward does.
+
+    ``mean, var: (len(bns), n)`` the batch mean and biased variance over ``count`` values per
+    channel: ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    variance ``var * count / (count - 1)``, or the cumulative average when ``momentum`` is
+    ``None``; ``num_batches_tracked`` counts up. BNs in eval mode or without running
+    statistics are left alone. Device-side arithmetic only (no host synchronisation).
+    Tested against ``BatchNorm2d`` itself (``tests/test_units.py``).
+    """
+    live = [(q, bn) for q, bn in enumerate(bns)
+            if bn.training and bn.track_running_stats and bn.running_mean is not None]
+    if not live:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        for q, bn in live:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:      # cumulative average, as BatchNorm2d
+                m = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+                bn.running_mean.add_((mean[q].to(bn.running_mean.dtype) - bn.running_mean) * m)
+                bn.running_var.add_((unbiased[q].to(bn.running_var.dtype) - bn.running_var) * m)
+            else:
+                bn.running_mean.lerp_(mean[q].to(bn.running_mean.dtype), bn.momentum)
+                bn.running_var.lerp_(unbiased[q].to(bn.running_var.dtype), bn.momentum)
+
+
+class BatchNormKeepOutput(torch.autograd.Function):
+    """Affine-free BatchNorm that keeps its *output* for backward instead of its input.
+
+    ``y = (u - mean) * rstd`` per channel, ``u: (B, n, H, W)``. The backward of an affine-free
+    BN needs only the normalised value, which is ``y`` itself::
+
+        du = rstd * (g - mean_c(g) - y * mean_c(g * y))      (training: batch statistics)
+        du = rstd * g                                         (eval: running statistics)
+
+    so when ``y`` is kept anyway (a cell state that the edges read) the BN costs nothing
+    extra. Returns ``(y, mean, var)``; ``mean, var: (n,)`` are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, u, training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float):
+        mean, var, rstd = affine_free_stats(u, training, run_mean, run_var, eps)
+        y = ((u.to(rstd.dtype) - channel(mean)) * channel(rstd)).to(u.dtype)
+        ctx.save_for_backward(y, rstd)
+        ctx.training = training
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, g, _gm, _gv):
+        y, rstd = ctx.saved_tensors
+        du = affine_free_backward(g.to(rstd.dtype), y.to(rstd.dtype), rstd, ctx.training)
+        return du.to(y.dtype), None, None, None, None
+
+
+def batch_norm_keep_output(u: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(u)`` for an affine-free ``bn`` through :class:`BatchNormKeepOutput`, with the
+    running statistics updated as ``BatchNorm2d`` would."""
+    if bn.affine:
+        raise ValueError("batch_norm_keep_output: the BN must be affine-free (affine=False)")
+    training, rm, rv = batchnorm_mode(bn)
+    y, mean, var = BatchNormKeepOutput.apply(u, training, rm, rv, bn.eps)
+    if training:
+        update_running_stats([bn], mean[None], var[None], u.numel() // u.shape[1])
+    return y
