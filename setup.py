@@ -72,8 +72,9 @@ def cuda_sources(torch):
 
     CUDA is wanted when FORCE_CUDA=1, or when this torch is a CUDA build and nvcc is found
     (torch's CUDA_HOME). The sources are csrc/cuda/*.cu (plain CUDA, no torch headers) and
-    csrc/cuda/bindings.cpp (the TORCH_LIBRARY_IMPL(adarts_C, CUDA, ...) registrations); if
-    they are not there yet, the build stays CPU-only.
+    csrc/cuda/*.cpp (the torch bindings, one per op, each with its own
+    TORCH_LIBRARY_IMPL(adarts_C, CUDA, ...) registrations); if they are not there yet, the
+    build stays CPU-only.
     """
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -85,9 +86,9 @@ def cuda_sources(torch):
     if not wanted:
         return []
     cu = glob.glob(os.path.join(CSRC, "cuda", "*.cu"))
-    bindings = os.path.join(CSRC, "cuda", "bindings.cpp")
-    if not cu or not os.path.exists(bindings):
-        say(f"CUDA wanted ({why}) but csrc/cuda/*.cu and csrc/cuda/bindings.cpp are not both present: CPU only")
+    bindings = glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))
+    if not cu or not bindings:
+        say(f"CUDA wanted ({why}) but csrc/cuda/*.cu and csrc/cuda/*.cpp are not both present: CPU only")
         return []
     if torch.version.cuda is None:
         raise RuntimeError(f"adarts_kernels: FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build; "
@@ -95,7 +96,7 @@ def cuda_sources(torch):
     if CUDA_HOME is None:
         raise RuntimeError("adarts_kernels: FORCE_CUDA=1 but no CUDA toolkit was found (nvcc not on PATH and "
                            "CUDA_HOME unset); set CUDA_HOME or unset FORCE_CUDA")
-    return rel(cu + [bindings])
+    return rel(cu + bindings)
 
 
 def extension_build():

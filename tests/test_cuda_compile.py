@@ -3,8 +3,9 @@
 - each ``csrc/cuda/*.cu`` compiles with ``nvcc -c -std=c++17 -arch=sm_90 -O2`` and defines
   every launcher that ``csrc/cuda/kernels.h`` declares;
 - ``kernels.h`` is plain C++ (the torch binding includes it without nvcc);
-- ``csrc/cuda/bindings.cpp`` type-checks against the installed torch headers with
-  ``-DWITH_CUDA`` (when the CUDA runtime headers are found next to nvcc).
+- every torch binding ``csrc/cuda/*.cpp`` (``<op>_binding.cpp``, ``bindings.cpp``) type-checks
+  against the installed torch headers with ``-DWITH_CUDA`` (when the CUDA runtime headers are
+  found next to nvcc).
 
 Skipped when ``nvcc`` is not on PATH, unless ``ADARTS_REQUIRE_NVCC=1`` (then a failure).
 The .cu files include no torch header, so a CPU-only torch is enough.
@@ -22,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))  # every kernel source (setup.py builds them all)
+BINDING_FILES = sorted(p.name for p in CUDA_DIR.glob("*.cpp"))  # every torch binding (setup.py builds them all)
 NVCC_FLAGS = ["-c", "-std=c++17", "-arch=sm_90", "-O2"]
 TIMEOUT_S = 300
 
@@ -89,6 +91,9 @@ def test_every_kernel_source_is_compiled():
     for name in ("attention_score_kernel.cu", "attention_gather_kernel.cu", "attention_writeback_kernel.cu",
                  "mixed_sum_kernel.cu"):
         assert name in CU_FILES, (name, CU_FILES)
+    for name in ("attention_score_binding.cpp", "attention_gather_binding.cpp", "attention_writeback_binding.cpp",
+                 "bindings.cpp"):
+        assert name in BINDING_FILES, (name, BINDING_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES)
@@ -141,8 +146,9 @@ def _cuda_include_dir(nvcc: str):
     return None
 
 
-def test_bindings_typecheck(tmp_path):
-    """bindings.cpp (-DWITH_CUDA) against the installed torch headers: a syntax and type
+@pytest.mark.parametrize("name", BINDING_FILES)
+def test_bindings_typecheck(tmp_path, name):
+    """A binding (-DWITH_CUDA) against the installed torch headers: a syntax and type
     check only. A CPU-only torch lacks one generated CUDA header, which is stubbed here."""
     nvcc = _nvcc()
     cxx = shutil.which("c++") or shutil.which("g++")
@@ -161,7 +167,7 @@ def test_bindings_typecheck(tmp_path):
     cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DWITH_CUDA", f"-I{stub}", f"-I{CUDA_DIR}"]
     for p in incs:
         cmd += ["-isystem", p]
-    cmd += ["-isystem", str(cuda_inc), str(CUDA_DIR / "bindings.cpp")]
+    cmd += ["-isystem", str(cuda_inc), str(CUDA_DIR / name)]
     proc, elapsed = _run(cmd)
-    print(f"\nbindings.cpp type-check: {elapsed:.1f} s", file=sys.stderr)
+    print(f"\n{name} type-check: {elapsed:.1f} s", file=sys.stderr)
     assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"

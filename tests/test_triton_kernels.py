@@ -24,6 +24,12 @@ if not tr.HAS_TRITON:
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+from adarts_kernels.triton import attention_gather as tg  # noqa: E402
+from adarts_kernels.triton import attention_score as ts  # noqa: E402
+from adarts_kernels.triton import attention_writeback as tw  # noqa: E402
+from adarts_kernels.triton import mixed_sum as tm  # noqa: E402
+from adarts_kernels.triton._common import empty  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12),
@@ -84,10 +90,11 @@ def _score_inputs(dtype, H=5, W=3, noncontig=False, seed=0):
 
 def test_package_exposes_flags_and_launchers():
     assert tr.HAS_TRITON is True and tr.TRITON_ERROR is None
-    for name in ("attention_score_fwd", "attention_score_bwd", "attention_gather_fwd", "attention_gather_bwd",
-                 "attention_writeback_fwd", "attention_writeback_bwd", "mixed_sum_fwd", "mixed_sum_bwd"):
-        assert callable(getattr(tr, name))
-    assert torch.isnan(tr._empty((3,), torch.float32, DEV)).all()     # the poison is on
+    for mod, name in ((ts, "attention_score_fwd"), (ts, "attention_score_bwd"), (tg, "attention_gather_fwd"),
+                      (tg, "attention_gather_bwd"), (tw, "attention_writeback_fwd"), (tw, "attention_writeback_bwd"),
+                      (tm, "mixed_sum_fwd"), (tm, "mixed_sum_bwd")):
+        assert callable(getattr(mod, name))
+    assert torch.isnan(empty((3,), torch.float32, DEV)).all()     # the poison is on
 
 
 # ----------------------------------------------------------------------------- 1. scoring
@@ -96,13 +103,13 @@ def test_package_exposes_flags_and_launchers():
 @pytest.mark.parametrize("noncontig", [False, True])
 def test_score_fwd_bwd(dtype, noncontig):
     x, w1, w2 = _score_inputs(dtype, noncontig=noncontig)
-    a, idx = tr.attention_score_fwd(x, w1, w2, N)
+    a, idx = ts.attention_score_fwd(x, w1, w2, N)
     a_ref, idx_ref = R.attention_score_fwd(*_ref_args([x, w1, w2]), N)
     assert a.dtype == dtype and idx.dtype == torch.int64
     _check(a, a_ref, dtype, "a")
     _check(idx, idx_ref, dtype, "idx")
     grad_a = _to(_gen(1)(B, C), dtype, noncontig)
-    out = tr.attention_score_bwd(grad_a, x, w1, w2, a)
+    out = ts.attention_score_bwd(grad_a, x, w1, w2, a)
     ref = R.attention_score_bwd(*_ref_args([grad_a, x, w1, w2, a]))
     for name, o, e in zip(("dx", "dw1", "dw2"), out, ref):
         assert o.dtype == dtype and o.is_contiguous()
@@ -138,8 +145,8 @@ def test_score_bwd_tie_routes_to_first_max():
     r = _gen(2)
     w1, w2, grad_a = r(C // 2, C), r(C, C // 2), r(B, C)
     x, w1, w2, grad_a = (t.to(DEV) for t in (x, w1, w2, grad_a))
-    a, _ = tr.attention_score_fwd(x, w1, w2, N)
-    dx, _, _ = tr.attention_score_bwd(grad_a, x, w1, w2, a)
+    a, _ = ts.attention_score_fwd(x, w1, w2, N)
+    dx, _, _ = ts.attention_score_bwd(grad_a, x, w1, w2, a)
     dx_ref, _, _ = R.attention_score_bwd(grad_a, x, w1, w2, a)
     _check(dx, dx_ref, torch.float32, "dx")
     spike = dx - dx.flatten(2).median(dim=2).values[:, :, None, None]   # d_max only
@@ -151,12 +158,12 @@ def test_score_ties_go_to_lower_channels():
     x = torch.randn(B, C, 3, 3, device=DEV)
     w1 = torch.zeros(C // 2, C, device=DEV)
     w2 = torch.zeros(C, C // 2, device=DEV)
-    a, idx = tr.attention_score_fwd(x, w1, w2, 3)          # every score is 0.5
+    a, idx = ts.attention_score_fwd(x, w1, w2, 3)          # every score is 0.5
     assert idx.tolist() == [0, 1, 2]
     w1 = torch.ones(C // 2, C, device=DEV) * 0.1
     x = x.abs() + 1.0                                       # relu(avg @ w1.T) > 0
     w2[[6, 3, 5]] = 1.0                                     # channels 3, 5, 6 tie, highest
-    a, idx = tr.attention_score_fwd(x, w1, w2, 4)
+    a, idx = ts.attention_score_fwd(x, w1, w2, 4)
     _, idx_ref = R.attention_score_fwd(x, w1, w2, 4)
     assert idx.tolist() == idx_ref.tolist() == [3, 5, 6, 0]
 
@@ -171,11 +178,11 @@ def test_gather_fwd_bwd(dtype, noncontig):
     x = _to(r(B, C, H, W), dtype, noncontig)
     a = _to(torch.rand(B, C, generator=torch.Generator().manual_seed(4)) + 0.1, dtype, noncontig)
     idx = torch.tensor([5, 2], device=DEV)
-    xs = tr.attention_gather_fwd(x, a, idx)
+    xs = tg.attention_gather_fwd(x, a, idx)
     assert xs.dtype == dtype
     _check(xs, R.attention_gather_fwd(*_ref_args([x, a, idx])), dtype, "x_sel")
     grad = _to(r(B, N, H, W), dtype, noncontig)
-    dx, da = tr.attention_gather_bwd(grad, x, a, idx)
+    dx, da = tg.attention_gather_bwd(grad, x, a, idx)
     dx_ref, da_ref = R.attention_gather_bwd(*_ref_args([grad, x, a, idx]))
     assert dx.dtype == dtype and da.dtype == dtype
     _check(dx, dx_ref, dtype, "dx")
@@ -188,9 +195,9 @@ def test_gather_all_channels_and_multi_tile():
     r = _gen(5)
     x, a = r(1, 3, 40, 30).to(DEV), (torch.rand(1, 3) + 0.1).to(DEV)    # 1200: two tiles
     idx = torch.tensor([2, 0, 1], device=DEV)
-    _check(tr.attention_gather_fwd(x, a, idx), R.attention_gather_fwd(x, a, idx), torch.float32, "x_sel")
+    _check(tg.attention_gather_fwd(x, a, idx), R.attention_gather_fwd(x, a, idx), torch.float32, "x_sel")
     grad = r(1, 3, 40, 30).to(DEV)
-    for o, e in zip(tr.attention_gather_bwd(grad, x, a, idx), R.attention_gather_bwd(grad, x, a, idx)):
+    for o, e in zip(tg.attention_gather_bwd(grad, x, a, idx), R.attention_gather_bwd(grad, x, a, idx)):
         _check(o, e, torch.float32)
 
 
@@ -212,10 +219,10 @@ def _wb_inputs(dtype, stride, H, W, with_beta, noncontig=False, seed=6, idx=(5, 
 @pytest.mark.parametrize("with_beta", [True, False])
 def test_writeback_fwd_bwd(dtype, stride, H, W, with_beta):
     x, a, idx, y, beta, grad = _wb_inputs(dtype, stride, H, W, with_beta, noncontig=(dtype == torch.float32))
-    out = tr.attention_writeback_fwd(x, a, idx, y, beta, stride)
+    out = tw.attention_writeback_fwd(x, a, idx, y, beta, stride)
     assert out.dtype == dtype
     _check(out, R.attention_writeback_fwd(*_ref_args([x, a, idx, y, beta]), stride), dtype, "out")
-    res = tr.attention_writeback_bwd(grad, x, a, idx, y, beta, stride)
+    res = tw.attention_writeback_bwd(grad, x, a, idx, y, beta, stride)
     ref = R.attention_writeback_bwd(*_ref_args([grad, x, a, idx, y, beta]), stride)
     for name, o, e in zip(("dx", "da", "dy", "dbeta"), res, ref):
         if o is not None:
@@ -230,9 +237,9 @@ def test_writeback_all_or_one_channel_selected():
         x, a, idx_t, y, beta, _ = _wb_inputs(torch.float32, 2, 4, 6, True, idx=idx)
         x, a, y = x[:1, :4], a[:1, :4], y[:1]
         grad = torch.randn(1, 4, 2, 3, device=DEV)
-        _check(tr.attention_writeback_fwd(x, a, idx_t, y, beta, 2),
+        _check(tw.attention_writeback_fwd(x, a, idx_t, y, beta, 2),
                R.attention_writeback_fwd(x, a, idx_t, y, beta, 2), torch.float32, "out")
-        for o, e in zip(tr.attention_writeback_bwd(grad, x, a, idx_t, y, beta, 2),
+        for o, e in zip(tw.attention_writeback_bwd(grad, x, a, idx_t, y, beta, 2),
                         R.attention_writeback_bwd(grad, x, a, idx_t, y, beta, 2)):
             _check(o, e, torch.float32)
 
@@ -243,13 +250,13 @@ def test_writeback_maxpool_ties_and_nan_route_like_reference():
     x[0, 0, 0:2, 2:4] = torch.tensor([[0.0, 2.0], [2.0, 2.0]], device=DEV)   # (0, 3)
     x[0, 1, 2:4, 0:2] = torch.tensor([[-1.0, -3.0], [-1.0, -1.0]], device=DEV)  # (2, 0)
     x[1, 3, 0:2, 0:2] = torch.tensor([[float("nan"), 5.0], [float("nan"), 1.0]], device=DEV)
-    dx, da, dy, dbeta = tr.attention_writeback_bwd(grad, x, a, idx, y, beta, 2)
+    dx, da, dy, dbeta = tw.attention_writeback_bwd(grad, x, a, idx, y, beta, 2)
     dx_r, da_r, dy_r, dbeta_r = R.attention_writeback_bwd(grad, x, a, idx, y, beta, 2)
     assert torch.equal(dx != 0, dx_r != 0)           # same routing, incl. the NaN window
     assert dx[0, 0, 0, 0] != 0 and dx[0, 0, 0, 3] != 0 and dx[0, 1, 2, 0] != 0 and dx[1, 3, 1, 0] != 0
     torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(da, da_r, rtol=1e-5, atol=1e-6, equal_nan=True)
-    out = tr.attention_writeback_fwd(x, a, idx, y, beta, 2)
+    out = tw.attention_writeback_fwd(x, a, idx, y, beta, 2)
     torch.testing.assert_close(out, R.attention_writeback_fwd(x, a, idx, y, beta, 2), equal_nan=True)
 
 
@@ -317,10 +324,10 @@ def _check_ms_bwd(out, grad, z, x, w, mean, var, stride, training, dtype, eps=1e
 @pytest.mark.parametrize("training", [True, False])
 def test_mixed_sum_fwd_bwd(dtype, stride, H, W, training):
     z, x, w, run_mean, run_var, grad = _ms_inputs(dtype, stride, H, W, training)
-    out = tr.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
+    out = tm.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
     mean_r, var_r = _check_ms_fwd(out, z, x, w, stride, run_mean, run_var, dtype)
     # the backward from the reference's statistics, so both sides see the same inputs
-    res = tr.mixed_sum_bwd(grad, z, x, w, mean_r, var_r, stride, 1e-5, training)
+    res = tm.mixed_sum_bwd(grad, z, x, w, mean_r, var_r, stride, 1e-5, training)
     _check_ms_bwd(res, grad, z, x, w, mean_r, var_r, stride, training, dtype)
 
 
@@ -355,14 +362,14 @@ def test_mixed_sum_maxpool_ties_route_like_reference(stride, H, W, training):
     x[0, 1] = 2.0                                   # every window of the plane ties
     x[1, 2, 1:4, 2:6] = 5.0                         # a plateau spanning several windows
     z, x, w, run_mean, run_var, grad = _ms_inputs(torch.float32, stride, H, W, training, x=x, seed=14)
-    y, mean, var = tr.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
+    y, mean, var = tm.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
     mean_r, var_r = _check_ms_fwd((y, mean, var), z, x, w, stride, run_mean, run_var, torch.float32)
-    res = tr.mixed_sum_bwd(grad, z, x, w, mean_r, var_r, stride, 1e-5, training)
+    res = tm.mixed_sum_bwd(grad, z, x, w, mean_r, var_r, stride, 1e-5, training)
     _check_ms_bwd(res, grad, z, x, w, mean_r, var_r, stride, training, torch.float32)
     # the max-pool part alone: w selects only the max_pool_3x3 candidate
     w1 = torch.zeros(8, device=DEV)
     w1[1] = 1.0
-    dx = tr.mixed_sum_bwd(grad, z, x, w1, mean_r, var_r, stride, 1e-5, False)[1]
+    dx = tm.mixed_sum_bwd(grad, z, x, w1, mean_r, var_r, stride, 1e-5, False)[1]
     dx_r = R.mixed_sum_bwd(grad, z, x, w1, mean_r, var_r, stride, 1e-5, False)[1]
     assert torch.equal(dx != 0, dx_r != 0)
     torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-6)
@@ -379,10 +386,10 @@ def test_mixed_sum_eval_nan_and_inf_windows(stride, H, W):
     x[1, 1, 0:4, 0:4] = float("-inf")
     x[1, 2, 2, 3] = float("inf")
     z, x, w, run_mean, run_var, grad = _ms_inputs(torch.float32, stride, H, W, False, x=x, seed=15)
-    y, mean, var = tr.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
+    y, mean, var = tm.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)
     y_r = R.mixed_sum_fwd(z, x, w, stride, 1e-5, run_mean, run_var)[0]
     torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-6, equal_nan=True)
-    dz, dx, dw = tr.mixed_sum_bwd(grad, z, x, w, mean, var, stride, 1e-5, False)
+    dz, dx, dw = tm.mixed_sum_bwd(grad, z, x, w, mean, var, stride, 1e-5, False)
     dz_r, dx_r, dw_r = R.mixed_sum_bwd(grad, z, x, w, mean, var, stride, 1e-5, False)
     assert torch.isfinite(dx).all()
     torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-6)
@@ -396,19 +403,19 @@ def test_mixed_sum_shape_errors_name_the_op():
     w = torch.rand(8, device=DEV)
     z1 = [torch.randn(B, MS_N, 4, 4, device=DEV) for _ in range(4)]
     with pytest.raises(ValueError, match="mixed_sum_fwd"):
-        tr.mixed_sum_fwd(z1[:3], x, w, 1, 1e-5, None, None)          # 3 z at stride 1
+        tm.mixed_sum_fwd(z1[:3], x, w, 1, 1e-5, None, None)          # 3 z at stride 1
     with pytest.raises(ValueError, match="mixed_sum_fwd"):
-        tr.mixed_sum_fwd(z1 + z1[:1], x, w, 2, 1e-5, None, None)     # full-size z at stride 2
+        tm.mixed_sum_fwd(z1 + z1[:1], x, w, 2, 1e-5, None, None)     # full-size z at stride 2
     with pytest.raises(ValueError, match="mixed_sum_fwd"):
-        tr.mixed_sum_fwd(z1, x, w[:4], 1, 1e-5, None, None)
+        tm.mixed_sum_fwd(z1, x, w[:4], 1, 1e-5, None, None)
     with pytest.raises(ValueError, match="mixed_sum_fwd"):
-        tr.mixed_sum_fwd(z1, x, w, 1, 1e-5, torch.zeros(5, MS_N), torch.ones(5, MS_N))
+        tm.mixed_sum_fwd(z1, x, w, 1, 1e-5, torch.zeros(5, MS_N), torch.ones(5, MS_N))
     with pytest.raises(ValueError, match="mixed_sum_bwd"):
-        tr.mixed_sum_bwd(x[:, :, :2], z1, x, w, torch.zeros(6, MS_N), torch.ones(6, MS_N), 1, 1e-5, True)
+        tm.mixed_sum_bwd(x[:, :, :2], z1, x, w, torch.zeros(6, MS_N), torch.ones(6, MS_N), 1, 1e-5, True)
     x5 = torch.randn(B, MS_N, 5, 5, device=DEV)
     z2 = [torch.randn(B, MS_N, 2, 2, device=DEV) for _ in range(5)]
     with pytest.raises(ValueError, match="mixed_sum_bwd"):
-        tr.mixed_sum_bwd(z2[0], z2, x5, w, torch.zeros(7, MS_N), torch.ones(7, MS_N), 2, 1e-5, True)
+        tm.mixed_sum_bwd(z2[0], z2, x5, w, torch.zeros(7, MS_N), torch.ones(7, MS_N), 2, 1e-5, True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -419,19 +426,19 @@ def test_shape_errors_name_the_op():
     idx = torch.tensor([1, 2], device=DEV)
     w1, w2 = torch.randn(C // 2, C, device=DEV), torch.randn(C, C // 2, device=DEV)
     with pytest.raises(ValueError, match="attention_score_fwd"):
-        tr.attention_score_fwd(x, w2, w2, 2)
+        ts.attention_score_fwd(x, w2, w2, 2)
     with pytest.raises(ValueError, match="attention_score_fwd"):
-        tr.attention_score_fwd(x, w1, w2, C + 1)
+        ts.attention_score_fwd(x, w1, w2, C + 1)
     with pytest.raises(ValueError, match="attention_score_bwd"):
-        tr.attention_score_bwd(a[:1], x, w1, w2, a)
+        ts.attention_score_bwd(a[:1], x, w1, w2, a)
     with pytest.raises(ValueError, match="attention_gather_fwd"):
-        tr.attention_gather_fwd(x, a[:, :3], idx)
+        tg.attention_gather_fwd(x, a[:, :3], idx)
     with pytest.raises(ValueError, match="attention_gather_bwd"):
-        tr.attention_gather_bwd(torch.randn(B, 3, 4, 4, device=DEV), x, a, idx)
+        tg.attention_gather_bwd(torch.randn(B, 3, 4, 4, device=DEV), x, a, idx)
     y = torch.randn(B, 2, 2, 2, device=DEV)
     with pytest.raises(ValueError, match="attention_writeback_fwd"):
-        tr.attention_writeback_fwd(x, a, idx, y, None, 1)
+        tw.attention_writeback_fwd(x, a, idx, y, None, 1)
     with pytest.raises(ValueError, match="attention_writeback_fwd"):
-        tr.attention_writeback_fwd(x, a, idx, y, None, 3)
+        tw.attention_writeback_fwd(x, a, idx, y, None, 3)
     with pytest.raises(ValueError, match="attention_writeback_bwd"):
-        tr.attention_writeback_bwd(torch.randn(B, C, 4, 4, device=DEV), x, a, idx, y, None, 2)
+        tw.attention_writeback_bwd(torch.randn(B, C, 4, 4, device=DEV), x, a, idx, y, None, 2)

@@ -1,4 +1,4 @@
-"""Shared plumbing of the ``adarts::`` ops: argument checks and backend dispatch."""
+"""Shared plumbing of the ``adarts::`` ops: argument checks and contiguous inputs."""
 from __future__ import annotations
 
 import torch
@@ -65,6 +65,9 @@ def contiguous(*ts):
     return [one(t) for t in ts]
 
 
+# ``_device_type`` and ``run`` are kept for ``ops/mixed_sum.py`` until it dispatches with
+# plain calls like the attention ops (``ops/attention_*.py``); removed then.
+
 def _device_type(args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -75,12 +78,8 @@ def _device_type(args) -> str:
 
 
 def run(name: str, impl: str, *args):
-    """Call function ``name`` (e.g. ``"attention_gather_fwd"``) of backend ``impl``.
-
-    Autocast is switched off inside: the ops take one dtype and accumulate in float32
-    themselves; an autocast re-cast of their internal matrix products (the C++ kernels'
-    ``at::mm``, the reference's ``@``) would break both.
-    """
+    """Call ``name`` (``"mixed_sum_fwd"`` or ``"mixed_sum_bwd"``) of backend ``impl``, with
+    autocast off (the ops accumulate in float32 themselves)."""
     with torch.autocast(_device_type(args), enabled=False):
         if impl == "reference":
             return getattr(R, name)(*args)
@@ -88,6 +87,6 @@ def run(name: str, impl: str, *args):
         if impl in ("cpp", "cuda"):
             return getattr(torch.ops.adarts_C, name)(*args)
         if impl == "triton":
-            from .. import triton as tr
-            return getattr(tr, name)(*args)
+            from ..triton import mixed_sum as triton_mixed_sum
+            return getattr(triton_mixed_sum, name)(*args)
     raise ValueError(f"unknown backend {impl!r}")

@@ -21,23 +21,32 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, run
+from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous
 
 
 @torch.library.custom_op("adarts::attention_gather", mutates_args=())
-def _attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: str) -> Tensor:
+def _attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: str, validate_idx: bool = True) -> Tensor:
     return R.attention_gather_fwd(x, a, idx)
 
 
 @_attention_gather.register_kernel(["cpu", "cuda"])
-def _(x, a, idx, impl):
-    if impl != "cpp":
+def _(x, a, idx, impl, validate_idx=True):
+    if validate_idx and impl != "cpp":   # the C++ CPU kernel checks the values itself
         check_idx_values("attention_gather", idx, x.shape[1])
-    return run("attention_gather_fwd", impl, x, a, idx)
+    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+        if impl == "reference":
+            return R.attention_gather_fwd(x, a, idx)
+        x, a, idx = contiguous(x, a, idx)
+        if impl in ("cpp", "cuda"):
+            return torch.ops.adarts_C.attention_gather_fwd(x, a, idx)
+        if impl == "triton":
+            from ..triton.attention_gather import attention_gather_fwd as triton_attention_gather_fwd
+            return triton_attention_gather_fwd(x, a, idx)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_gather.register_fake
-def _(x, a, idx, impl):
+def _(x, a, idx, impl, validate_idx=True):
     torch._check(a.shape[0] == x.shape[0] and a.shape[1] == x.shape[1])
     return x.new_empty((x.shape[0], idx.shape[0], x.shape[2], x.shape[3]))
 
@@ -49,7 +58,16 @@ def _attention_gather_backward(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, 
 
 @_attention_gather_backward.register_kernel(["cpu", "cuda"])
 def _(grad, x, a, idx, impl):
-    return run("attention_gather_bwd", impl, grad, x, a, idx)
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "reference":
+            return R.attention_gather_bwd(grad, x, a, idx)
+        grad, x, a, idx = contiguous(grad, x, a, idx)
+        if impl in ("cpp", "cuda"):
+            return torch.ops.adarts_C.attention_gather_bwd(grad, x, a, idx)
+        if impl == "triton":
+            from ..triton.attention_gather import attention_gather_bwd as triton_attention_gather_bwd
+            return triton_attention_gather_bwd(grad, x, a, idx)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_gather_backward.register_fake
@@ -58,7 +76,7 @@ def _(grad, x, a, idx, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    x, a, idx, impl = inputs
+    x, a, idx, impl = inputs[:4]
     ctx.save_for_backward(x, a, idx)
     ctx.impl = impl
 
@@ -66,17 +84,24 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, a, idx = ctx.saved_tensors
     dx, da = _attention_gather_backward(grad.contiguous(), x, a, idx, ctx.impl)
-    return dx, da, None, None
+    return dx, da, None, None, None
 
 
 _attention_gather.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: Optional[str] = None) -> Tensor:
-    """``(x * a[:, :, None, None])[:, idx]``: ``(B, n, H, W)``. See the module docstring."""
+def attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: Optional[str] = None, *,
+                     validate_idx: bool = True) -> Tensor:
+    """``(x * a[:, :, None, None])[:, idx]``: ``(B, n, H, W)``. See the module docstring.
+
+    ``validate_idx``: check that ``idx``'s values are distinct and in ``[0, C)`` (on CUDA a
+    sort and asynchronous device asserts; on CPU a host read). Pass ``False`` only for an
+    ``idx`` that :func:`attention_score` has just produced for this ``x`` (distinct and in
+    range by construction); the shape, dtype and device checks run either way.
+    """
     op = "attention_gather"
     check_float(op, x=x, a=a)
     check(x.dim() == 4, op, f"expected x of shape (B, C, H, W), got {tuple(x.shape)}")
     check(a.shape == x.shape[:2], op, f"expected a of shape (B, C)={tuple(x.shape[:2])}, got {tuple(a.shape)}")
     check_idx_meta(op, idx, x, x.shape[1])
-    return _attention_gather(x, a, idx, resolve(impl, x.device))
+    return _attention_gather(x, a, idx, resolve(impl, x.device), bool(validate_idx))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, run
+from ._common import check, check_float, contiguous
 
 
 @torch.library.custom_op("adarts::attention_score", mutates_args=())
@@ -30,7 +30,16 @@ def _attention_score(x: Tensor, w1: Tensor, w2: Tensor, n_select: int, impl: str
 
 @_attention_score.register_kernel(["cpu", "cuda"])
 def _(x, w1, w2, n_select, impl):
-    return run("attention_score_fwd", impl, x, w1, w2, n_select)
+    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+        if impl == "reference":
+            return R.attention_score_fwd(x, w1, w2, n_select)
+        x, w1, w2 = contiguous(x, w1, w2)
+        if impl in ("cpp", "cuda"):
+            return torch.ops.adarts_C.attention_score_fwd(x, w1, w2, n_select)
+        if impl == "triton":
+            from ..triton.attention_score import attention_score_fwd as triton_attention_score_fwd
+            return triton_attention_score_fwd(x, w1, w2, n_select)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_score.register_fake
@@ -49,7 +58,16 @@ def _attention_score_backward(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor,
 
 @_attention_score_backward.register_kernel(["cpu", "cuda"])
 def _(grad_a, x, w1, w2, a, impl):
-    return run("attention_score_bwd", impl, grad_a, x, w1, w2, a)
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "reference":
+            return R.attention_score_bwd(grad_a, x, w1, w2, a)
+        grad_a, x, w1, w2, a = contiguous(grad_a, x, w1, w2, a)
+        if impl in ("cpp", "cuda"):
+            return torch.ops.adarts_C.attention_score_bwd(grad_a, x, w1, w2, a)
+        if impl == "triton":
+            from ..triton.attention_score import attention_score_bwd as triton_attention_score_bwd
+            return triton_attention_score_bwd(grad_a, x, w1, w2, a)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_score_backward.register_fake

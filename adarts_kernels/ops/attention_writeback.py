@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, run
+from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous
 
 
 def _bwd_outputs(dx, da, dy, dbeta, x):
@@ -33,19 +33,28 @@ def _bwd_outputs(dx, da, dy, dbeta, x):
 
 @torch.library.custom_op("adarts::attention_writeback", mutates_args=())
 def _attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor], stride: int,
-                         impl: str) -> Tensor:
+                         impl: str, validate_idx: bool = True) -> Tensor:
     return R.attention_writeback_fwd(x, a, idx, y, beta, stride)
 
 
 @_attention_writeback.register_kernel(["cpu", "cuda"])
-def _(x, a, idx, y, beta, stride, impl):
-    if impl != "cpp":
+def _(x, a, idx, y, beta, stride, impl, validate_idx=True):
+    if validate_idx and impl != "cpp":   # the C++ CPU kernel checks the values itself
         check_idx_values("attention_writeback", idx, x.shape[1])
-    return run("attention_writeback_fwd", impl, x, a, idx, y, beta, stride)
+    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+        if impl == "reference":
+            return R.attention_writeback_fwd(x, a, idx, y, beta, stride)
+        x, a, idx, y, beta = contiguous(x, a, idx, y, beta)
+        if impl in ("cpp", "cuda"):
+            return torch.ops.adarts_C.attention_writeback_fwd(x, a, idx, y, beta, stride)
+        if impl == "triton":
+            from ..triton.attention_writeback import attention_writeback_fwd as triton_attention_writeback_fwd
+            return triton_attention_writeback_fwd(x, a, idx, y, beta, stride)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_writeback.register_fake
-def _(x, a, idx, y, beta, stride, impl):
+def _(x, a, idx, y, beta, stride, impl, validate_idx=True):
     B, C, H, W = x.shape
     torch._check(y.shape[0] == B and y.shape[1] == idx.shape[0])
     torch._check(y.shape[2] == H // stride and y.shape[3] == W // stride)
@@ -61,7 +70,16 @@ def _attention_writeback_backward(grad: Tensor, x: Tensor, a: Tensor, idx: Tenso
 
 @_attention_writeback_backward.register_kernel(["cpu", "cuda"])
 def _(grad, x, a, idx, y, beta, stride, impl):
-    return _bwd_outputs(*run("attention_writeback_bwd", impl, grad, x, a, idx, y, beta, stride), x)
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "reference":
+            return _bwd_outputs(*R.attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
+        grad, x, a, idx, y, beta = contiguous(grad, x, a, idx, y, beta)
+        if impl in ("cpp", "cuda"):
+            return _bwd_outputs(*torch.ops.adarts_C.attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
+        if impl == "triton":
+            from ..triton.attention_writeback import attention_writeback_bwd as triton_attention_writeback_bwd
+            return _bwd_outputs(*triton_attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
+    raise ValueError(f"unknown backend {impl!r}")
 
 
 @_attention_writeback_backward.register_fake
@@ -72,7 +90,7 @@ def _(grad, x, a, idx, y, beta, stride, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    x, a, idx, y, beta, stride, impl = inputs
+    x, a, idx, y, beta, stride, impl = inputs[:7]
     ctx.save_for_backward(x, a, idx, y, beta)
     ctx.stride, ctx.impl, ctx.has_beta = stride, impl, beta is not None
 
@@ -81,15 +99,21 @@ def _backward(ctx, grad):
     x, a, idx, y, beta = ctx.saved_tensors
     dx, da, dy, dbeta = _attention_writeback_backward(grad.contiguous(), x, a, idx, y,
                                                       beta if ctx.has_beta else None, ctx.stride, ctx.impl)
-    return dx, da, None, dy, (dbeta if ctx.has_beta else None), None, None
+    return dx, da, None, dy, (dbeta if ctx.has_beta else None), None, None, None
 
 
 _attention_writeback.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor] = None,
-                        stride: int = 1, impl: Optional[str] = None) -> Tensor:
-    """``beta * out`` of an ADARTS edge: ``(B, C, H/stride, W/stride)``. See the module docstring."""
+                        stride: int = 1, impl: Optional[str] = None, *, validate_idx: bool = True) -> Tensor:
+    """``beta * out`` of an ADARTS edge: ``(B, C, H/stride, W/stride)``. See the module docstring.
+
+    ``validate_idx``: check that ``idx``'s values are distinct and in ``[0, C)`` (on CUDA a
+    sort and asynchronous device asserts; on CPU a host read). Pass ``False`` only for an
+    ``idx`` that :func:`attention_score` has just produced for this ``x`` (distinct and in
+    range by construction); the shape, dtype and device checks run either way.
+    """
     op = "attention_writeback"
     check_float(op, x=x, a=a, y=y, beta=beta)
     check(x.dim() == 4, op, f"expected x of shape (B, C, H, W), got {tuple(x.shape)}")
@@ -103,4 +127,4 @@ def attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Opti
           f"expected y of shape (B, n, H/stride, W/stride)={(B, n, H // stride, W // stride)}, got {tuple(y.shape)}")
     if beta is not None:
         check(beta.dim() == 0, op, f"beta must be a 0-dim tensor, got shape {tuple(beta.shape)}")
-    return _attention_writeback(x, a, idx, y, beta, stride, resolve(impl, x.device))
+    return _attention_writeback(x, a, idx, y, beta, stride, resolve(impl, x.device), bool(validate_idx))

@@ -17,9 +17,9 @@ from typing import Tuple
 
 import torch
 
-from . import _acc_dtype, _block_hw, _check_x_a_idx, _empty, _import_triton, _inverse_map, _num_warps, _require
+from ._common import acc_dtype, block_hw, check_x_a_idx, empty, import_triton, inverse_map, num_warps, require
 
-triton, tl, _ = _import_triton()
+triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
 
@@ -95,19 +95,19 @@ def _attention_gather_bwd_kernel(grad_ptr, x_ptr, a_ptr, inv_ptr, dx_ptr, da_ptr
 def attention_gather_fwd(x: Tensor, a: Tensor, idx: Tensor) -> Tensor:
     """``x_sel[b, j] = x[b, idx[j]] * a[b, idx[j]]``: ``(B, n, H, W)``, dtype of x."""
     op = "attention_gather_fwd"
-    _require(op)
-    _check_x_a_idx(op, x, a, idx)
+    require(op)
+    check_x_a_idx(op, x, a, idx)
     x, a, idx = x.contiguous(), a.contiguous(), idx.contiguous()
     B, C, H, W = x.shape
     n, HW = idx.shape[0], H * W
-    out = _empty((B, n, H, W), x.dtype, x.device)
+    out = empty((B, n, H, W), x.dtype, x.device)
     if B * n * HW == 0:
         return out
-    block = _block_hw(HW)
+    block = block_hw(HW)
     grid = (B * n, triton.cdiv(HW, block))
     _attention_gather_fwd_kernel[grid](
         x, a, idx, out, n, HW, x.stride(0), x.stride(1), a.stride(0), out.stride(0), out.stride(1),
-        ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block, num_warps=_num_warps(block))
+        ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return out
 
 
@@ -115,21 +115,21 @@ def attention_gather_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor) -> Tup
     """``dx[b, idx[j]] = grad[b, j] * a[b, idx[j]]`` (zero on other channels, dtype of x),
     ``da[b, idx[j]] = sum_hw grad[b, j] * x[b, idx[j]]`` (zero elsewhere, dtype of a)."""
     op = "attention_gather_bwd"
-    _require(op)
-    _check_x_a_idx(op, x, a, idx)
+    require(op)
+    check_x_a_idx(op, x, a, idx)
     B, C, H, W = x.shape
     n, HW = idx.shape[0], H * W
     if tuple(grad.shape) != (B, n, H, W):
         raise ValueError(f"adarts {op}: grad must be (B, n, H, W)=({B}, {n}, {H}, {W}), got {tuple(grad.shape)}")
     grad, x, a, idx = grad.contiguous(), x.contiguous(), a.contiguous(), idx.contiguous()
-    dx = _empty((B, C, H, W), x.dtype, x.device)
-    da = _empty((B, C), a.dtype, a.device)
+    dx = empty((B, C, H, W), x.dtype, x.device)
+    da = empty((B, C), a.dtype, a.device)
     if B * C == 0:
         return dx, da
-    inv = _inverse_map(idx, C)
-    block = _block_hw(HW)
+    inv = inverse_map(idx, C)
+    block = block_hw(HW)
     _attention_gather_bwd_kernel[(B * C,)](
         grad, x, a, inv, dx, da, C, HW, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
         a.stride(0), dx.stride(0), dx.stride(1), da.stride(0),
-        ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block, num_warps=_num_warps(block))
+        ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return dx, da

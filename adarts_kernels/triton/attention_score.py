@@ -15,9 +15,9 @@ from typing import Tuple
 import torch
 
 from ..ops.reference import attention_mlp_bwd, attention_mlp_fwd
-from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _num_warps, _require
+from ._common import acc_dtype, acc_torch, block_hw, empty, import_triton, num_warps, require
 
-triton, tl, _ = _import_triton()
+triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
 
@@ -107,16 +107,16 @@ def _pools(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``avg, mx: (B, C)`` (float32, float64 for float64 x) and ``arg: (B, C)`` int32."""
     B, C, H, W = x.shape
     HW = H * W
-    acc = _acc_torch(x.dtype)
-    avg = _empty((B, C), acc, x.device)
-    mx = _empty((B, C), acc, x.device)
-    arg = _empty((B, C), torch.int32, x.device)
+    acc = acc_torch(x.dtype)
+    avg = empty((B, C), acc, x.device)
+    mx = empty((B, C), acc, x.device)
+    arg = empty((B, C), torch.int32, x.device)
     if B * C == 0:
         return avg, mx, arg
-    block = _block_hw(HW)
+    block = block_hw(HW)
     _attention_score_fwd_kernel[(B * C,)](
         x, avg, mx, arg, C, HW, x.stride(0), x.stride(1),
-        ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block, num_warps=_num_warps(block))
+        ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return avg, mx, arg
 
 
@@ -129,7 +129,7 @@ def attention_score_fwd(x: Tensor, w1: Tensor, w2: Tensor, n_select: int) -> Tup
     and the stable descending sort (ties -> lower channel) are torch ops on ``(B, C)``.
     """
     op = "attention_score_fwd"
-    _require(op)
+    require(op)
     _check_inputs(op, x, w1, w2)
     C = x.shape[1]
     try:
@@ -157,7 +157,7 @@ def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Te
     maximum, in one pass. Returns ``dx`` (dtype of x), ``dw1`` (of w1), ``dw2`` (of w2).
     """
     op = "attention_score_bwd"
-    _require(op)
+    require(op)
     _check_inputs(op, x, w1, w2)
     B, C, H, W = x.shape
     if tuple(a.shape) != (B, C) or tuple(grad_a.shape) != (B, C):
@@ -168,10 +168,10 @@ def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Te
     dw1, dw2, d_avg, d_mx = attention_mlp_bwd(grad_a, a, avg, mx, w1, w2)
     g_avg = (d_avg / (H * W)).contiguous()
     g_mx = d_mx.contiguous()
-    dx = _empty((B, C, H, W), x.dtype, x.device)
+    dx = empty((B, C, H, W), x.dtype, x.device)
     if B * C > 0:
-        block = _block_hw(H * W)
+        block = block_hw(H * W)
         _attention_score_bwd_kernel[(B * C,)](
             dx, g_avg, g_mx, arg, C, H * W, dx.stride(0), dx.stride(1),
-            ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block, num_warps=_num_warps(block))
+            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)

@@ -20,9 +20,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _acc_dtype, _acc_torch, _block_hw, _check_x_a_idx, _empty, _import_triton, _inverse_map, _num_warps, _require
+from ._common import (acc_dtype, acc_torch, block_hw, check_x_a_idx, empty, import_triton, inverse_map, num_warps,
+                      require)
 
-triton, tl, _ = _import_triton()
+triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
 
@@ -191,7 +192,7 @@ def _attention_writeback_bwd_kernel(grad_ptr, x_ptr, a_ptr, inv_ptr, y_ptr, beta
 def _check(op: str, x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor], stride: int) -> None:
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"adarts {op}: stride must be 1 or 2, got {stride!r}")
-    _check_x_a_idx(op, x, a, idx)
+    check_x_a_idx(op, x, a, idx)
     B, C, H, W = x.shape
     want = (B, idx.shape[0], H // stride, W // stride)
     if tuple(y.shape) != want:
@@ -206,25 +207,25 @@ def attention_writeback_fwd(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: 
     ``a * maxpool2x2(x)`` (stride 2). ``y: (B, n, H/stride, W/stride)`` -> ``out: (B, C,
     H/stride, W/stride)`` (dtype of x); ``beta=None`` means 1."""
     op = "attention_writeback_fwd"
-    _require(op)
+    require(op)
     _check(op, x, a, idx, y, beta, stride)
     x, a, idx, y = x.contiguous(), a.contiguous(), idx.contiguous(), y.contiguous()
     B, C, H, W = x.shape
     HO, WO = H // stride, W // stride
-    out = _empty((B, C, HO, WO), x.dtype, x.device)
+    out = empty((B, C, HO, WO), x.dtype, x.device)
     if B * C * HO * WO == 0:
         return out
-    inv = _inverse_map(idx, C)
+    inv = inverse_map(idx, C)
     has_beta = beta is not None
     beta_t = beta.contiguous() if has_beta else a          # dummy pointer, never read
-    block = _block_hw(HO * WO)
+    block = block_hw(HO * WO)
     grid = (B * C, triton.cdiv(HO * WO, block))
     _attention_writeback_fwd_kernel[grid](
         x, a, inv, y, beta_t, out, C, HO * WO, WO,
         x.stride(0), x.stride(1), x.stride(2), a.stride(0), y.stride(0), y.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BETA=has_beta, STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block,
-        num_warps=_num_warps(block))
+        HAS_BETA=has_beta, STRIDE=stride, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block,
+        num_warps=num_warps(block))
     return out
 
 
@@ -233,7 +234,7 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
     """Gradients w.r.t. ``x`` (dtype of x), ``a`` (of a), ``y`` (of y) and ``beta`` (of beta,
     ``None`` when ``beta`` is None); see :func:`_attention_writeback_bwd_kernel`."""
     op = "attention_writeback_bwd"
-    _require(op)
+    require(op)
     _check(op, x, a, idx, y, beta, stride)
     B, C, H, W = x.shape
     HO, WO = H // stride, W // stride
@@ -242,14 +243,14 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
                          f"got {tuple(grad.shape)}")
     grad, x, a, idx, y = grad.contiguous(), x.contiguous(), a.contiguous(), idx.contiguous(), y.contiguous()
     n = idx.shape[0]
-    dx = _empty((B, C, H, W), x.dtype, x.device)
-    da = _empty((B, C), a.dtype, a.device)
-    dy = _empty((B, n, HO, WO), y.dtype, y.device)
+    dx = empty((B, C, H, W), x.dtype, x.device)
+    da = empty((B, C), a.dtype, a.device)
+    dy = empty((B, n, HO, WO), y.dtype, y.device)
     has_beta = beta is not None
-    part = _empty((B * C,), _acc_torch(x.dtype), x.device) if has_beta else None
+    part = empty((B * C,), acc_torch(x.dtype), x.device) if has_beta else None
     if B * C > 0:
-        inv = _inverse_map(idx, C)
-        block = _block_hw(HO * WO)
+        inv = inverse_map(idx, C)
+        block = block_hw(HO * WO)
         _attention_writeback_bwd_kernel[(B * C,)](
             grad, x, a, inv, y, beta.contiguous() if has_beta else a, dx, da, dy,
             part if has_beta else da, C, H, W, HO, WO,
@@ -257,8 +258,8 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
             y.stride(0), y.stride(1), dx.stride(0), dx.stride(1), dx.stride(2), da.stride(0),
             dy.stride(0), dy.stride(1),
             HAS_BETA=has_beta, STRIDE=stride, H_TAIL=(stride == 2 and H % 2 == 1),
-            W_TAIL=(stride == 2 and W % 2 == 1), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_HW=block,
-            num_warps=_num_warps(block))
+            W_TAIL=(stride == 2 and W % 2 == 1), ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block,
+            num_warps=num_warps(block))
     dbeta = None
     if has_beta:
         dbeta = part.sum().reshape(beta.shape).to(beta.dtype)

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../validate.h"
+#include "reduce.h"
 
 namespace adarts {
 namespace {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../validate.h"
+#include "reduce.h"
 
 namespace adarts {
 namespace {

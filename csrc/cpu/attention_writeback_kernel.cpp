@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../validate.h"
+#include "reduce.h"
 
 namespace adarts {
 namespace {

@@ -1,5 +1,5 @@
 // Launchers of the adarts CUDA kernels: plain C++ declarations (no torch, no CUDA headers),
-// included both by the .cu files (nvcc) and by the torch binding (csrc/cuda/bindings.cpp).
+// included both by the .cu files (nvcc) and by the torch bindings (csrc/cuda/binding.h).
 //
 // The exact semantics of every operation is the plain-PyTorch reference,
 // adarts_kernels/ops/reference.py. Conventions of every launcher:
