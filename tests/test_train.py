@@ -1,4 +1,4 @@
-"""Search / retrain loops (adarts_kernels.nas.train), the Architect and the CLI drivers.
+"""Search / retrain loops (adarts_kernels.nas.loops, .config, .checkpoint), the Architect and the CLI drivers.
 
 Every run uses a tiny slice of the embedded digits data (``limit=32`` images per split,
 8x8 images, C=4, 3 cells, batch 16) so that one epoch takes about a second on 2 CPU cores.
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from adarts_kernels.data import DataError
 from adarts_kernels.nas import genotypes as G
-from adarts_kernels.nas import train as train_mod
+from adarts_kernels.nas import loops
 from adarts_kernels.nas.architect import Architect
+from adarts_kernels.nas.config import RetrainConfig, SearchConfig
+from adarts_kernels.nas.loops import run_retrain, run_search
 from adarts_kernels.nas.search_model import SearchNetwork
-from adarts_kernels.nas.train import RetrainConfig, SearchConfig, run_retrain, run_search
 from adarts_kernels.utils import io as io_mod
 from adarts_kernels.utils.io import load_checkpoint, read_jsonl
 
@@ -74,6 +75,14 @@ def assert_tree_equal(a, b, where="") -> None:
 
 def without_seconds(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def search_log(out):
+    """The per-epoch records of a search's log.jsonl, after checking its header record."""
+    recs = read_jsonl(out / "log.jsonl")
+    assert recs and recs[0]["kind"] == "header", recs[:1]
+    assert all(r.get("kind") != "header" for r in recs[1:])
+    return recs[1:]
 
 
 def load_driver(name: str):
@@ -144,7 +153,7 @@ def test_one_epoch_search_writes_outputs_and_moves_arch(search_runs, edge):
     assert sorted(os.listdir(out)) == ["cells.png", "checkpoint.pt", "genotype.json", "log.jsonl"]
 
     # log.jsonl: one record per epoch
-    recs = read_jsonl(out / "log.jsonl")
+    recs = search_log(out)
     assert len(recs) == 1
     rec = recs[0]
     for key in ("epoch", "train_loss", "train_acc", "valid_acc", "genotype", "normal_skip_connect",
@@ -213,7 +222,7 @@ def test_warmup_covering_all_epochs_leaves_arch_untouched(tmp_path):
     torch.manual_seed(cfg.seed)
     fresh = SearchNetwork(4, 10, 3, edge="pcdarts").state_dict()
     assert not torch.equal(ckpt["model"]["stem.0.weight"], fresh["stem.0.weight"])
-    rec = read_jsonl(tmp_path / "log.jsonl")[0]
+    rec = search_log(tmp_path)[0]
     assert rec["arch_loss"] is None
     assert ckpt["a_opt"]["state"] == {}  # Adam never stepped
 
@@ -232,7 +241,7 @@ def test_second_order_search_runs_and_moves_arch(search_runs):
         assert not torch.equal(p, p0), f"{name} unchanged by the second-order search"
     # the unrolled step really is a different update than the first-order one
     assert any(not torch.equal(ckpt["model"][n], first["model"][n]) for n in init)
-    assert len(read_jsonl(out / "log.jsonl")) == 1
+    assert len(search_log(out)) == 1
     G.load(str(out / "genotype.json"))
 
 
@@ -249,7 +258,7 @@ def _batches(n=8, size=8, dtype=torch.float32, seed=1):
 @pytest.mark.parametrize("edge", ["adarts", "darts"])
 def test_architect_step_changes_only_arch_parameters(edge, unrolled):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="modules")
     model.train()
     xt, yt, xv, yv = _batches()
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
@@ -297,7 +306,7 @@ def _smooth(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("edge", ["darts", "pcdarts"])
 def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="modules")
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)
@@ -318,7 +327,7 @@ def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
 def test_unrolled_gradient_matches_exact_second_order(edge):
     """grad_alpha L_val(w - eta*(dL_train/dw + wd*w + mu*m), alpha), by double backprop."""
     torch.manual_seed(0)
-    model = _smooth(SearchNetwork(4, 10, 3, edge=edge, kernels="reference")).double()
+    model = _smooth(SearchNetwork(4, 10, 3, edge=edge, kernels="modules")).double()
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)
@@ -399,7 +408,7 @@ def test_search_resume_is_bitwise_identical(tmp_path, two_epoch_search):
         run_search(cfg, on_epoch_end=interrupt_after(0))
     mid = load_checkpoint(tmp_path / "checkpoint.pt")
     assert mid["epoch"] == 0
-    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1
+    assert len(search_log(tmp_path)) == 1
     assert not (tmp_path / "genotype.json").exists()
 
     seen = []
@@ -411,7 +420,7 @@ def test_search_resume_is_bitwise_identical(tmp_path, two_epoch_search):
     for key in ("model", "w_opt", "a_opt", "sched", "rng", "genotype"):
         assert_tree_equal(ca[key], cb[key], key)
     assert without_seconds(ca["history"]) == without_seconds(cb["history"])
-    recs_a, recs_b = read_jsonl(a / "log.jsonl"), read_jsonl(tmp_path / "log.jsonl")
+    recs_a, recs_b = search_log(a), search_log(tmp_path)
     assert len(recs_a) == len(recs_b) == 2
     assert without_seconds(recs_a) == without_seconds(recs_b)
     assert G.load(str(a / "genotype.json")) == G.load(str(tmp_path / "genotype.json"))
@@ -464,15 +473,15 @@ def test_checkpoint_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatc
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # no temporary left behind
-    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1  # the log matches the checkpoint
+    assert len(search_log(tmp_path)) == 1  # the log matches the checkpoint
 
     run_search(dataclasses.replace(cfg, resume=True))
     final = load_checkpoint(tmp_path / "checkpoint.pt")
     ref = load_checkpoint(two_epoch_search / "checkpoint.pt")
     assert final["epoch"] == 1
     assert_tree_equal(ref["model"], final["model"], "model")
-    assert without_seconds(read_jsonl(tmp_path / "log.jsonl")) == \
-        without_seconds(read_jsonl(two_epoch_search / "log.jsonl"))
+    assert without_seconds(search_log(tmp_path)) == \
+        without_seconds(search_log(two_epoch_search))
 
 
 # ----------------------------------------------------------------------------- 6. refusals
@@ -609,7 +618,7 @@ def test_cli_tiny_search_then_retrain(search_cli, retrain_cli, tmp_path, monkeyp
     ckpt = load_checkpoint(s_out / "checkpoint.pt")
     assert ckpt["config"]["image_size"] == 16 and ckpt["config"]["limit"] == 32
     assert ckpt["config"]["edge"] == "adarts" and ckpt["config"]["warmup_epochs"] == 0
-    assert len(read_jsonl(s_out / "log.jsonl")) == 1
+    assert len(search_log(s_out)) == 1
 
     rc = retrain_cli.main(["--genotype", str(s_out / "genotype.json"), "--limit", "32", "--C", "4",
                            "--layers", "3", "--batch-size", "16", "--epochs", "1", "--no-auxiliary",
@@ -629,9 +638,9 @@ def test_search_fused_and_recompute_follow_the_reference(search_runs):
     """The fused kernels and edge recomputation compute the same function: one epoch of
     search gives the same losses and architecture (up to float32 rounding)."""
     runs = {kr: search_runs(edge="adarts", kernels=kr[0], recompute=kr[1])
-            for kr in (("reference", "none"), ("fused", "none"), ("fused", "edge"))}
-    recs = {kr: read_jsonl(out / "log.jsonl")[-1] for kr, out in runs.items()}
-    base = recs[("reference", "none")]
+            for kr in (("modules", "none"), ("fused", "none"), ("fused", "edge"))}
+    recs = {kr: search_log(out)[-1] for kr, out in runs.items()}
+    base = recs[("modules", "none")]
     for kr, rec in recs.items():
         assert abs(rec["train_loss"] - base["train_loss"]) < 1e-3, kr
         assert abs(rec["valid_loss"] - base["valid_loss"]) < 1e-3, kr
@@ -641,7 +650,7 @@ def test_search_fused_and_recompute_follow_the_reference(search_runs):
 
 def test_search_config_kernel_choices():
     assert SearchConfig(edge="adarts").resolved().kernels == "fused"
-    assert SearchConfig(edge="pcdarts").resolved().kernels == "reference"
+    assert SearchConfig(edge="pcdarts").resolved().kernels == "modules"
     with pytest.raises(ValueError, match="adarts edge only"):
         SearchConfig(edge="pcdarts", kernels="fused").resolved()
     with pytest.raises(ValueError, match="unknown recompute"):
@@ -681,7 +690,7 @@ def test_search_step_returns_device_tensors():
     opt = torch.optim.SGD(w, lr=0.1, momentum=0.9)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     alpha0, stem0 = net.alphas_normal.detach().clone(), net.stem[0].weight.detach().clone()
-    loss, logits, vloss = train_mod.search_step(net, arch, opt, w, x, y, x, y, 0.1, 5.0)
+    loss, logits, vloss = loops.search_step(net, arch, opt, w, x, y, x, y, 0.1, 5.0)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
     assert logits.shape == (4, 10) and vloss is not None and vloss.dim() == 0
     assert not torch.equal(net.alphas_normal, alpha0)      # the architecture step ran
