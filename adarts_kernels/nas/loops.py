@@ -191,7 +191,8 @@ def auto_batch(cfg: SearchConfig, model: SearchNetwork, device: torch.device, nu
     cfg.batch_size = chosen
     return {"max_fit": best, "batch_size": chosen, "margin": AUTO_BATCH_MARGIN, "lr": cfg.lr,
             "lr_rule": "given" if user_lr else f"{preset['lr']} x {chosen}/{preset['batch_size']}",
-            "tried": tried, "device": torch.cuda.get_device_name(device) if cuda else str(device)}
+            "tried": [[b, ok] for b, ok in tried],
+            "device": torch.cuda.get_device_name(device) if cuda else str(device)}
 
 
 def search_header(cfg: SearchConfig, model: SearchNetwork, device: torch.device,
