@@ -68,7 +68,7 @@ def main(argv=None):
     rows = [measure(e, a.C, a.layers, a.size, b, a.k, impl=a.impl) for e in a.edges for b in a.batch]
     print(f"bytes saved for backward per sample (MB = 1e6 bytes), C={a.C}, {a.layers} cells, "
           f"{a.size}x{a.size}, float32, k={a.k}")
-    print(f"| edge | " + " | ".join(f"batch {b}" for b in a.batch) + " | vs PC-DARTS |")
+    print("| edge | " + " | ".join(f"batch {b}" for b in a.batch) + " | vs PC-DARTS |")
     print("|---|" + "---|" * len(a.batch) + "---|")
     pc = {r["batch"]: r["mb_per_sample"] for r in rows if r["edge"] == "pcdarts"}
     for e in a.edges:

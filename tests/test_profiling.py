@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from adarts_kernels.profiling import find_max_batch, is_oom, safe_batch
 from adarts_kernels.profiling.report import format_report, max_batch_estimate, memory_report
