@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up .venv, install, search + retrain on the embedded digits data set
-#   make test   set up .venv, install, run the test suite
+#   make test   set up .venv, install, lint (ruff), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -24,6 +24,7 @@ demo: setup
 	$(PY) python/retrain.py --dataset digits --genotype runs/demo-search/genotype.json --out runs/demo-retrain --resume
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench-memory: setup

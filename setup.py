@@ -167,7 +167,7 @@ setup(
     python_requires=">=3.9",
     # Never an exact torch pin: the user's torch (CPU or CUDA build) is the one to use.
     install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib", "scikit-learn"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "ruff"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     zip_safe=False,

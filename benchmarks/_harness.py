@@ -11,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -132,10 +132,10 @@ def run_op_benchmark(name: str, make: Callable, fwd: Callable, bytes_fwd: Callab
             out = fwd(inputs, prov)
             grad = torch.randn_like(out)
 
-            def fb():
+            def fb(inputs=inputs, prov=prov, grad=grad):
                 o = fwd(inputs, prov)
                 o.backward(grad)
-            f_ms = time_ms(lambda: fwd(inputs, prov), device)
+            f_ms = time_ms(lambda inputs=inputs, prov=prov: fwd(inputs, prov), device)
             fb_ms = time_ms(fb, device)
             nbytes = bytes_fwd(B, C, S, dtype) + bytes_bwd(B, C, S, dtype)
             row = {"op": name, "shape": f"{B}x{C}x{S}x{S}", "provider": prov, "dtype": a.dtype,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Supernet side by side: DARTS, PC-DARTS, ADARTS reference, ADARTS fused, fused + edge
-recomputation, one run, one device.
+"""Supernet side by side: DARTS, PC-DARTS, ADARTS on the plain-PyTorch modules, ADARTS fused,
+fused + edge recomputation, one run, one device; the fused ops on the backend ``--impl``.
 
 Per variant: bytes saved for backward per sample (deterministic); the median time of a full
 search step (architecture step + weight step, both optimizers) after 2 warm-up steps at
@@ -10,6 +10,7 @@ at batch 64 and 256 and the largest batch that fits the device (probed with real
 
     python benchmarks/supernet.py                      # CPU: batch 16, saved bytes + step time
     python benchmarks/supernet.py --device cuda        # GPU: + peak memory, largest batch
+    python benchmarks/supernet.py --device cuda --impl triton   # the fused ops on Triton
 Writes ``supernet_<device>.json`` and ``.png`` into ``--out`` (default benchmarks/results).
 """
 import argparse
@@ -23,14 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from _harness import meta, print_table, write_results  # noqa: E402
 
+from adarts_kernels.backend import IMPLS, resolve  # noqa: E402
 from adarts_kernels.nas.architect import Architect  # noqa: E402
-from adarts_kernels.nas.train import search_step  # noqa: E402
-from adarts_kernels.profiling import find_max_batch  # noqa: E402
+from adarts_kernels.nas.loops import search_step  # noqa: E402
+from adarts_kernels.profiling import find_max_batch, is_oom  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet, saved_bytes_per_sample  # noqa: E402
 
 
-def make_step(variant, batch, device, C, layers, size, amp=False):
-    net = build_supernet(variant, C, layers).to(device)
+def make_step(variant, batch, device, C, layers, size, amp=False, impl=None):
+    net = build_supernet(variant, C, layers, impl=impl).to(device)
     if amp:
         net.autocast_dtype = torch.bfloat16
     w = list(net.weight_parameters())
@@ -92,6 +94,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="step-time batches (default: 16 on CPU, 64 and 256 on GPU)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--impl", default=None, choices=list(IMPLS),
+                   help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the timed steps")
     p.add_argument("--no-max-batch", action="store_true", help="GPU: skip the largest-batch probe")
     p.add_argument("--max-batch-limit", type=int, default=8192)
@@ -102,15 +106,22 @@ def main(argv=None):
     device = torch.device(a.device)
     gpu = device.type == "cuda"
     batches = a.batch or ([64, 256] if gpu else [16])
-    rows = []
-    from adarts_kernels.profiling import is_oom
+    if any(VARIANTS[v][1] == "fused" for v in a.variants):
+        try:
+            fused_impl = resolve(a.impl, device)     # an explicit --impl that cannot run: fail now
+        except RuntimeError as e:
+            p.error(str(e))
+    else:
+        fused_impl = None
     rows = []
     for v in a.variants:          # memory: deterministic bytes; on GPU peak memory and largest batch
-        net = build_supernet(v, a.C, a.layers)
-        row = {"variant": v, "mb_per_sample": saved_bytes_per_sample(net, a.size, 2) / 1e6}
+        net = build_supernet(v, a.C, a.layers, impl=a.impl)
+        row = {"variant": v, "impl": fused_impl if VARIANTS[v][1] == "fused" else None,
+               "mb_per_sample": saved_bytes_per_sample(net, a.size, 2) / 1e6}
         for b in batches if gpu else []:
             try:
-                row[f"peak_mb_b{b}"] = peak_mb(make_step(v, b, device, a.C, a.layers, a.size, a.amp), device)
+                row[f"peak_mb_b{b}"] = peak_mb(make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl),
+                                               device)
             except Exception as e:      # noqa: BLE001 - an out-of-memory row is a result
                 if not is_oom(e):
                     raise
@@ -118,7 +129,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         if gpu and not a.no_max_batch and (a.max_batch_variants is None or v in a.max_batch_variants):
             def try_batch(b, v=v):
-                s = make_step(v, b, device, a.C, a.layers, a.size, a.amp)
+                s = make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl)
                 s()
                 s()
                 sync(device)
@@ -131,7 +142,8 @@ def main(argv=None):
         steps = {}
         for row in rows:
             try:
-                steps[row["variant"]] = make_step(row["variant"], b, device, a.C, a.layers, a.size, a.amp)
+                steps[row["variant"]] = make_step(row["variant"], b, device, a.C, a.layers, a.size, a.amp,
+                                                  a.impl)
                 for _ in range(2):
                     steps[row["variant"]]()
             except Exception as e:      # noqa: BLE001
@@ -163,9 +175,9 @@ def main(argv=None):
             r["mem_vs_pcdarts"] = r["mb_per_sample"] / base["pcdarts"]["mb_per_sample"]
             if r.get("max_batch") and base["pcdarts"].get("max_batch"):
                 r["max_batch_vs_pcdarts"] = r["max_batch"] / base["pcdarts"]["max_batch"]
-    name = "supernet" + ("_amp" if a.amp else "")
+    name = "supernet" + ("_amp" if a.amp else "") + (f"_{a.impl}" if a.impl not in (None, "auto") else "")
     path = write_results(name, rows, device, a.out)
-    keys = ["variant", "mb_per_sample", "mem_vs_pcdarts"] + [f"step_ms_b{b}" for b in batches] + \
+    keys = ["variant", "impl", "mb_per_sample", "mem_vs_pcdarts"] + [f"step_ms_b{b}" for b in batches] + \
         ["step_vs_pcdarts", "step_vs_adarts"] + ([f"peak_mb_b{b}" for b in batches] + ["max_batch"] if gpu else [])
     print_table(rows, keys)
     m = meta(device)

@@ -7,6 +7,7 @@ search supernet keeps for backward, parameters and buffers excluded
 
     python benchmarks/supernet_memory.py                       # C=16, 8 cells, 32x32, batch 8 and 16
     python benchmarks/supernet_memory.py --batch 8 16 32 --json benchmarks/results/supernet_memory.json
+    python benchmarks/supernet_memory.py --impl reference      # the fused ops on their reference backend
 """
 import argparse
 import datetime
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from adarts_kernels.backend import IMPLS, resolve  # noqa: E402
 from adarts_kernels.profiling import saved_activation_bytes  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet  # noqa: E402
 
@@ -35,12 +37,14 @@ def commit() -> str:
         return "unknown"
 
 
-def measure(variant: str, C: int, layers: int, size: int, batch: int, k: int, seed: int = 0) -> dict:
-    net = build_supernet(variant, C, layers, k, seed=seed)
+def measure(variant: str, C: int, layers: int, size: int, batch: int, k: int, seed: int = 0,
+            impl=None) -> dict:
+    net = build_supernet(variant, C, layers, k, seed=seed, impl=impl)
+    backends = net.backends("cpu")
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     nbytes = saved_activation_bytes(lambda: net.loss(x, y), module=net)
-    return {"edge": variant, "C": C, "layers": layers, "size": size, "k": k, "batch": batch,
+    return {"edge": variant, "impl": backends["mixed_sum"] if backends else None, "C": C, "layers": layers, "size": size, "k": k, "batch": batch,
             "saved_bytes": nbytes, "mb_per_sample": nbytes / batch / 1e6}
 
 
@@ -52,13 +56,19 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16])
     p.add_argument("--edges", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--impl", default=None, choices=list(IMPLS),
+                   help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto)")
     p.add_argument("--json", default=None, help="also write the rows (with device, torch, commit) here")
     a = p.parse_args(argv)
 
-    rows = [measure(e, a.C, a.layers, a.size, b, a.k) for e in a.edges for b in a.batch]
+    try:
+        resolve(a.impl, torch.device("cpu"))     # an explicit --impl that cannot run on CPU: fail now
+    except RuntimeError as e:
+        p.error(str(e))
+    rows = [measure(e, a.C, a.layers, a.size, b, a.k, impl=a.impl) for e in a.edges for b in a.batch]
     print(f"bytes saved for backward per sample (MB = 1e6 bytes), C={a.C}, {a.layers} cells, "
           f"{a.size}x{a.size}, float32, k={a.k}")
-    print(f"| edge | " + " | ".join(f"batch {b}" for b in a.batch) + " | vs PC-DARTS |")
+    print("| edge | " + " | ".join(f"batch {b}" for b in a.batch) + " | vs PC-DARTS |")
     print("|---|" + "---|" * len(a.batch) + "---|")
     pc = {r["batch"]: r["mb_per_sample"] for r in rows if r["edge"] == "pcdarts"}
     for e in a.edges:

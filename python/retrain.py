@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
-from adarts_kernels.nas.train import RETRAIN_PRESETS, RetrainConfig, run_retrain  # noqa: E402
+from adarts_kernels.nas.config import RETRAIN_PRESETS, RetrainConfig  # noqa: E402
+from adarts_kernels.nas.loops import run_retrain  # noqa: E402
 
 
 def main(argv=None):

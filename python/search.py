@@ -7,8 +7,10 @@
     python python/search.py ... --resume                      # continue an interrupted run
     python python/search.py --dataset cifar10 --data ~/data --batch-size auto --recompute edge   # GPU
 
-The adarts edge runs on the fused kernels by default (``--kernels reference`` for plain
-PyTorch); ``--recompute edge`` trades about a third more step time for a quarter of the memory.
+The adarts edge runs on the fused kernels by default (``--kernels modules`` for the plain-PyTorch
+modules); ``--impl`` picks the backend of the fused ops (``auto``, ``reference``, ``cpp``,
+``cuda``, ``triton``; default ``$ADARTS_KERNELS_IMPL`` or ``auto``); ``--recompute edge``
+trades about a third more step time for a quarter of the memory.
 """
 import argparse
 import os
@@ -16,8 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adarts_kernels.backend import IMPLS  # noqa: E402
 from adarts_kernels.data import DataError  # noqa: E402
-from adarts_kernels.nas.train import SEARCH_PRESETS, SearchConfig, run_search  # noqa: E402
+from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
+from adarts_kernels.nas.loops import run_search  # noqa: E402
+from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
 
 
 def _batch_size(text: str):
@@ -26,10 +31,19 @@ def _batch_size(text: str):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
+
+
+def _kernels(text: str):
+    if text == "reference":
+        raise argparse.ArgumentTypeError("'reference' is now called 'modules' (the plain-PyTorch modules); "
+                                          "the reference backend of the fused ops is --impl reference")
+    if text not in KERNELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KERNELS)}, got {text!r}")
+    return text
 
 
 def main(argv=None):
@@ -44,8 +58,12 @@ def main(argv=None):
                         "50 epochs; digits: the small default for the embedded data set")
     p.add_argument("--edge", default=d.edge, choices=["adarts", "pcdarts", "darts"])
     p.add_argument("--k", type=int, default=d.k, help="1/k of the channels go through the candidates")
-    p.add_argument("--kernels", default=d.kernels, choices=["auto", "fused", "reference"],
-                   help="auto (default): the fused kernels for the adarts edge, plain PyTorch otherwise")
+    p.add_argument("--kernels", default=d.kernels, type=_kernels, metavar="{" + ",".join(KERNELS) + "}",
+                   help="auto (default): the fused kernels for the adarts edge, the plain-PyTorch modules "
+                        "otherwise")
+    p.add_argument("--impl", default=None, choices=list(IMPLS),
+                   help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto: cuda > triton > "
+                        "reference on GPU, cpp > reference on CPU); an explicit one that cannot run is an error")
     p.add_argument("--recompute", default=d.recompute, choices=["none", "edge"],
                    help="edge: keep only each edge's input and recompute the edge in backward")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (default float32)")
@@ -70,7 +88,7 @@ def main(argv=None):
     cfg = SearchConfig(
         dataset=a.dataset, data=a.data, download=a.download,
         out=a.out or os.path.join("runs", f"search-{a.dataset}-{a.edge}"), preset=a.preset, edge=a.edge, k=a.k,
-        kernels=a.kernels, recompute=a.recompute, amp=a.amp, channels_last=a.channels_last,
+        kernels=a.kernels, impl=a.impl, recompute=a.recompute, amp=a.amp, channels_last=a.channels_last,
         C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
         warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, limit=a.limit, seed=a.seed, device=a.device,
         progress=not a.no_progress, resume=a.resume)

@@ -27,14 +27,13 @@ def gpu_impls():
 
 def nets(impl, recompute="none", C=8, layers=5):
     from adarts_kernels.nas import SearchNetwork
+    from adarts_kernels.nas.search_model import FUSED_OPS
     torch.manual_seed(0)
-    ref = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts", kernels="reference").cuda()
+    ref = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts", kernels="modules").cuda()
     net = SearchNetwork(C=C, num_classes=10, layers=layers, edge="adarts", kernels="fused",
-                        recompute=recompute).cuda()
+                        recompute=recompute, impl=impl).cuda()
     net.load_state_dict(ref.state_dict())
-    for m in net.modules():
-        if hasattr(m, "impl"):
-            m.impl = impl
+    assert net.backends() == {op: impl for op in FUSED_OPS}
     return ref, net
 
 
@@ -58,7 +57,7 @@ def test_fused_supernet_matches_reference(impl, recompute):
 @pytest.mark.parametrize("amp,channels_last", [(False, False), (True, True)])
 def test_fused_search_step_makes_no_host_sync(impl, amp, channels_last):
     from adarts_kernels.nas.architect import Architect
-    from adarts_kernels.nas.train import search_step
+    from adarts_kernels.nas.loops import search_step
     _, net = nets(impl)
     if amp:
         net.autocast_dtype = torch.bfloat16

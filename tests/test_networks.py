@@ -3,8 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adarts_kernels.backend import why_unavailable
 from adarts_kernels.nas import EvalNetwork, SearchNetwork, count_parameters, genotypes
 from adarts_kernels.nas.genotypes import PRIMITIVES, derive
+from adarts_kernels.nn import AttentionMixedOp, FusedAttentionMixedOp
 from adarts_kernels.profiling import saved_activation_bytes
 
 
@@ -180,3 +182,53 @@ def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
     assert saved_activation_bytes(fn) == 2 * 8 * 64 * 4
     with torch.no_grad():
         assert saved_activation_bytes(fn) == 0
+
+
+FUSED_OPS = ("attention_score", "attention_gather", "attention_writeback", "mixed_sum")
+CPU_IMPLS = [n for n in ("reference", "cpp") if why_unavailable(n, "cpu") is None]
+
+
+def test_kernels_modules_and_the_old_name():
+    with pytest.raises(ValueError, match="now called kernels='modules'"):
+        SearchNetwork(C=4, layers=3, edge="adarts", kernels="reference")
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        SearchNetwork(C=4, layers=3, kernels="cuda")
+    net = SearchNetwork(C=4, layers=3, edge="adarts", kernels="modules")
+    assert net.kernels == "modules" and net.backends() is None
+    assert all(isinstance(e, AttentionMixedOp) for cell in net.cells for e in cell._ops)
+    assert SearchNetwork(C=4, layers=3, edge="darts").kernels == "modules"
+
+
+def test_impl_reaches_every_fused_edge(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend impl='fastest'"):
+        SearchNetwork(C=4, layers=3, impl="fastest")
+    net = SearchNetwork(C=4, layers=3, edge="adarts", impl="Reference")
+    edges = [e for cell in net.cells for e in cell._ops]
+    assert len(edges) == 3 * 14 and all(isinstance(e, FusedAttentionMixedOp) and e.impl == "reference"
+                                        for e in edges)
+    assert net.impl == "reference" and net.backends() == {op: "reference" for op in FUSED_OPS}
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+        SearchNetwork(C=4, layers=3, impl="cuda").backends("cpu")
+    # impl=None: the environment default, read when the ops run
+    default = SearchNetwork(C=4, layers=3)
+    assert default.impl is None and all(e.impl is None for cell in default.cells for e in cell._ops)
+    monkeypatch.setenv("ADARTS_KERNELS_IMPL", "reference")
+    assert default.backends("cpu") == {op: "reference" for op in FUSED_OPS}
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_fused_supernet_on_each_cpu_backend_matches_the_modules(impl):
+    """Same function, forward and backward (weights and architecture), whichever backend
+    the fused ops run on; odd batch, fresh random inputs."""
+    torch.manual_seed(0)
+    ref = SearchNetwork(C=4, num_classes=7, layers=3, edge="adarts", kernels="modules")
+    net = SearchNetwork(C=4, num_classes=7, layers=3, edge="adarts", kernels="fused", impl=impl)
+    net.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, 12, 12)
+    y = torch.randint(0, 7, (3,))
+    l_ref, l_net = ref.loss(x, y), net.loss(x, y)
+    torch.testing.assert_close(l_net, l_ref, rtol=1e-5, atol=1e-5)
+    l_ref.backward()
+    l_net.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)

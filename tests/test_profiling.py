@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from adarts_kernels.profiling import find_max_batch, is_oom, safe_batch
 from adarts_kernels.profiling.report import format_report, max_batch_estimate, memory_report
@@ -87,3 +86,37 @@ def test_saved_bytes_agree_with_rss_growth():
     for row in json.loads(out.stdout.strip().splitlines()[-1]):
         assert row["saved_bytes"] > 10e6, row
         assert 0.9 <= row["ratio"] <= 1.1, row
+
+
+FUSED_OPS = ("attention_score", "attention_gather", "attention_writeback", "mixed_sum")
+
+
+def test_memory_report_and_benchmarks_take_impl(tmp_path, capsys):
+    """``--impl`` reaches the fused ops of the memory report and of the supernet benchmarks;
+    an explicit backend that cannot run is refused before any measurement."""
+    from adarts_kernels.profiling.__main__ import main
+    from adarts_kernels.profiling.report import VARIANTS
+    assert {kernels for _, kernels, _ in VARIANTS.values()} == {"modules", "fused"}
+    js = tmp_path / "m.json"
+    assert main(["--C", "8", "--layers", "3", "--size", "16", "--batch", "2", "--plot", "", "--json", str(js),
+                 "--variants", "pcdarts", "adarts-fused", "--impl", "reference"]) == 0
+    rows = json.loads(js.read_text())
+    assert rows[0]["backends"] is None
+    assert rows[1]["backends"] == {op: "reference" for op in FUSED_OPS}
+    assert "fused ops on the reference backend" in capsys.readouterr().out
+    assert main(["--C", "8", "--layers", "3", "--impl", "cuda", "--plot", ""]) == 2
+    assert "backend 'cuda' cannot run here" in capsys.readouterr().err
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import supernet_memory
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "sm.json"
+    supernet_memory.main(["--C", "4", "--layers", "3", "--size", "8", "--batch", "2", "--edges", "adarts",
+                          "adarts-fused", "--impl", "reference", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == [None, "reference"]
+    with pytest.raises(SystemExit):
+        supernet_memory.main(["--impl", "cuda"])
+    assert "cannot run here" in capsys.readouterr().err

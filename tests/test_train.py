@@ -1,4 +1,4 @@
-"""Search / retrain loops (adarts_kernels.nas.train), the Architect and the CLI drivers.
+"""Search / retrain loops (adarts_kernels.nas.loops, .config, .checkpoint), the Architect and the CLI drivers.
 
 Every run uses a tiny slice of the embedded digits data (``limit=32`` images per split,
 8x8 images, C=4, 3 cells, batch 16) so that one epoch takes about a second on 2 CPU cores.
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from adarts_kernels.data import DataError
 from adarts_kernels.nas import genotypes as G
-from adarts_kernels.nas import train as train_mod
+from adarts_kernels.nas import loops
 from adarts_kernels.nas.architect import Architect
+from adarts_kernels.nas.config import RetrainConfig, SearchConfig
+from adarts_kernels.nas.loops import run_retrain, run_search
 from adarts_kernels.nas.search_model import SearchNetwork
-from adarts_kernels.nas.train import RetrainConfig, SearchConfig, run_retrain, run_search
 from adarts_kernels.utils import io as io_mod
 from adarts_kernels.utils.io import load_checkpoint, read_jsonl
 
@@ -74,6 +75,14 @@ def assert_tree_equal(a, b, where="") -> None:
 
 def without_seconds(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def search_log(out):
+    """The per-epoch records of a search's log.jsonl, after checking its header record."""
+    recs = read_jsonl(out / "log.jsonl")
+    assert recs and recs[0]["kind"] == "header", recs[:1]
+    assert all(r.get("kind") != "header" for r in recs[1:])
+    return recs[1:]
 
 
 def load_driver(name: str):
@@ -144,7 +153,7 @@ def test_one_epoch_search_writes_outputs_and_moves_arch(search_runs, edge):
     assert sorted(os.listdir(out)) == ["cells.png", "checkpoint.pt", "genotype.json", "log.jsonl"]
 
     # log.jsonl: one record per epoch
-    recs = read_jsonl(out / "log.jsonl")
+    recs = search_log(out)
     assert len(recs) == 1
     rec = recs[0]
     for key in ("epoch", "train_loss", "train_acc", "valid_acc", "genotype", "normal_skip_connect",
@@ -213,7 +222,7 @@ def test_warmup_covering_all_epochs_leaves_arch_untouched(tmp_path):
     torch.manual_seed(cfg.seed)
     fresh = SearchNetwork(4, 10, 3, edge="pcdarts").state_dict()
     assert not torch.equal(ckpt["model"]["stem.0.weight"], fresh["stem.0.weight"])
-    rec = read_jsonl(tmp_path / "log.jsonl")[0]
+    rec = search_log(tmp_path)[0]
     assert rec["arch_loss"] is None
     assert ckpt["a_opt"]["state"] == {}  # Adam never stepped
 
@@ -232,7 +241,7 @@ def test_second_order_search_runs_and_moves_arch(search_runs):
         assert not torch.equal(p, p0), f"{name} unchanged by the second-order search"
     # the unrolled step really is a different update than the first-order one
     assert any(not torch.equal(ckpt["model"][n], first["model"][n]) for n in init)
-    assert len(read_jsonl(out / "log.jsonl")) == 1
+    assert len(search_log(out)) == 1
     G.load(str(out / "genotype.json"))
 
 
@@ -249,7 +258,7 @@ def _batches(n=8, size=8, dtype=torch.float32, seed=1):
 @pytest.mark.parametrize("edge", ["adarts", "darts"])
 def test_architect_step_changes_only_arch_parameters(edge, unrolled):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="modules")
     model.train()
     xt, yt, xv, yv = _batches()
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
@@ -297,7 +306,7 @@ def _smooth(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("edge", ["darts", "pcdarts"])
 def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
     torch.manual_seed(0)
-    model = SearchNetwork(4, 10, 3, edge=edge, kernels="reference")
+    model = SearchNetwork(4, 10, 3, edge=edge, kernels="modules")
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)
@@ -318,7 +327,7 @@ def test_unrolled_gradient_with_zero_eta_is_first_order(edge):
 def test_unrolled_gradient_matches_exact_second_order(edge):
     """grad_alpha L_val(w - eta*(dL_train/dw + wd*w + mu*m), alpha), by double backprop."""
     torch.manual_seed(0)
-    model = _smooth(SearchNetwork(4, 10, 3, edge=edge, kernels="reference")).double()
+    model = _smooth(SearchNetwork(4, 10, 3, edge=edge, kernels="modules")).double()
     with torch.no_grad():
         for a in model.arch_parameters():
             a.normal_(0.0, 1.0)
@@ -399,7 +408,7 @@ def test_search_resume_is_bitwise_identical(tmp_path, two_epoch_search):
         run_search(cfg, on_epoch_end=interrupt_after(0))
     mid = load_checkpoint(tmp_path / "checkpoint.pt")
     assert mid["epoch"] == 0
-    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1
+    assert len(search_log(tmp_path)) == 1
     assert not (tmp_path / "genotype.json").exists()
 
     seen = []
@@ -411,7 +420,7 @@ def test_search_resume_is_bitwise_identical(tmp_path, two_epoch_search):
     for key in ("model", "w_opt", "a_opt", "sched", "rng", "genotype"):
         assert_tree_equal(ca[key], cb[key], key)
     assert without_seconds(ca["history"]) == without_seconds(cb["history"])
-    recs_a, recs_b = read_jsonl(a / "log.jsonl"), read_jsonl(tmp_path / "log.jsonl")
+    recs_a, recs_b = search_log(a), search_log(tmp_path)
     assert len(recs_a) == len(recs_b) == 2
     assert without_seconds(recs_a) == without_seconds(recs_b)
     assert G.load(str(a / "genotype.json")) == G.load(str(tmp_path / "genotype.json"))
@@ -464,15 +473,15 @@ def test_checkpoint_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatc
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # no temporary left behind
-    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1  # the log matches the checkpoint
+    assert len(search_log(tmp_path)) == 1  # the log matches the checkpoint
 
     run_search(dataclasses.replace(cfg, resume=True))
     final = load_checkpoint(tmp_path / "checkpoint.pt")
     ref = load_checkpoint(two_epoch_search / "checkpoint.pt")
     assert final["epoch"] == 1
     assert_tree_equal(ref["model"], final["model"], "model")
-    assert without_seconds(read_jsonl(tmp_path / "log.jsonl")) == \
-        without_seconds(read_jsonl(two_epoch_search / "log.jsonl"))
+    assert without_seconds(search_log(tmp_path)) == \
+        without_seconds(search_log(two_epoch_search))
 
 
 # ----------------------------------------------------------------------------- 6. refusals
@@ -609,7 +618,7 @@ def test_cli_tiny_search_then_retrain(search_cli, retrain_cli, tmp_path, monkeyp
     ckpt = load_checkpoint(s_out / "checkpoint.pt")
     assert ckpt["config"]["image_size"] == 16 and ckpt["config"]["limit"] == 32
     assert ckpt["config"]["edge"] == "adarts" and ckpt["config"]["warmup_epochs"] == 0
-    assert len(read_jsonl(s_out / "log.jsonl")) == 1
+    assert len(search_log(s_out)) == 1
 
     rc = retrain_cli.main(["--genotype", str(s_out / "genotype.json"), "--limit", "32", "--C", "4",
                            "--layers", "3", "--batch-size", "16", "--epochs", "1", "--no-auxiliary",
@@ -629,9 +638,9 @@ def test_search_fused_and_recompute_follow_the_reference(search_runs):
     """The fused kernels and edge recomputation compute the same function: one epoch of
     search gives the same losses and architecture (up to float32 rounding)."""
     runs = {kr: search_runs(edge="adarts", kernels=kr[0], recompute=kr[1])
-            for kr in (("reference", "none"), ("fused", "none"), ("fused", "edge"))}
-    recs = {kr: read_jsonl(out / "log.jsonl")[-1] for kr, out in runs.items()}
-    base = recs[("reference", "none")]
+            for kr in (("modules", "none"), ("fused", "none"), ("fused", "edge"))}
+    recs = {kr: search_log(out)[-1] for kr, out in runs.items()}
+    base = recs[("modules", "none")]
     for kr, rec in recs.items():
         assert abs(rec["train_loss"] - base["train_loss"]) < 1e-3, kr
         assert abs(rec["valid_loss"] - base["valid_loss"]) < 1e-3, kr
@@ -641,7 +650,7 @@ def test_search_fused_and_recompute_follow_the_reference(search_runs):
 
 def test_search_config_kernel_choices():
     assert SearchConfig(edge="adarts").resolved().kernels == "fused"
-    assert SearchConfig(edge="pcdarts").resolved().kernels == "reference"
+    assert SearchConfig(edge="pcdarts").resolved().kernels == "modules"
     with pytest.raises(ValueError, match="adarts edge only"):
         SearchConfig(edge="pcdarts", kernels="fused").resolved()
     with pytest.raises(ValueError, match="unknown recompute"):
@@ -681,8 +690,191 @@ def test_search_step_returns_device_tensors():
     opt = torch.optim.SGD(w, lr=0.1, momentum=0.9)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     alpha0, stem0 = net.alphas_normal.detach().clone(), net.stem[0].weight.detach().clone()
-    loss, logits, vloss = train_mod.search_step(net, arch, opt, w, x, y, x, y, 0.1, 5.0)
+    loss, logits, vloss = loops.search_step(net, arch, opt, w, x, y, x, y, 0.1, 5.0)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
     assert logits.shape == (4, 10) and vloss is not None and vloss.dim() == 0
     assert not torch.equal(net.alphas_normal, alpha0)      # the architecture step ran
     assert not torch.equal(net.stem[0].weight, stem0)      # and the weight step
+
+
+# ----------------------------------------------------------------------------- batch size auto, on CPU
+
+def capped_trial(capacity: int, then=None):
+    """A probe trial that runs out of memory above ``capacity`` (as a GPU would), else
+    calls ``then(b)`` if given; records the batches it was asked for."""
+    seen = []
+
+    def trial(b):
+        seen.append(b)
+        if b > capacity:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {b} MiB")
+        if then is not None:
+            then(b)
+    return trial, seen
+
+
+def test_batch_size_auto_search_end_to_end_and_resume(tmp_path, capsys):
+    """``--batch-size auto`` on CPU through an injected probe: 40 fits, 48 does not, so the
+    run takes 90% of 40 rounded down to a multiple of 8 (32), the digits preset's lr scaled
+    linearly (0.05 x 32/64), and a resumed run keeps both without probing again."""
+    cfg = search_cfg(tmp_path, edge="adarts", batch_size="auto", epochs=2)
+    trial, seen = capped_trial(40)
+    with pytest.raises(Interrupted):
+        run_search(cfg, on_epoch_end=interrupt_after(0), batch_trial=trial)
+    assert seen == [16, 32, 64, 48, 40]          # doubling, then bisection down to 8
+
+    assert sorted(os.listdir(tmp_path)) == ["auto_batch.json", "checkpoint.pt", "log.jsonl"]
+    auto = json.loads((tmp_path / "auto_batch.json").read_text())
+    assert auto == {"max_fit": 40, "batch_size": 32, "margin": 0.9, "lr": 0.05 * 32 / 64,
+                    "lr_rule": "0.05 x 32/64", "device": "cpu",
+                    "tried": [[16, True], [32, True], [64, False], [48, False], [40, True]]}
+    err = capsys.readouterr().err
+    assert "batch 32 (auto: largest fit 40), lr 0.025," in err
+
+    header = read_jsonl(tmp_path / "log.jsonl")[0]
+    assert header["kind"] == "header" and header["batch_size"] == 32 and header["lr"] == 0.025
+    assert header["auto_batch"] == auto
+    recs = search_log(tmp_path)
+    assert [r["batch_size"] for r in recs] == [32] and recs[0]["lr"] == 0.025
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["config"]["batch_size"] == 32 and ckpt["config"]["lr"] == 0.025
+
+    def must_not_probe(b):
+        raise AssertionError("a resumed run must not probe the batch size again")
+    run_search(dataclasses.replace(cfg, resume=True), batch_trial=must_not_probe)
+    assert json.loads((tmp_path / "auto_batch.json").read_text()) == auto
+    assert read_jsonl(tmp_path / "log.jsonl")[0] == header       # the header of the run's start
+    recs = search_log(tmp_path)
+    assert [r["batch_size"] for r in recs] == [32, 32] and [r["epoch"] for r in recs] == [1, 2]
+    final = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert final["epoch"] == 1 and final["config"]["batch_size"] == 32 and final["config"]["lr"] == 0.025
+    assert final["header"] == header
+
+
+def test_auto_batch_keeps_a_given_lr_and_an_unfit_start_is_an_error():
+    cfg = search_cfg("unused", batch_size="auto", lr=0.01).resolved()
+    torch.manual_seed(0)
+    model = SearchNetwork(4, 10, 3)
+    found = loops.auto_batch(cfg, model, torch.device("cpu"), 10, 8, trial=capped_trial(1000)[0])
+    assert found["max_fit"] == 1000 and found["batch_size"] == 896
+    assert cfg.batch_size == 896 and cfg.lr == 0.01 and found["lr_rule"] == "given"
+    cfg = search_cfg("unused", batch_size="auto").resolved()
+    with pytest.raises(RuntimeError, match="even batch 16 does not fit"):
+        loops.auto_batch(cfg, model, torch.device("cpu"), 10, 8, trial=capped_trial(8)[0])
+    with pytest.raises(ValueError, match="needs a CUDA device"):    # no trial: the real probe, GPU only
+        loops.auto_batch(cfg, model, torch.device("cpu"), 10, 8)
+
+
+@pytest.mark.parametrize("fake_cuda", [False, True], ids=["cpu", "cuda-branch"])
+def test_step_pair_trial_runs_real_steps_on_a_copy(monkeypatch, fake_cuda):
+    """The default probe's every line on CPU: two real search steps per trial on a copy of
+    the model (the model itself untouched); with the device check answering "CUDA", the
+    CUDA-only calls (synchronize, peak-memory reset, device name) are made as on a GPU."""
+    calls = []
+    if fake_cuda:
+        monkeypatch.setattr(loops, "_is_cuda", lambda device: True)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", str(device))))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                            lambda device=None: calls.append(("reset", str(device))))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    cfg = search_cfg("unused", batch_size="auto").resolved()
+    torch.manual_seed(0)
+    model = SearchNetwork(4, 10, 3)
+    before = copy.deepcopy(model.state_dict())
+    device = torch.device("cpu")
+    steps = []
+    real_step = loops.search_step
+
+    def counting_step(*args, **kwargs):
+        steps.append(args[4].shape[0])
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(loops, "search_step", counting_step)
+    trial, seen = capped_trial(24, then=loops.step_pair_trial(cfg, model, device, 10, 8))
+    found = loops.auto_batch(cfg, model, device, 10, 8, trial=trial)
+    assert seen == [16, 32, 24] and steps == [16, 16, 24, 24]     # two steps per fitting batch
+    assert found["max_fit"] == 24 and found["batch_size"] == 16 and cfg.batch_size == 16
+    assert cfg.lr == pytest.approx(0.05 * 16 / 64)
+    assert_tree_equal(before, model.state_dict(), "model")      # the probe ran on a copy
+    if fake_cuda:
+        assert calls == [("reset", "cpu"), ("sync", "cpu"), ("sync", "cpu")]
+        assert found["device"] == "Fake GPU"
+    else:
+        assert found["device"] == "cpu"
+
+
+# ----------------------------------------------------------------------------- backend switch
+
+FUSED_OPS = ("attention_score", "attention_gather", "attention_writeback", "mixed_sum")
+
+
+def test_search_log_header_names_the_backends(search_runs, monkeypatch):
+    from adarts_kernels.backend import resolve
+    monkeypatch.delenv("ADARTS_KERNELS_IMPL", raising=False)
+    fused = read_jsonl(search_runs(edge="adarts") / "log.jsonl")[0]
+    expected = resolve("auto", torch.device("cpu"))
+    assert fused["kind"] == "header" and fused["run"] == "search"
+    assert fused["kernels"] == "fused" and fused["impl"] == "auto"
+    assert fused["backends"] == {op: expected for op in FUSED_OPS}
+    assert fused["torch"] == torch.__version__ and fused["device"] == "cpu"
+    assert fused["batch_size"] == 16 and fused["auto_batch"] is None
+    ckpt = load_checkpoint(search_runs(edge="adarts") / "checkpoint.pt")
+    assert ckpt["header"] == fused and ckpt["config"]["impl"] == "auto"
+    modules = read_jsonl(search_runs(edge="pcdarts") / "log.jsonl")[0]
+    assert modules["kind"] == "header" and modules["kernels"] == "modules" and modules["backends"] is None
+
+
+def test_impl_reaches_every_fused_op_from_the_cli(tmp_path, monkeypatch):
+    """``--impl reference``: the config, the header and every fused op call say "reference"."""
+    import sys
+    seen = []
+    for op in FUSED_OPS:
+        mod = sys.modules[f"adarts_kernels.ops.{op}"]
+        real = mod.resolve
+        monkeypatch.setattr(mod, "resolve", lambda impl, device, _op=op, _r=real: (seen.append((_op, impl)),
+                                                                                     _r(impl, device))[1])
+    search = load_driver("search")
+    out = tmp_path / "drv"
+    rc = search.main(["--limit", "32", "--C", "4", "--layers", "3", "--batch-size", "16", "--epochs", "1",
+                      "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--impl", "reference",
+                      "--out", str(out)])
+    assert rc == 0
+    assert {op for op, _ in seen} == set(FUSED_OPS)
+    assert {impl for _, impl in seen} == {"reference"}
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["impl"] == "reference"
+    header = read_jsonl(out / "log.jsonl")[0]
+    assert header["impl"] == "reference" and header["backends"] == {op: "reference" for op in FUSED_OPS}
+
+
+def test_impl_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ADARTS_KERNELS_IMPL", "reference")
+    assert SearchConfig().resolved().impl == "reference"
+    assert SearchConfig(impl="AUTO").resolved().impl == "auto"      # an explicit choice wins
+    monkeypatch.delenv("ADARTS_KERNELS_IMPL")
+    assert SearchConfig().resolved().impl == "auto"
+
+
+def test_bad_impl_is_refused_early(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="unknown backend impl='fast'.*'triton'"):
+        SearchConfig(impl="fast").resolved()
+    # an explicit backend that cannot run on the device: refused before anything is written
+    with pytest.raises(ValueError, match="impl='cuda' cannot run the fused kernels on cpu.*cuda"):
+        run_search(search_cfg(tmp_path / "run", impl="cuda"))
+    assert not (tmp_path / "run").exists()
+    # the plain-PyTorch modules have no backend to check
+    assert SearchConfig(edge="darts", impl="cuda").resolved().kernels == "modules"
+    search = load_driver("search")
+    rc = search.main(["--impl", "cuda", "--device", "cpu", "--out", str(tmp_path / "cli"), "--no-progress"])
+    assert rc == 2 and "cannot run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.main(["--impl", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_kernels_reference_is_now_called_modules(capsys):
+    with pytest.raises(ValueError, match="now called kernels='modules'"):
+        SearchConfig(kernels="reference").resolved()
+    assert SearchConfig(kernels="modules").resolved().kernels == "modules"
+    search = load_driver("search")
+    with pytest.raises(SystemExit):
+        search.main(["--kernels", "reference"])
+    assert "now called 'modules'" in capsys.readouterr().err

@@ -1,9 +1,19 @@
-"""The ADARTS / PC-DARTS / DARTS search space, networks, architect and training loops."""
+"""The ADARTS / PC-DARTS / DARTS search space, networks, architect and training loops.
+
+``config`` (presets, :class:`SearchConfig`, :class:`RetrainConfig`), ``checkpoint`` (run
+directories, checkpoints, resume) and ``loops`` (:func:`run_search`, :func:`run_retrain`,
+:func:`search_step`, :func:`auto_batch`).
+"""
 from . import genotypes
 from .architect import Architect
+from .checkpoint import epoch_records
+from .config import RETRAIN_PRESETS, SEARCH_PRESETS, RetrainConfig, SearchConfig, resolve_device
 from .eval_model import EvalNetwork, count_parameters
 from .genotypes import PRIMITIVES, Genotype
+from .loops import auto_batch, evaluate, run_retrain, run_search, search_step, step_pair_trial
 from .search_model import SearchNetwork, normalized_betas
 
 __all__ = ["genotypes", "Architect", "EvalNetwork", "count_parameters", "PRIMITIVES", "Genotype",
-           "SearchNetwork", "normalized_betas"]
+           "SearchNetwork", "normalized_betas", "SEARCH_PRESETS", "RETRAIN_PRESETS", "SearchConfig",
+           "RetrainConfig", "resolve_device", "run_search", "run_retrain", "search_step", "auto_batch",
+           "step_pair_trial", "evaluate", "epoch_records"]

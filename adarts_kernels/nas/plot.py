@@ -150,7 +150,7 @@ def _draw_cell(ax, cell: _Cell, title: str, renderer) -> None:
     ax.set_axis_off()
 
     patches = []
-    for j, ((x, y), r, kind, label) in enumerate(zip(cell.pos, cell.radius, cell.kind, cell.labels)):
+    for (x, y), r, kind, label in zip(cell.pos, cell.radius, cell.kind, cell.labels):
         color = {"input": _INPUT_COLOR, "node": _NODE_COLOR, "output": _OUTPUT_COLOR}[kind]
         circ = Circle((x, y), r, facecolor=color, edgecolor="#404040", linewidth=1.2, zorder=3)
         ax.add_patch(circ)
@@ -183,7 +183,7 @@ def _draw_cell(ax, cell: _Cell, title: str, renderer) -> None:
     # and other edges, searching along its own edge outwards from the middle
     placed: List[Bbox] = []
     ts = (0.5, 0.42, 0.58, 0.35, 0.65, 0.28, 0.72, 0.22, 0.78)
-    for e, (s, d, op) in enumerate(cell.edges):
+    for e, (_s, _d, op) in enumerate(cell.edges):
         if op is None:
             continue
         color = _OP_COLORS.get(op, _OTHER_OP_COLOR)

@@ -6,12 +6,13 @@ output logits ``(B, num_classes)``.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import backend
 from ..nn.edges import AttentionMixedOp, MixedOp, PartialMixedOp
 from ..nn.fused import FusedAttentionMixedOp, FusedFactorizedReduce, FusedReLUConvBN
 from ..nn.recompute import recompute_edge
@@ -19,28 +20,47 @@ from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
 from .genotypes import Genotype
 
 EDGES = ("adarts", "pcdarts", "darts")
-KERNELS = ("auto", "reference", "fused")
+KERNELS = ("auto", "modules", "fused")
+#: the fused ops an ADARTS edge runs (each on the backend its ``impl`` resolves to)
+FUSED_OPS = ("attention_score", "attention_gather", "attention_writeback", "mixed_sum")
 RECOMPUTE = ("none", "edge")
 
 
 def resolve_kernels(edge: str, kernels: str, recompute: str = "none") -> str:
     """The kernels a supernet of ``edge`` runs on: ``"auto"`` is ``"fused"`` for the ADARTS
-    edge and ``"reference"`` for the baselines. Raises ``ValueError`` for an unknown choice,
-    an unknown ``recompute`` or fused kernels asked for a baseline edge."""
+    edge and ``"modules"`` (the plain-PyTorch modules) for the baselines. Raises ``ValueError``
+    for an unknown choice (``"reference"`` is now called ``"modules"``: "reference" names only
+    the reference backend of the ops, see ``impl``), an unknown ``recompute`` or fused kernels
+    asked for a baseline edge."""
+    if kernels == "reference":
+        raise ValueError("kernels='reference' is now called kernels='modules' (the plain-PyTorch modules); "
+                         "the reference backend of the fused ops is impl='reference'")
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; expected one of {list(KERNELS)}")
     if recompute not in RECOMPUTE:
         raise ValueError(f"unknown recompute {recompute!r}; expected one of {list(RECOMPUTE)}")
     if kernels == "auto":
-        return "fused" if edge == "adarts" else "reference"
+        return "fused" if edge == "adarts" else "modules"
     if kernels == "fused" and edge != "adarts":
         raise ValueError(f"kernels='fused' exists for the adarts edge only, got edge={edge!r}")
     return kernels
 
 
-def _make_edge(kind: str, C: int, stride: int, k: int, kernels: str = "reference") -> nn.Module:
+def check_impl_name(impl: Optional[str]) -> Optional[str]:
+    """``impl`` lower-cased, or ``None`` (the ``ADARTS_KERNELS_IMPL`` default, read when the ops
+    run); ``ValueError`` for a name that is not a backend."""
+    if impl is None:
+        return None
+    name = str(impl).strip().lower()
+    if name not in backend.IMPLS:
+        raise ValueError(f"unknown backend impl={impl!r}; expected one of {list(backend.IMPLS)}")
+    return name
+
+
+def _make_edge(kind: str, C: int, stride: int, k: int, kernels: str = "modules",
+               impl: Optional[str] = None) -> nn.Module:
     if kind == "adarts":
-        return FusedAttentionMixedOp(C, stride, k) if kernels == "fused" else AttentionMixedOp(C, stride, k)
+        return FusedAttentionMixedOp(C, stride, k, impl=impl) if kernels == "fused" else AttentionMixedOp(C, stride, k)
     if kind == "pcdarts":
         return PartialMixedOp(C, stride, k)
     return MixedOp(C, stride)
@@ -68,7 +88,7 @@ class SearchCell(nn.Module):
     """A supernet cell: 2 inputs ``(B, C_pp, H, W)``, ``(B, C_p, H, W)`` -> ``(B, 4C, H', W')``."""
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, edge, k,
-                 kernels="reference", recompute="none"):
+                 kernels="modules", recompute="none", impl=None):
         super().__init__()
         self.reduction = reduction
         self.recompute = recompute
@@ -84,7 +104,7 @@ class SearchCell(nn.Module):
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(_make_edge(edge, C, stride, k, kernels))
+                self._ops.append(_make_edge(edge, C, stride, k, kernels, impl))
 
     def forward(self, s0, s1, weights, edge_weights: Optional[torch.Tensor]):
         s0 = self.preprocess0(s0)
@@ -109,11 +129,16 @@ class SearchNetwork(nn.Module):
     channels + shuffle) or ``"darts"`` (all channels). ADARTS and PC-DARTS use edge
     normalisation (beta); DARTS has no beta.
 
-    ``kernels``: ``"auto"`` (the default: fused for the ADARTS edge, reference for the
-    baselines), ``"reference"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
+    ``kernels``: ``"auto"`` (the default: fused for the ADARTS edge, the plain-PyTorch modules
+    for the baselines), ``"modules"`` (plain PyTorch edges) or ``"fused"`` (the ADARTS edge as
     :class:`~adarts_kernels.nn.FusedAttentionMixedOp`: same parameters, same function, less
     memory; the cells' ReLU-Conv-BN preprocessing then keeps no ReLU output either); the fused
     kernels exist for the ADARTS edge only.
+
+    ``impl``: the backend every fused op runs on, one of ``"auto" | "reference" | "cpp" |
+    "cuda" | "triton"`` (:mod:`adarts_kernels.backend`); ``None`` (the default) reads the
+    ``ADARTS_KERNELS_IMPL`` environment variable when the ops run. :meth:`backends` says what
+    each op resolves to on a device. Ignored by the plain-PyTorch modules.
 
     ``recompute``: ``"none"`` or ``"edge"``: every edge keeps only its inputs for backward and
     is re-run there (:func:`~adarts_kernels.nn.recompute.recompute_edge`), for the largest
@@ -127,11 +152,12 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "auto",
-                 recompute: str = "none"):
+                 recompute: str = "none", impl: Optional[str] = None):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
         kernels = resolve_kernels(edge, kernels, recompute)
+        impl = check_impl_name(impl)
         if edge != "darts" and (C % k != 0):
             raise ValueError(f"C={C} channels are not divisible by k={k}")
         if layers < 1 or C < 1 or num_classes < 1:
@@ -139,7 +165,7 @@ class SearchNetwork(nn.Module):
                              f"num_classes={num_classes}, layers={layers}")
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier = steps, multiplier
-        self.edge, self.k, self.kernels, self.recompute = edge, k, kernels, recompute
+        self.edge, self.k, self.kernels, self.recompute, self.impl = edge, k, kernels, recompute, impl
         #: ``None`` (float32, the default) or a dtype (``torch.bfloat16``) the forward runs
         #: under autocast with; logits and loss stay float32.
         self.autocast_dtype: Optional[torch.dtype] = None
@@ -154,7 +180,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, edge, k,
-                              kernels, recompute)
+                              kernels, recompute, impl)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -182,6 +208,17 @@ class SearchNetwork(nn.Module):
         for name, p in self.named_parameters():
             if name not in self._arch_names:
                 yield p
+
+    def backends(self, device=None) -> Optional[Dict[str, str]]:
+        """The backend each fused op runs on for tensors on ``device`` (default: where the
+        parameters are), e.g. ``{"attention_score": "cpp", ..., "mixed_sum": "cpp"}``;
+        ``None`` for the plain-PyTorch modules. Raises ``RuntimeError`` when an explicit
+        ``impl`` cannot run there (:func:`adarts_kernels.backend.resolve`)."""
+        if self.kernels != "fused":
+            return None
+        dev = torch.device(device) if device is not None else self.stem[0].weight.device
+        name = backend.resolve(self.impl, dev)
+        return {op: name for op in FUSED_OPS}
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``python -m adarts_kernels.profiling``: the supernet memory report.
 
 Prints, for a supernet configuration, the bytes saved for backward per sample by DARTS,
-PC-DARTS, the ADARTS reference, ADARTS fused and fused + edge recomputation, the largest
+PC-DARTS, ADARTS on the plain-PyTorch modules, ADARTS fused and fused + edge recomputation
+(the fused ops on the backend ``--impl``), the largest
 batch each could fit in ``--gib`` GiB, and writes a plot of memory against batch size.
 """
 from __future__ import annotations
@@ -10,6 +11,9 @@ import argparse
 import json
 import sys
 
+import torch
+
+from ..backend import IMPLS, resolve
 from .report import VARIANTS, format_report, memory_report, plot_memory, rss_crosscheck
 
 
@@ -23,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="batch of the measuring forward (default 4)")
     p.add_argument("--gib", type=float, default=11.0, help="memory budget for the largest-batch column")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--impl", default=None, choices=list(IMPLS),
+                   help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto)")
     p.add_argument("--plot", default="memory_vs_batch.png", help="PNG path ('' for none)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--rss-check", type=int, default=0, metavar="BATCH",
@@ -31,12 +37,19 @@ def main(argv=None) -> int:
     if a.C % a.k or a.size % 4:
         print(f"error: C must be divisible by k and size by 4, got C={a.C}, k={a.k}, size={a.size}", file=sys.stderr)
         return 2
-    rows = memory_report(a.variants, a.C, a.layers, a.k, a.size, a.batch, a.gib)
+    try:
+        resolve(a.impl, torch.device("cpu"))     # an explicit --impl that cannot run on CPU: fail now
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = memory_report(a.variants, a.C, a.layers, a.k, a.size, a.batch, a.gib, impl=a.impl)
+    fused = sorted({b for r in rows if r["backends"] for b in r["backends"].values()})
     print(format_report(rows, a.gib, f"Supernet C={a.C}, {a.layers} cells, {a.size}x{a.size}, k={a.k}, float32 "
-                                     f"(MB = 1e6 bytes; largest batch estimated from saved bytes + model state)"))
+                                     f"(MB = 1e6 bytes; largest batch estimated from saved bytes + model state)"
+                                     + (f"; fused ops on the {', '.join(fused)} backend" if fused else "")))
     if a.rss_check:
         for v in [v for v in a.variants if v.startswith("adarts-fused")]:
-            r = rss_crosscheck(v, a.rss_check, a.C, a.layers, a.k, a.size)
+            r = rss_crosscheck(v, a.rss_check, a.C, a.layers, a.k, a.size, impl=a.impl)
             print(f"{v}: saved_activation_bytes {r['saved_bytes'] / 1e6:.1f} MB, RSS growth "
                   f"{r['rss_growth'] / 1e6:.1f} MB at batch {a.rss_check} (ratio {r['ratio']:.3f})")
     if a.plot:

@@ -13,26 +13,27 @@ import torch
 
 from .saved import saved_activation_bytes
 
-#: variant -> (edge, kernels, recompute)
+#: variant -> (edge, kernels, recompute); ``kernels="modules"``: the plain-PyTorch modules
 VARIANTS: Dict[str, Tuple[str, str, str]] = {
-    "darts": ("darts", "reference", "none"),
-    "pcdarts": ("pcdarts", "reference", "none"),
-    "adarts": ("adarts", "reference", "none"),
+    "darts": ("darts", "modules", "none"),
+    "pcdarts": ("pcdarts", "modules", "none"),
+    "adarts": ("adarts", "modules", "none"),
     "adarts-fused": ("adarts", "fused", "none"),
     "adarts-fused-recompute": ("adarts", "fused", "edge"),
 }
 
 
 def build_supernet(variant: str, C: int = 16, layers: int = 8, k: int = 4, num_classes: int = 10,
-                   seed: int = 0):
-    """The search supernet of ``variant`` (a key of :data:`VARIANTS`), in training mode."""
+                   seed: int = 0, impl: Optional[str] = None):
+    """The search supernet of ``variant`` (a key of :data:`VARIANTS`), in training mode;
+    ``impl``: the backend of the fused ops (``None``: ``ADARTS_KERNELS_IMPL`` / auto)."""
     from ..nas import SearchNetwork
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
     edge, kernels, recompute = VARIANTS[variant]
     torch.manual_seed(seed)
     return SearchNetwork(C=C, num_classes=num_classes, layers=layers, edge=edge, k=k, kernels=kernels,
-                         recompute=recompute).train()
+                         recompute=recompute, impl=impl).train()
 
 
 def saved_bytes_per_sample(net, size: int = 32, batch: int = 4, device="cpu") -> float:
@@ -60,16 +61,18 @@ def max_batch_estimate(per_sample: float, fixed: int, budget_bytes: float) -> in
 
 
 def memory_report(variants: Iterable[str] = tuple(VARIANTS), C: int = 16, layers: int = 8, k: int = 4,
-                  size: int = 32, batch: int = 4, gib: float = 11.0) -> List[dict]:
-    """One row per variant: ``mb_per_sample`` (1e6 bytes), ``vs_pcdarts``, ``state_mb`` and
-    ``max_batch`` (estimate for ``gib`` GiB)."""
+                  size: int = 32, batch: int = 4, gib: float = 11.0, impl: Optional[str] = None) -> List[dict]:
+    """One row per variant: ``mb_per_sample`` (1e6 bytes), ``vs_pcdarts``, ``state_mb``,
+    ``max_batch`` (estimate for ``gib`` GiB) and ``backends`` (what each fused op ran on,
+    ``None`` for the plain-PyTorch variants). ``impl``: the backend of the fused ops."""
     rows = []
     for v in variants:
-        net = build_supernet(v, C, layers, k)
+        net = build_supernet(v, C, layers, k, impl=impl)
+        backends = net.backends("cpu")    # an explicit impl that cannot run fails here, clearly
         per = saved_bytes_per_sample(net, size, batch)
         fixed = state_bytes(net)
         rows.append({"variant": v, "mb_per_sample": per / 1e6, "state_mb": fixed / 1e6,
-                     "max_batch": max_batch_estimate(per, fixed, gib * 2 ** 30)})
+                     "max_batch": max_batch_estimate(per, fixed, gib * 2 ** 30), "backends": backends})
     pc = next((r["mb_per_sample"] for r in rows if r["variant"] == "pcdarts"), None)
     for r in rows:
         r["vs_pcdarts"] = r["mb_per_sample"] / pc if pc else None
@@ -118,12 +121,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def rss_crosscheck(variant: str, batch: int = 64, C: int = 16, layers: int = 8, k: int = 4, size: int = 32) -> dict:
+def rss_crosscheck(variant: str, batch: int = 64, C: int = 16, layers: int = 8, k: int = 4, size: int = 32,
+                   impl: Optional[str] = None) -> dict:
     """Compare :func:`saved_activation_bytes` with the process's resident memory growth over
     one training forward on CPU (Linux). Run it in a fresh process with
     ``MALLOC_MMAP_THRESHOLD_=65536`` so that large tensors are returned to the system when
     freed and RSS follows the live tensors. Returns both numbers and their ratio."""
-    net = build_supernet(variant, C, layers, k)
+    net = build_supernet(variant, C, layers, k, impl=impl)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     counted = saved_activation_bytes(lambda: net.loss(x, y), module=net)   # also warms up

@@ -1,0 +1,190 @@
+"""Run configurations of the search and retrain loops (SPEC sections 1 and 4): presets,
+:class:`SearchConfig`, :class:`RetrainConfig`, their checks, and the device choice.
+
+The drivers in ``python/`` only parse arguments into one of these and call
+:func:`~adarts_kernels.nas.loops.run_search` / :func:`~adarts_kernels.nas.loops.run_retrain`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .. import backend
+from . import genotypes as G
+from .search_model import check_impl_name, resolve_kernels
+
+#: Search presets. ``adarts``: the authors' public defaults (SPEC section 4); ``pcdarts``:
+#: PC-DARTS's large-batch setting; ``digits``: small enough that the embedded digits
+#: search finishes in a couple of minutes on 2 CPU cores.
+SEARCH_PRESETS: Dict[str, dict] = {
+    "adarts": dict(C=16, layers=8, batch_size=64, lr=0.025, epochs=80, warmup_epochs=15),
+    "pcdarts": dict(C=16, layers=8, batch_size=256, lr=0.1, epochs=50, warmup_epochs=15),
+    "digits": dict(C=8, layers=5, batch_size=64, lr=0.05, epochs=10, warmup_epochs=3),
+}
+
+#: Retrain presets. ``darts``: SPEC section 1 with DARTS's defaults; ``digits``: a small
+#: network for the embedded data set.
+RETRAIN_PRESETS: Dict[str, dict] = {
+    "darts": dict(C=36, layers=20, batch_size=96, lr=0.025, epochs=600, auxiliary=True,
+                  drop_path=0.3, cutout=16),
+    "digits": dict(C=16, layers=6, batch_size=64, lr=0.05, epochs=30, auxiliary=True,
+                   drop_path=0.1, cutout=4),
+}
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search run needs; ``None`` fields are filled from the preset.
+
+    ``kernels``: ``"auto"`` (fused for the adarts edge, plain PyTorch for the baselines),
+    ``"fused"`` or ``"modules"`` (the plain-PyTorch modules). ``impl``: the backend of the
+    fused ops, one of :data:`adarts_kernels.backend.IMPLS` (``None``: the
+    ``ADARTS_KERNELS_IMPL`` environment default, ``"auto"`` when unset).
+    """
+    dataset: str = "digits"
+    data: Optional[str] = None
+    download: bool = False
+    out: str = "runs/search"
+    preset: Optional[str] = None
+    edge: str = "adarts"
+    k: int = 4
+    kernels: str = "auto"       # "auto" (fused for the adarts edge), "fused" or "modules"
+    impl: Optional[str] = None  # backend of the fused ops; None: ADARTS_KERNELS_IMPL or "auto"
+    recompute: str = "none"     # "none" or "edge" (keep only edge inputs; re-run edges in backward)
+    amp: bool = False           # bfloat16 autocast (float32 by default)
+    channels_last: bool = False
+    C: Optional[int] = None
+    layers: Optional[int] = None
+    batch_size: Optional[Union[int, str]] = None   # an int, or "auto" (largest that fits the GPU)
+    lr: Optional[float] = None
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    epochs: Optional[int] = None
+    warmup_epochs: Optional[int] = None
+    arch_lr: float = 6e-4
+    arch_betas: Tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    unrolled: bool = False
+    image_size: int = 16  # digits only; CIFAR is 32x32
+    limit: Optional[int] = None  # use at most this many images per split (smoke runs)
+    seed: int = 2
+    device: str = "auto"
+    progress: bool = True
+    resume: bool = False
+
+    def resolved(self) -> "SearchConfig":
+        """A copy with the preset applied, the kernels and backend named, and the learning
+        rate scaled to the batch size."""
+        name = self.preset or ("digits" if self.dataset == "digits" else "adarts")
+        if name not in SEARCH_PRESETS:
+            raise ValueError(f"unknown search preset {name!r}; expected one of {sorted(SEARCH_PRESETS)}")
+        c = dataclasses.replace(self, preset=name)
+        c.kernels = resolve_kernels(c.edge, c.kernels, c.recompute)
+        c.impl = resolve_impl_name(c.impl)
+        if c.batch_size == "auto":
+            return _apply_preset(c, SEARCH_PRESETS[name], scale_lr=False)
+        return _apply_preset(c, SEARCH_PRESETS[name])
+
+
+@dataclass
+class RetrainConfig:
+    """Everything a retrain run needs; ``None`` fields are filled from the preset."""
+    genotype: str = "ADARTS_V1"
+    dataset: str = "digits"
+    data: Optional[str] = None
+    download: bool = False
+    out: str = "runs/retrain"
+    preset: Optional[str] = None
+    C: Optional[int] = None
+    layers: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    epochs: Optional[int] = None
+    auxiliary: Optional[bool] = None
+    auxiliary_weight: float = 0.4
+    drop_path: Optional[float] = None
+    cutout: Optional[int] = None
+    image_size: int = 16
+    limit: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    resume: bool = False
+
+    def resolved(self) -> "RetrainConfig":
+        name = self.preset or ("digits" if self.dataset == "digits" else "darts")
+        if name not in RETRAIN_PRESETS:
+            raise ValueError(f"unknown retrain preset {name!r}; expected one of {sorted(RETRAIN_PRESETS)}")
+        G.load(self.genotype)  # fail early on an unknown name or a bad file
+        return _apply_preset(dataclasses.replace(self, preset=name), RETRAIN_PRESETS[name])
+
+
+def resolve_impl_name(impl: Optional[str]) -> str:
+    """``impl`` checked and lower-cased, ``None`` replaced by the ``ADARTS_KERNELS_IMPL``
+    default. Raises ``ValueError`` naming the valid backends for an unknown name."""
+    name = check_impl_name(impl)
+    return backend.default_impl() if name is None else name
+
+
+def check_impl(cfg: SearchConfig, device: torch.device) -> None:
+    """Refuse, before anything is written, an explicit backend that cannot run on ``device``
+    (extension not built, no Triton, no GPU...). Only the fused kernels have a backend."""
+    if cfg.kernels != "fused":
+        return
+    try:
+        backend.resolve(cfg.impl, device)
+    except RuntimeError as e:
+        raise ValueError(f"impl={cfg.impl!r} cannot run the fused kernels on {device}: {e}") from None
+
+
+def _apply_preset(c, preset: dict, scale_lr: bool = True):
+    """Fill ``c``'s unset fields from ``preset``; an unset lr follows the linear scaling rule
+    (SPEC section 4): the preset's lr times batch size over the preset's batch size.
+    ``scale_lr=False`` (batch size ``"auto"``, not known yet) leaves both for later."""
+    for key, value in preset.items():
+        if key != "lr" and getattr(c, key) is None:
+            setattr(c, key, value)
+    if isinstance(c.batch_size, str) and c.batch_size != "auto":
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {c.batch_size!r}")
+    if scale_lr and c.lr is None:
+        c.lr = scaled_lr(preset, c.batch_size)
+    _check_common(c)
+    return c
+
+
+def scaled_lr(preset: dict, batch_size: int) -> float:
+    """The linear scaling rule (SPEC section 4): ``preset lr * batch_size / preset batch``."""
+    return preset["lr"] * batch_size / preset["batch_size"]
+
+
+def _check_common(c) -> None:
+    if c.dataset not in ("digits", "cifar10", "cifar100"):
+        raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10 or cifar100")
+    for key in ("batch_size", "epochs", "C", "layers"):
+        if key == "batch_size" and c.batch_size == "auto":
+            continue
+        if getattr(c, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(c, key)}")
+    if c.limit is not None and c.limit < 1:
+        raise ValueError(f"limit must be at least 1, got {c.limit}")
+    if c.lr is not None and c.lr <= 0:
+        raise ValueError(f"lr must be positive, got {c.lr}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the first CUDA device if torch sees one, else the CPU; otherwise ``name``,
+    refused when it names CUDA and torch sees none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but this torch sees no CUDA device")
+    return dev
