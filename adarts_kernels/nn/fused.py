@@ -87,13 +87,14 @@ class FusedAttentionMixedOp(nn.Module):
             update_running_stats([seq[3]], m1[None], v1[None], count)       # no-op in eval mode
         bns = [ops[1][1], ops[2][1]] + ([ops[3].bn] if s2 else []) + [seps[0][7], seps[1][7], dils[0][3], dils[1][3]]
         training, _, _ = bn_mode(bns[0])
+        zw, pw, iw = (weights[3:8], weights[1:3], None) if s2 else (weights[4:8], weights[1:3], weights[3])
         if training:
-            y, mean, var = mixed_sum(first, xs, weights, self.stride, bns[0].eps, impl=self.impl)
+            y, mean, var = mixed_sum(first, xs, zw, pw, iw, self.stride, bns[0].eps, impl=self.impl)
             update_running_stats(bns, mean, var, count)
         else:
             rm = torch.stack([bn.running_mean for bn in bns])
             rv = torch.stack([bn.running_var for bn in bns])
-            y, _, _ = mixed_sum(first, xs, weights, self.stride, bns[0].eps, rm, rv, impl=self.impl)
+            y, _, _ = mixed_sum(first, xs, zw, pw, iw, self.stride, bns[0].eps, rm, rv, impl=self.impl)
         return y
 
     def extra_repr(self) -> str:
