@@ -10,13 +10,15 @@ def make(B, C, S, device, dtype):
     n = C // 4
     x = torch.randn(B, n, S, S, device=device, dtype=dtype, requires_grad=True)
     z = [torch.randn(B, n, S, S, device=device, dtype=dtype, requires_grad=True) for _ in range(4)]
-    w = torch.softmax(torch.randn(8, device=device), 0).to(dtype).requires_grad_()
-    return z, x, w
+    w = torch.softmax(torch.randn(7, device=device), 0).to(dtype)
+    # a stride-1 edge: four convolution inputs, the two pools and the identity
+    z_weights, pool_weights, identity_weight = (t.detach().requires_grad_() for t in (w[3:], w[:2], w[2]))
+    return z, x, z_weights, pool_weights, identity_weight
 
 
 def fwd(inp, impl):
-    z, x, w = inp
-    return mixed_sum(z, x, w, 1, impl=impl)[0]
+    z, x, z_weights, pool_weights, identity_weight = inp
+    return mixed_sum(z, x, z_weights, pool_weights, identity_weight, 1, impl=impl)[0]
 
 
 # in units of |x_sel| = B*C/4*S*S elements. fwd: read x and the 4 z, write y (6);

@@ -20,12 +20,14 @@ TORCH_LIBRARY(adarts_C, m) {
   m.def("attention_writeback_fwd(Tensor x, Tensor a, Tensor idx, Tensor y, Tensor? beta, int stride) -> Tensor");
   m.def("attention_writeback_bwd(Tensor grad, Tensor x, Tensor a, Tensor idx, Tensor y, Tensor? beta, "
         "int stride) -> (Tensor dx, Tensor da, Tensor dy, Tensor dbeta)");
-  // y = sum_q w[o_q] * BN_q(u_q) (+ w[3] * x at stride 1), u = [maxpool3x3 x, avgpool3x3 x] + z,
-  // BN_q affine-free with batch statistics (run_mean/run_var None) or the running ones.
-  m.def("mixed_sum_fwd(Tensor[] z, Tensor x, Tensor w, int stride, float eps, Tensor? run_mean, "
-        "Tensor? run_var) -> (Tensor y, Tensor mean, Tensor var)");
-  m.def("mixed_sum_bwd(Tensor grad, Tensor[] z, Tensor x, Tensor w, Tensor mean, Tensor var, int stride, "
-        "float eps, bool training) -> (Tensor[] dz, Tensor dx, Tensor dw)");
+  // y = sum_q v_q * BN_q(u_q) (+ identity_weight * x), u = [maxpool3x3 x, avgpool3x3 x] + z,
+  // v = [pool_weights[0], pool_weights[1]] + z_weights; BN_q affine-free with batch statistics
+  // (run_mean/run_var None) or the running ones. didentity_weight: 0-dim, 0 without identity.
+  m.def("mixed_sum_fwd(Tensor[] z, Tensor x, Tensor z_weights, Tensor pool_weights, Tensor? identity_weight, "
+        "int stride, float eps, Tensor? run_mean, Tensor? run_var) -> (Tensor y, Tensor mean, Tensor var)");
+  m.def("mixed_sum_bwd(Tensor grad, Tensor[] z, Tensor x, Tensor z_weights, Tensor pool_weights, "
+        "Tensor? identity_weight, Tensor mean, Tensor var, int stride, float eps, bool training) "
+        "-> (Tensor[] dz, Tensor dx, Tensor dz_weights, Tensor dpool_weights, Tensor didentity_weight)");
 }
 
 // `import adarts_kernels._C` loads this shared library, which runs the registrations above

@@ -6,8 +6,9 @@
 // wrong call, before any kernel runs.
 //
 // Operands (see adarts_kernels/ops/reference.py, mixed_sum_fwd / mixed_sum_bwd):
-//   x: (B, n, H, W), H, W >= 1, even at stride 2;  z: P tensors (B, n, H/s, W/s) with
-//   P = 4 at stride 1 and 5 at stride 2;  w: (8,);  all of x's dtype and device, contiguous.
+//   x: (B, n, H, W), H, W >= 1, even at stride 2;  z: P tensors (B, n, H/s, W/s), any
+//   0 <= P <= kMixedSumMaxZ;  z_weights: (P,);  pool_weights: (2,);  identity_weight
+//   (optional): 0-dim, stride 1 only;  all of x's dtype and device, contiguous.
 //   Statistics (mean, var, run_mean, run_var): (Q, n) with Q = P + 2.
 #pragma once
 
@@ -22,20 +23,24 @@
 
 namespace adarts {
 
+// The most z inputs one call takes (the CUDA kernels hold the pointers in fixed arrays).
+constexpr int64_t kMixedSumMaxZ = 5;
+
 struct MixedSumDims {
   int64_t B, n, H, W, Ho, Wo;
   int64_t stride, P, Q;
+  bool identity;  // the identity term identity_weight * x is present
 };
 
-// Number of z inputs (BN-ended conv candidates) at `stride` (1 or 2).
-inline int64_t mixed_sum_num_z(int64_t stride) { return stride == 1 ? 4 : 5; }
-
-// Checks stride, x, z and w; returns the sizes.
-inline MixedSumDims validate_mixed_sum(const char* op, at::TensorList z, const at::Tensor& x, const at::Tensor& w,
-                                       int64_t stride, c10::DeviceType dev) {
+// Checks stride, x, z and the weights; returns the sizes.
+inline MixedSumDims validate_mixed_sum(const char* op, at::TensorList z, const at::Tensor& x,
+                                       const at::Tensor& z_weights, const at::Tensor& pool_weights,
+                                       const std::optional<at::Tensor>& identity_weight, int64_t stride,
+                                       c10::DeviceType dev) {
   validate_stride(op, stride);
   validate_x(op, x, dev);
-  MixedSumDims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, stride, mixed_sum_num_z(stride), 0};
+  const int64_t P = static_cast<int64_t>(z.size());
+  MixedSumDims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, stride, P, P + 2, identity_weight.has_value()};
   ADARTS_CHECK(d.H >= 1 && d.W >= 1, op, "x must have non-empty planes (H, W >= 1) for the 3x3 pools, got sizes ",
                x.sizes());
   if (stride == 2) {
@@ -43,9 +48,7 @@ inline MixedSumDims validate_mixed_sum(const char* op, at::TensorList z, const a
   }
   d.Ho = d.H / stride;
   d.Wo = d.W / stride;
-  d.Q = d.P + 2;
-  ADARTS_CHECK(static_cast<int64_t>(z.size()) == d.P, op, "z must hold ", d.P, " tensors at stride ", stride,
-               " (4 at stride 1, 5 at stride 2), got ", z.size());
+  ADARTS_CHECK(P <= kMixedSumMaxZ, op, "z may hold at most ", kMixedSumMaxZ, " tensors, got ", P);
   for (size_t i = 0; i < z.size(); ++i) {
     const std::string name = "z[" + std::to_string(i) + "]";
     check_input_like(op, name.c_str(), z[i], "x", x, dev);
@@ -53,9 +56,18 @@ inline MixedSumDims validate_mixed_sum(const char* op, at::TensorList z, const a
                  " must have shape (B, n, H/stride, W/stride) = (", d.B, ", ", d.n, ", ", d.Ho, ", ", d.Wo,
                  ") for stride ", stride, ", got ", z[i].sizes());
   }
-  check_input_like(op, "w", w, "x", x, dev);
-  ADARTS_CHECK(w.dim() == 1 && w.size(0) == 8, op, "w must have shape (8,) (one weight per candidate), got ",
-               w.sizes());
+  check_input_like(op, "z_weights", z_weights, "x", x, dev);
+  ADARTS_CHECK(z_weights.dim() == 1 && z_weights.size(0) == P, op,
+               "z_weights must have shape (P,) = (", P, ",) (one weight per z), got ", z_weights.sizes());
+  check_input_like(op, "pool_weights", pool_weights, "x", x, dev);
+  ADARTS_CHECK(pool_weights.dim() == 1 && pool_weights.size(0) == 2, op,
+               "pool_weights must have shape (2,) (max pool, avg pool), got ", pool_weights.sizes());
+  if (identity_weight.has_value()) {
+    ADARTS_CHECK(stride == 1, op, "identity_weight must be absent at stride 2 (the identity exists at stride 1 only)");
+    check_input_like(op, "identity_weight", *identity_weight, "x", x, dev);
+    ADARTS_CHECK(identity_weight->dim() == 0, op, "identity_weight must be a 0-dim tensor, got sizes ",
+                 identity_weight->sizes());
+  }
   return d;
 }
 

@@ -181,17 +181,6 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
 
 # ----------------------------------------------------------------------------- 4. mixed sum
 
-def mixed_sum_weight_index(stride: int) -> Tuple[int, ...]:
-    """Column of alpha (``PRIMITIVES`` order) for each BN-ended input of the mixed sum.
-
-    The normalised inputs ``u_q`` are, in this order: the max-pool output, the avg-pool
-    output (both recomputed from ``x``), then the given ``z`` list: at stride 1
-    ``sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5``; at stride 2
-    ``skip_connect`` (FactorizedReduce) first, then the same four.
-    """
-    return (1, 2, 4, 5, 6, 7) if stride == 1 else (1, 2, 3, 4, 5, 6, 7)
-
-
 def mixed_sum_pools(x: Tensor, stride: int) -> Tuple[Tensor, Tensor]:
     """The pooling candidates before their BN: ``max_pool_3x3`` and ``avg_pool_3x3``
     (padding 1, ``count_include_pad=False``), ``(B, n, H/stride, W/stride)``, accumulation dtype."""
@@ -200,24 +189,25 @@ def mixed_sum_pools(x: Tensor, stride: int) -> Tuple[Tensor, Tensor]:
             F.avg_pool2d(xf, 3, stride, 1, count_include_pad=False))
 
 
-def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float,
+def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tensor,
+                  identity_weight: Optional[Tensor], stride: int, eps: float,
                   run_mean: Optional[Tensor], run_var: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The weighted mixed-operation sum with the candidates' affine-free BatchNorms folded in.
+    """The weighted sum of BatchNorm-ended inputs, the affine-free BatchNorms folded in.
 
-    ``x: (B, n, H, W)`` the selected channels, ``z``: list of ``P`` tensors
-    ``(B, n, H/s, W/s)``, the inputs of the BN ending each conv candidate (``P = 4`` at
-    stride 1, 5 at stride 2, see :func:`mixed_sum_weight_index`), ``w: (8,)`` the
-    softmaxed alpha row. With ``u = [maxpool(x), avgpool(x)] + z`` (``Q = P + 2``)::
+    ``x: (B, n, H, W)``, ``z``: list of ``P`` tensors ``(B, n, H/s, W/s)`` (any ``P``),
+    ``z_weights: (P,)``, ``pool_weights: (2,)`` (max pool, avg pool), ``identity_weight``: a
+    0-dim tensor or ``None`` (stride 1 only). With ``u = [maxpool(x), avgpool(x)] + z``
+    (``Q = P + 2``) and ``v = [pool_weights[0], pool_weights[1], z_weights[0], ...]``::
 
         BN_q(u) = (u - mean_q) * rsqrt(var_q + eps)          per channel
-        y = sum_q w[o_q] * BN_q(u_q)  (+ w[3] * x at stride 1: skip_connect is the identity)
+        y = sum_q v_q * BN_q(u_q)  (+ identity_weight * x)   summed in q order, identity last
 
-    ``none`` contributes nothing. Training (``run_mean is None``): ``mean_q, var_q`` are the
-    batch statistics over ``(B, H', W')`` (biased variance); eval: the given running ones.
-    Returns ``y: (B, n, H/s, W/s)`` (dtype of x) and ``mean, var: (Q, n)`` (accumulation
-    dtype), the statistics used, for the caller's running-statistics update.
+    Training (``run_mean is None``): ``mean_q, var_q`` are the batch statistics over
+    ``(B, H', W')`` (biased variance); eval: the given running ones. Returns
+    ``y: (B, n, H/s, W/s)`` (dtype of x) and ``mean, var: (Q, n)`` (accumulation dtype), the
+    statistics used, for the caller's running-statistics update.
     """
-    wf = _acc(w)
+    pf, zf = _acc(pool_weights), _acc(z_weights)
     us = list(mixed_sum_pools(x, stride)) + [_acc(t) for t in z]
     if run_mean is None:
         vm = [torch.var_mean(u, dim=(0, 2, 3), unbiased=False) for u in us]
@@ -227,51 +217,57 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float
         acc = acc_dtype(x.dtype)    # the statistics' dtype follows x, whatever the buffers' dtype
         mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()
     rstd = torch.rsqrt(var + eps)
+    vs = [pf[0], pf[1]] + [zf[i] for i in range(len(z))]
     y = None
-    for q, o in enumerate(mixed_sum_weight_index(stride)):
-        term = wf[o] * ((us[q] - mean[q][None, :, None, None]) * rstd[q][None, :, None, None])
+    for q, v in enumerate(vs):
+        term = v * ((us[q] - mean[q][None, :, None, None]) * rstd[q][None, :, None, None])
         y = term if y is None else y + term
-    if stride == 1:
-        y = y + wf[3] * _acc(x)
+    if identity_weight is not None:
+        y = y + _acc(identity_weight) * _acc(x)
     return y.to(x.dtype), mean, var
 
 
-def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, w: Tensor, mean: Tensor, var: Tensor,
-                  stride: int, eps: float, training: bool) -> Tuple[List[Tensor], Tensor, Tensor]:
-    """Gradients of :func:`mixed_sum_fwd` w.r.t. ``z`` (each), ``x`` and ``w``.
+def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tensor,
+                  identity_weight: Optional[Tensor], mean: Tensor, var: Tensor, stride: int, eps: float,
+                  training: bool) -> Tuple[List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`mixed_sum_fwd`: ``(dz, dx, dz_weights, dpool_weights,
+    didentity_weight)``, ``didentity_weight`` a 0-dim zero when ``identity_weight is None``.
 
-    With ``g = grad``, ``N = B*H'*W'`` and ``uh_q = BN_q(u_q)`` recomputed from the saved
-    ``u`` (pools from ``x``) and statistics::
+    With ``g = grad``, ``N = B*H'*W'``, ``v`` the weights as in the forward and
+    ``uh_q = BN_q(u_q)`` recomputed from the saved ``u`` (pools from ``x``) and statistics::
 
-        dw[o_q] = sum(g * uh_q);   dw[3] = sum(g * x) at stride 1;   dw[0] = 0
-        du_q    = w[o_q] * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
-        du_q    = w[o_q] * rstd_q * g                                             (eval)
-        dx      = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] * g at stride 1)
+        dv_q = sum(g * uh_q);   didentity_weight = sum(g * x)
+        du_q = v_q * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
+        du_q = v_q * rstd_q * g                                             (eval)
+        dx   = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ identity_weight * g)
 
     ``mean_c`` averages over ``(B, H', W')`` per channel. Max pooling routes to the first
     maximum of each window (row-major), as PyTorch does.
     """
     g = _acc(grad)
-    wf, xf = _acc(w), _acc(x)
+    pf, zf, xf = _acc(pool_weights), _acc(z_weights), _acc(x)
     rstd = torch.rsqrt(var + eps)
     us = list(mixed_sum_pools(x, stride)) + [_acc(t) for t in z]
-    dw = torch.zeros(8, dtype=g.dtype, device=g.device)
+    vs = [pf[0], pf[1]] + [zf[i] for i in range(len(z))]
+    dv = torch.zeros(len(vs), dtype=g.dtype, device=g.device)
     dus = []
-    for q, o in enumerate(mixed_sum_weight_index(stride)):
+    for q, v in enumerate(vs):
         uh = (us[q] - mean[q][None, :, None, None]) * rstd[q][None, :, None, None]
         gu = g * uh
-        dw[o] = gu.sum()
+        dv[q] = gu.sum()
         if training:
             du = g - g.mean(dim=(0, 2, 3), keepdim=True) - uh * gu.mean(dim=(0, 2, 3), keepdim=True)
         else:
             du = g
-        dus.append(du * (wf[o] * rstd[q])[None, :, None, None])
+        dus.append(du * (v * rstd[q])[None, :, None, None])
     _, arg = F.max_pool2d(xf, 3, stride, 1, return_indices=True)
     dx = torch.ops.aten.max_pool2d_with_indices_backward(dus[0], xf, [3, 3], [stride, stride], [1, 1], [1, 1],
                                                          False, arg)
     dx = dx + torch.ops.aten.avg_pool2d_backward(dus[1], xf, [3, 3], [stride, stride], [1, 1], False, False, None)
-    if stride == 1:
-        dw[3] = (g * xf).sum()
-        dx = dx + wf[3] * g
+    if identity_weight is not None:
+        did = (g * xf).sum().to(identity_weight.dtype)
+        dx = dx + _acc(identity_weight) * g
+    else:
+        did = torch.zeros((), dtype=pool_weights.dtype, device=pool_weights.device)
     dz = [d.to(t.dtype) for d, t in zip(dus[2:], z)]
-    return dz, dx.to(x.dtype), dw.to(w.dtype)
+    return dz, dx.to(x.dtype), dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True), did

@@ -1,9 +1,11 @@
-"""Triton kernels of ``mixed_sum``: the weighted mixed-operation sum with the candidates'
+"""Triton kernels of ``mixed_sum``: the weighted sum of BatchNorm-ended inputs with the
 affine-free BatchNorms folded in, and its backward.
 
-``x: (B, n, H, W)``, ``z``: ``P`` tensors ``(B, n, H', W')`` (``P = 4`` at stride 1, 5 at
-stride 2; ``H' = H / s``), ``w: (8,)``. The ``Q = P + 2`` BatchNorm inputs are
-``u = [maxpool3x3(x), avgpool3x3(x)] + z`` (3x3 windows, stride ``s``, padding 1, the
+``x: (B, n, H, W)``, ``z``: ``P`` tensors ``(B, n, H', W')`` (``0 <= P <= 5``, the kernels'
+five ``z`` pointers; ``H' = H / s``), ``z_weights: (P,)``, ``pool_weights: (2,)`` (max pool,
+avg pool), ``identity_weight``: 0-dim or ``None`` (``HAS_IDENTITY``; stride 1 only). The
+``Q = P + 2`` BatchNorm inputs are ``u = [maxpool3x3(x), avgpool3x3(x)] + z`` with the
+weights ``v = [pool_weights[0], pool_weights[1]] + z_weights`` (3x3 windows, stride ``s``, padding 1, the
 average over the in-bounds elements only). Neither pooling output is ever stored: every
 kernel that needs ``u_0, u_1`` recomputes them from the (at most 9) elements of ``x`` in
 the window. Max pooling keeps the first maximum of a window in row-major order (strict
@@ -17,15 +19,15 @@ Forward (training: batch statistics; eval: the given running ones)::
             of squared deviations (per-lane Welford, lanes merged at the end); the launcher
             merges the B planes of a channel with torch (Chan's formula, no host sync)
     y:      _mixed_sum_fwd_kernel, grid (B*n, tiles):
-            y = sum_q coef_q * (u_q - mean_q)  (+ w[3] * x at stride 1),
-            coef_q = w[o_q] * rsqrt(var_q + eps)
+            y = sum_q coef_q * (u_q - mean_q)  (+ identity_weight * x),
+            coef_q = v_q * rsqrt(var_q + eps)
 
 Backward::
 
     reduce: _mixed_sum_bwd_reduce_kernel, grid (n, B): per plane sum(g),
-            sum(g * (u_q - mean_q)) for every q and (stride 1) sum(g * x); summed over b
-            by the launcher, which also forms dw and the per-channel means of the
-            training correction
+            sum(g * (u_q - mean_q)) for every q and (identity) sum(g * x); summed over b
+            by the launcher, which also forms the weights' gradients and the per-channel
+            means of the training correction
     dz:     _mixed_sum_bwd_dz_kernel, grid (B*n, tiles): every dz_q in one pass over g
     dx:     _mixed_sum_bwd_dx_kernel, grid (B*n, tiles over H*W): a gather (no atomics):
             each x position visits the <= 9 windows containing it, adds du_1 / count and,
@@ -38,7 +40,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..ops.reference import mixed_sum_weight_index
+from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
 from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _num_warps, _require
 
 triton, tl, _ = _import_triton()
@@ -165,8 +167,8 @@ def _mixed_sum_stats_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, pmean
                             ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """Per-plane moments of every BN input; one program per ``(c, b)`` (``grid = (n, B)``).
 
-    ``x: (B, n, H, W)``, ``z0..z{NZ-1}: (B, n, H', W')`` (contiguous; ``z4`` only with
-    ``NZ = 5``) -> ``pmean, pm2: (Q, n, B)`` (ACC_DTYPE), ``Q = NZ + 2``::
+    ``x: (B, n, H, W)``, ``z0..z{NZ-1}: (B, n, H', W')`` (contiguous; the pointers from
+    ``z{NZ}`` on are never read) -> ``pmean, pm2: (Q, n, B)`` (ACC_DTYPE), ``Q = NZ + 2``::
 
         pmean[q, c, b] = mean_hw u_q[b, c],   pm2[q, c, b] = sum_hw (u_q[b, c] - pmean[q, c, b])^2
 
@@ -203,36 +205,40 @@ def _mixed_sum_stats_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, pmean
     tl.store(pmean_ptr + out + step, mu)
     tl.store(pm2_ptr + out + step, m2)
     z_off = plane * HWO
-    mu, m2 = _plane_moments(z0_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
-    tl.store(pmean_ptr + out + 2 * step, mu)
-    tl.store(pm2_ptr + out + 2 * step, m2)
-    mu, m2 = _plane_moments(z1_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
-    tl.store(pmean_ptr + out + 3 * step, mu)
-    tl.store(pm2_ptr + out + 3 * step, m2)
-    mu, m2 = _plane_moments(z2_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
-    tl.store(pmean_ptr + out + 4 * step, mu)
-    tl.store(pm2_ptr + out + 4 * step, m2)
-    mu, m2 = _plane_moments(z3_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
-    tl.store(pmean_ptr + out + 5 * step, mu)
-    tl.store(pm2_ptr + out + 5 * step, m2)
-    if NZ == 5:
+    if NZ > 0:
+        mu, m2 = _plane_moments(z0_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+        tl.store(pmean_ptr + out + 2 * step, mu)
+        tl.store(pm2_ptr + out + 2 * step, m2)
+    if NZ > 1:
+        mu, m2 = _plane_moments(z1_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+        tl.store(pmean_ptr + out + 3 * step, mu)
+        tl.store(pm2_ptr + out + 3 * step, m2)
+    if NZ > 2:
+        mu, m2 = _plane_moments(z2_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+        tl.store(pmean_ptr + out + 4 * step, mu)
+        tl.store(pm2_ptr + out + 4 * step, m2)
+    if NZ > 3:
+        mu, m2 = _plane_moments(z3_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
+        tl.store(pmean_ptr + out + 5 * step, mu)
+        tl.store(pm2_ptr + out + 5 * step, m2)
+    if NZ > 4:
         mu, m2 = _plane_moments(z4_ptr + z_off, HWO, ACC_DTYPE, BLOCK)
         tl.store(pmean_ptr + out + 6 * step, mu)
         tl.store(pm2_ptr + out + 6 * step, m2)
 
 
 @triton.jit
-def _mixed_sum_fwd_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, prm_ptr, w_ptr, y_ptr,
+def _mixed_sum_fwd_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, prm_ptr, id_ptr, y_ptr,
                           NC, H, W, HO, WO,
-                          STRIDE: tl.constexpr, NZ: tl.constexpr,
+                          STRIDE: tl.constexpr, NZ: tl.constexpr, HAS_IDENTITY: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """``y`` tile by tile; ``grid = (B*n, cdiv(H'*W', BLOCK))``.
 
     ``x: (B, n, H, W)``, ``z0..z{NZ-1}: (B, n, H', W')``, ``prm: (2, Q, n) = [mean, coef]``
-    (ACC_DTYPE, ``coef_q = w[o_q] * rsqrt(var_q + eps)``), ``w: (8,)`` (ACC_DTYPE) ->
-    ``y: (B, n, H', W')``::
+    (ACC_DTYPE, ``coef_q = v_q * rsqrt(var_q + eps)``), ``id: (1,)`` (ACC_DTYPE, the identity
+    weight; read only with HAS_IDENTITY, which needs STRIDE 1) -> ``y: (B, n, H', W')``::
 
-        y[b, c] = sum_q coef_q[c] * (u_q[b, c] - mean_q[c])  (+ w[3] * x[b, c] at STRIDE 1)
+        y[b, c] = sum_q coef_q[c] * (u_q[b, c] - mean_q[c])  (+ id * x[b, c] with HAS_IDENTITY)
 
     ``u_0, u_1`` recomputed from the 3x3 windows of ``x``; each ``z`` element read once,
     each ``y`` element written once.
@@ -252,36 +258,40 @@ def _mixed_sum_fwd_kernel(x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, prm_ptr
     y = (mx - tl.load(prm_ptr + c).to(ACC_DTYPE)) * tl.load(prm_ptr + Q * NC + c).to(ACC_DTYPE)
     y += (avg - tl.load(prm_ptr + NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 1) * NC + c).to(ACC_DTYPE)
     z_off = pid * HWO + o
-    v = tl.load(z0_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
-    y += (v - tl.load(prm_ptr + 2 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 2) * NC + c).to(ACC_DTYPE)
-    v = tl.load(z1_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
-    y += (v - tl.load(prm_ptr + 3 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 3) * NC + c).to(ACC_DTYPE)
-    v = tl.load(z2_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
-    y += (v - tl.load(prm_ptr + 4 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 4) * NC + c).to(ACC_DTYPE)
-    v = tl.load(z3_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
-    y += (v - tl.load(prm_ptr + 5 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 5) * NC + c).to(ACC_DTYPE)
-    if NZ == 5:
+    if NZ > 0:
+        v = tl.load(z0_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += (v - tl.load(prm_ptr + 2 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 2) * NC + c).to(ACC_DTYPE)
+    if NZ > 1:
+        v = tl.load(z1_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += (v - tl.load(prm_ptr + 3 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 3) * NC + c).to(ACC_DTYPE)
+    if NZ > 2:
+        v = tl.load(z2_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += (v - tl.load(prm_ptr + 4 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 4) * NC + c).to(ACC_DTYPE)
+    if NZ > 3:
+        v = tl.load(z3_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        y += (v - tl.load(prm_ptr + 5 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 5) * NC + c).to(ACC_DTYPE)
+    if NZ > 4:
         v = tl.load(z4_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
         y += (v - tl.load(prm_ptr + 6 * NC + c).to(ACC_DTYPE)) * tl.load(prm_ptr + (Q + 6) * NC + c).to(ACC_DTYPE)
-    if STRIDE == 1:
+    if HAS_IDENTITY:
         v = tl.load(x_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
-        y += tl.load(w_ptr + 3).to(ACC_DTYPE) * v
+        y += tl.load(id_ptr).to(ACC_DTYPE) * v
     tl.store(y_ptr + pid * HWO + o, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mixed_sum_bwd_reduce_kernel(grad_ptr, x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, mean_ptr, part_ptr,
                                  NC, NB, H, W, HO, WO,
-                                 STRIDE: tl.constexpr, NZ: tl.constexpr,
+                                 STRIDE: tl.constexpr, NZ: tl.constexpr, HAS_IDENTITY: tl.constexpr,
                                  ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """Per-plane sums of the backward; one program per ``(c, b)`` (``grid = (n, B)``).
 
     ``grad: (B, n, H', W')``, ``x``, ``z`` as in the forward, ``mean: (Q, n)`` (ACC_DTYPE)
-    -> ``part: (R, n, B)`` (ACC_DTYPE), ``R = Q + 1`` (+ 1 at STRIDE 1), ``g = grad[b, c]``::
+    -> ``part: (R, n, B)`` (ACC_DTYPE), ``R = Q + 1`` (+ 1 with HAS_IDENTITY), ``g = grad[b, c]``::
 
         part[0, c, b]     = sum_hw g
         part[1 + q, c, b] = sum_hw g * (u_q[b, c] - mean_q[c])      q < Q
-        part[Q + 1, c, b] = sum_hw g * x[b, c]                       STRIDE 1 only
+        part[Q + 1, c, b] = sum_hw g * x[b, c]                       HAS_IDENTITY only (STRIDE 1)
     """
     c = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -307,7 +317,7 @@ def _mixed_sum_bwd_reduce_kernel(grad_ptr, x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr
         acc_g += g
         acc_0 += tl.where(mask, g * (mx - mean0), 0.0)
         acc_1 += tl.where(mask, g * (avg - mean1), 0.0)
-        if STRIDE == 1:
+        if HAS_IDENTITY:
             acc_x += g * tl.load(x_base + o, mask=mask, other=0.0).to(ACC_DTYPE)
     out = c * NB + b
     step = NC * NB
@@ -315,18 +325,22 @@ def _mixed_sum_bwd_reduce_kernel(grad_ptr, x_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr
     tl.store(part_ptr + out + step, tl.sum(acc_0, axis=0))
     tl.store(part_ptr + out + 2 * step, tl.sum(acc_1, axis=0))
     z_off = plane * HWO
-    s = _plane_dot(g_base, z0_ptr + z_off, tl.load(mean_ptr + 2 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
-    tl.store(part_ptr + out + 3 * step, s)
-    s = _plane_dot(g_base, z1_ptr + z_off, tl.load(mean_ptr + 3 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
-    tl.store(part_ptr + out + 4 * step, s)
-    s = _plane_dot(g_base, z2_ptr + z_off, tl.load(mean_ptr + 4 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
-    tl.store(part_ptr + out + 5 * step, s)
-    s = _plane_dot(g_base, z3_ptr + z_off, tl.load(mean_ptr + 5 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
-    tl.store(part_ptr + out + 6 * step, s)
-    if NZ == 5:
+    if NZ > 0:
+        s = _plane_dot(g_base, z0_ptr + z_off, tl.load(mean_ptr + 2 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+        tl.store(part_ptr + out + 3 * step, s)
+    if NZ > 1:
+        s = _plane_dot(g_base, z1_ptr + z_off, tl.load(mean_ptr + 3 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+        tl.store(part_ptr + out + 4 * step, s)
+    if NZ > 2:
+        s = _plane_dot(g_base, z2_ptr + z_off, tl.load(mean_ptr + 4 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+        tl.store(part_ptr + out + 5 * step, s)
+    if NZ > 3:
+        s = _plane_dot(g_base, z3_ptr + z_off, tl.load(mean_ptr + 5 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
+        tl.store(part_ptr + out + 6 * step, s)
+    if NZ > 4:
         s = _plane_dot(g_base, z4_ptr + z_off, tl.load(mean_ptr + 6 * NC + c).to(ACC_DTYPE), HWO, ACC_DTYPE, BLOCK)
         tl.store(part_ptr + out + 7 * step, s)
-    if STRIDE == 1:
+    if HAS_IDENTITY:
         tl.store(part_ptr + out + (NZ + 3) * step, tl.sum(acc_x, axis=0))
 
 
@@ -338,7 +352,7 @@ def _mixed_sum_bwd_dz_kernel(grad_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, p
     """Every ``dz_q`` in one pass over ``g``; ``grid = (B*n, cdiv(H'*W', BLOCK))``.
 
     ``grad, z_q, dz_q: (B, n, H', W')``, ``prm: (4, Q, n) = [mean, rstd, coef, gum]`` and
-    ``gm: (n,)`` (ACC_DTYPE; ``coef_q = w[o_q] * rstd_q``, ``gm = mean_c(g)``,
+    ``gm: (n,)`` (ACC_DTYPE; ``coef_q = v_q * rstd_q``, ``gm = mean_c(g)``,
     ``gum_q = mean_c(g * uh_q)``)::
 
         dz_q = coef_{q+2} * (g - gm - uh_{q+2} * gum_{q+2}),  uh = (z_q - mean) * rstd   (TRAINING)
@@ -356,28 +370,33 @@ def _mixed_sum_bwd_dz_kernel(grad_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, z4_ptr, p
         gm = tl.load(gm_ptr + c).to(ACC_DTYPE)
     else:
         gm = 0.0
-    _dz_one(g, z0_ptr + off, dz0_ptr + off, o, mask, prm_ptr, gm, 2, Q, NC, c, TRAINING, ACC_DTYPE)
-    _dz_one(g, z1_ptr + off, dz1_ptr + off, o, mask, prm_ptr, gm, 3, Q, NC, c, TRAINING, ACC_DTYPE)
-    _dz_one(g, z2_ptr + off, dz2_ptr + off, o, mask, prm_ptr, gm, 4, Q, NC, c, TRAINING, ACC_DTYPE)
-    _dz_one(g, z3_ptr + off, dz3_ptr + off, o, mask, prm_ptr, gm, 5, Q, NC, c, TRAINING, ACC_DTYPE)
-    if NZ == 5:
+    if NZ > 0:
+        _dz_one(g, z0_ptr + off, dz0_ptr + off, o, mask, prm_ptr, gm, 2, Q, NC, c, TRAINING, ACC_DTYPE)
+    if NZ > 1:
+        _dz_one(g, z1_ptr + off, dz1_ptr + off, o, mask, prm_ptr, gm, 3, Q, NC, c, TRAINING, ACC_DTYPE)
+    if NZ > 2:
+        _dz_one(g, z2_ptr + off, dz2_ptr + off, o, mask, prm_ptr, gm, 4, Q, NC, c, TRAINING, ACC_DTYPE)
+    if NZ > 3:
+        _dz_one(g, z3_ptr + off, dz3_ptr + off, o, mask, prm_ptr, gm, 5, Q, NC, c, TRAINING, ACC_DTYPE)
+    if NZ > 4:
         _dz_one(g, z4_ptr + off, dz4_ptr + off, o, mask, prm_ptr, gm, 6, Q, NC, c, TRAINING, ACC_DTYPE)
 
 
 @triton.jit
-def _mixed_sum_bwd_dx_kernel(grad_ptr, x_ptr, prm_ptr, gm_ptr, w_ptr, dx_ptr,
+def _mixed_sum_bwd_dx_kernel(grad_ptr, x_ptr, prm_ptr, gm_ptr, id_ptr, dx_ptr,
                              NC, H, W, HO, WO,
-                             STRIDE: tl.constexpr, NZ: tl.constexpr, TRAINING: tl.constexpr,
+                             STRIDE: tl.constexpr, NZ: tl.constexpr, HAS_IDENTITY: tl.constexpr,
+                             TRAINING: tl.constexpr,
                              ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """``dx`` by gathering; ``grid = (B*n, cdiv(H*W, BLOCK))``.
 
     ``grad: (B, n, H', W')``, ``x, dx: (B, n, H, W)``, ``prm``, ``gm`` as in
-    :func:`_mixed_sum_bwd_dz_kernel`, ``w: (8,)`` (ACC_DTYPE). For ``x[b, c, h, w]`` and each
+    :func:`_mixed_sum_bwd_dz_kernel`, ``id: (1,)`` (ACC_DTYPE, read with HAS_IDENTITY). For ``x[b, c, h, w]`` and each
     window ``(oh, ow)`` holding it at offset ``(kh, kw)`` (``h = oh*STRIDE - 1 + kh``)::
 
         dx += du_1[oh, ow] / count(oh, ow)
         dx += du_0[oh, ow]                      if (kh, kw) is the window's first maximum
-        dx += w[3] * g[h, w]                    STRIDE 1
+        dx += id * g[h, w]                      HAS_IDENTITY (STRIDE 1)
 
     ``du_0, du_1`` as ``dz`` in :func:`_mixed_sum_bwd_dz_kernel` with ``u_0, u_1`` the
     window's pools, recomputed from ``x``. Each ``dx`` element written once, no atomics.
@@ -415,15 +434,16 @@ def _mixed_sum_bwd_dx_kernel(grad_ptr, x_ptr, prm_ptr, gm_ptr, w_ptr, dx_ptr,
             acc += tl.where(ok, du1 / cnt_f, 0.0)
             du0 = _du(g, mx, prm_ptr, gm, 0, Q, NC, c, TRAINING, ACC_DTYPE)
             acc += tl.where(ok & (code == kh * 3 + kw), du0, 0.0)
-    if STRIDE == 1:
+    if HAS_IDENTITY:
         g = tl.load(g_base + p, mask=mask, other=0.0).to(ACC_DTYPE)
-        acc += tl.load(w_ptr + 3).to(ACC_DTYPE) * g
+        acc += tl.load(id_ptr).to(ACC_DTYPE) * g
     tl.store(dx_ptr + pid * H * W + p, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _check(op: str, z, x: Tensor, w: Tensor, stride: int) -> Tuple[int, int]:
+def _check(op: str, z, x: Tensor, z_weights: Tensor, pool_weights: Tensor, identity_weight: Optional[Tensor],
+           stride: int) -> Tuple[int, int]:
     """Shape checks (no device data read); returns ``(H', W')``."""
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"adarts {op}: stride must be 1 or 2, got {stride!r}")
@@ -432,15 +452,21 @@ def _check(op: str, z, x: Tensor, w: Tensor, stride: int) -> Tuple[int, int]:
     B, n, H, W = x.shape
     if stride == 2 and (H % 2 or W % 2):
         raise ValueError(f"adarts {op}: stride 2 needs even H and W, got {tuple(x.shape)}")
-    P = 4 if stride == 1 else 5
-    if not isinstance(z, (list, tuple)) or len(z) != P:
-        raise ValueError(f"adarts {op}: z must be a list of {P} tensors at stride {stride}")
+    if not isinstance(z, (list, tuple)) or len(z) > MAX_Z:
+        raise ValueError(f"adarts {op}: z must be a list of at most {MAX_Z} tensors")
     want = (B, n, H // stride, W // stride)
     for i, t in enumerate(z):
         if tuple(t.shape) != want:
             raise ValueError(f"adarts {op}: z[{i}] must be (B, n, H/stride, W/stride)={want}, got {tuple(t.shape)}")
-    if tuple(w.shape) != (8,):
-        raise ValueError(f"adarts {op}: w must be (8,), got {tuple(w.shape)}")
+    if tuple(z_weights.shape) != (len(z),):
+        raise ValueError(f"adarts {op}: z_weights must be (P,)={(len(z),)}, got {tuple(z_weights.shape)}")
+    if tuple(pool_weights.shape) != (2,):
+        raise ValueError(f"adarts {op}: pool_weights must be (2,), got {tuple(pool_weights.shape)}")
+    if identity_weight is not None:
+        if stride != 1:
+            raise ValueError(f"adarts {op}: identity_weight must be None at stride 2")
+        if identity_weight.dim() != 0:
+            raise ValueError(f"adarts {op}: identity_weight must be 0-dim, got {tuple(identity_weight.shape)}")
     return H // stride, W // stride
 
 
@@ -449,28 +475,36 @@ def _acc_stats(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _z_ptrs(z: List[Tensor]) -> List[Tensor]:
-    """Five pointers for the kernels; the fifth repeats ``z[0]`` at stride 1 (never read)."""
-    return list(z) + [z[0]] * (5 - len(z))
+def _z_ptrs(z: List[Tensor], filler: Tensor) -> List[Tensor]:
+    """Five pointers for the kernels; those past ``len(z)`` are ``filler`` (never accessed)."""
+    return list(z) + [filler] * (MAX_Z - len(z))
 
 
-def _coef(wf: Tensor, rstd: Tensor, stride: int) -> Tensor:
-    """``coef_q = w[o_q] * rstd_q``: ``(Q, n)``."""
-    o = torch.tensor(mixed_sum_weight_index(stride), device=wf.device)
-    return wf.index_select(0, o)[:, None] * rstd
+def _coef(z_weights: Tensor, pool_weights: Tensor, rstd: Tensor) -> Tensor:
+    """``coef_q = v_q * rstd_q``, ``v = [pool_weights, z_weights]``: ``(Q, n)``."""
+    v = torch.cat([pool_weights, z_weights]).to(rstd.dtype)
+    return v[:, None] * rstd
 
 
-def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float,
+def _identity_arg(identity_weight: Optional[Tensor], acc: torch.dtype, like: Tensor) -> Tensor:
+    """The identity weight as a ``(1,)`` tensor in ``acc`` (``like`` when absent: never read)."""
+    return like if identity_weight is None else identity_weight.to(acc).reshape(1)
+
+
+def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tensor,
+                  identity_weight: Optional[Tensor], stride: int, eps: float,
                   run_mean: Optional[Tensor], run_var: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``y = sum_q w[o_q] * (u_q - mean_q) * rsqrt(var_q + eps)`` (+ ``w[3] * x`` at stride 1),
-    ``u = [maxpool3x3(x), avgpool3x3(x)] + z``. ``x: (B, n, H, W)``, ``z``: ``P`` tensors
-    ``(B, n, H/s, W/s)``, ``w: (8,)`` -> ``y`` (dtype of x), ``mean, var: (Q, n)`` (float32 for
-    half inputs): the batch statistics (``run_mean is None``, biased variance) or copies
-    of ``run_mean, run_var``. Statistics by :func:`_mixed_sum_stats_kernel` plus a torch
-    merge over the batch, ``y`` by :func:`_mixed_sum_fwd_kernel`."""
+    """``y = sum_q v_q * (u_q - mean_q) * rsqrt(var_q + eps)`` (+ ``identity_weight * x``),
+    ``u = [maxpool3x3(x), avgpool3x3(x)] + z``, ``v = [pool_weights, z_weights]``.
+    ``x: (B, n, H, W)``, ``z``: ``P <= 5`` tensors ``(B, n, H/s, W/s)``, ``z_weights: (P,)``,
+    ``pool_weights: (2,)``, ``identity_weight``: 0-dim or ``None`` -> ``y`` (dtype of x),
+    ``mean, var: (Q, n)`` (float32 for half inputs): the batch statistics (``run_mean is
+    None``, biased variance) or copies of ``run_mean, run_var``. Statistics by
+    :func:`_mixed_sum_stats_kernel` plus a torch merge over the batch, ``y`` by
+    :func:`_mixed_sum_fwd_kernel`."""
     op = "mixed_sum_fwd"
     _require(op)
-    HO, WO = _check(op, z, x, w, stride)
+    HO, WO = _check(op, z, x, z_weights, pool_weights, identity_weight, stride)
     if (run_mean is None) != (run_var is None):
         raise ValueError(f"adarts {op}: give both run_mean and run_var, or neither")
     x = x.contiguous()
@@ -482,12 +516,12 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float
     if run_mean is None:
         if B * n * HWO == 0:      # empty batch statistics (NaN), nothing to launch for
             from ..ops.reference import mixed_sum_fwd as ref
-            return ref(z, x, w, stride, eps, run_mean, run_var)
+            return ref(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var)
         pmean = _empty((Q, n, B), acc, x.device)
         pm2 = _empty((Q, n, B), acc, x.device)
         block = _block_hw(HWO)
         _mixed_sum_stats_kernel[(n, B)](
-            x, *_z_ptrs(z), pmean, pm2, n, B, H, W, HO, WO,
+            x, *_z_ptrs(z, x), pmean, pm2, n, B, H, W, HO, WO,
             STRIDE=stride, NZ=len(z), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block, num_warps=_num_warps(block))
         mean = pmean.mean(dim=2)
         var = (pm2.sum(dim=2) + HWO * (pmean - mean[:, :, None]).square().sum(dim=2)) / (B * HWO)
@@ -499,34 +533,37 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, w: Tensor, stride: int, eps: float
     y = _empty((B, n, HO, WO), x.dtype, x.device)
     if B * n * HWO == 0:
         return y, mean, var
-    wf = w.to(acc)
     rstd = torch.rsqrt(var + eps).to(acc)
-    prm = torch.stack([mean.to(acc), _coef(wf, rstd, stride)]).contiguous()      # (2, Q, n)
+    prm = torch.stack([mean.to(acc), _coef(z_weights, pool_weights, rstd)]).contiguous()      # (2, Q, n)
     block = _block_hw(HWO, hi=512)
     _mixed_sum_fwd_kernel[(B * n, triton.cdiv(HWO, block))](
-        x, *_z_ptrs(z), prm, wf, y, n, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block, num_warps=_num_warps(block))
+        x, *_z_ptrs(z, x), prm, _identity_arg(identity_weight, acc, prm), y, n, H, W, HO, WO,
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=identity_weight is not None, ACC_DTYPE=_acc_dtype(x.dtype),
+        BLOCK=block, num_warps=_num_warps(block))
     return y, mean, var
 
 
-def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, w: Tensor, mean: Tensor, var: Tensor,
-                  stride: int, eps: float, training: bool) -> Tuple[List[Tensor], Tensor, Tensor]:
-    """Gradients of :func:`mixed_sum_fwd` w.r.t. ``z`` (each in its dtype), ``x`` (dtype of x)
-    and ``w`` (dtype of w), with ``g = grad``, ``N = B*H'*W'``, ``uh_q = (u_q - mean_q) * rstd_q``::
+def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tensor,
+                  identity_weight: Optional[Tensor], mean: Tensor, var: Tensor, stride: int, eps: float,
+                  training: bool) -> Tuple[List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`mixed_sum_fwd`: ``(dz, dx, dz_weights, dpool_weights,
+    didentity_weight)`` (each in its input's dtype; ``didentity_weight`` a 0-dim zero without
+    the identity), with ``g = grad``, ``N = B*H'*W'``, ``uh_q = (u_q - mean_q) * rstd_q``::
 
-        dw[o_q] = sum(g * uh_q);   dw[3] = sum(g * x) at stride 1;   dw[0] = 0 (and dw[3] at stride 2)
-        du_q    = w[o_q] * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
-        du_q    = w[o_q] * rstd_q * g                                             (eval)
-        dz_q    = du_{q+2};   dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] * g at stride 1)
+        dv_q = sum(g * uh_q);   didentity_weight = sum(g * x)
+        du_q = v_q * rstd_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
+        du_q = v_q * rstd_q * g                                             (eval)
+        dz_q = du_{q+2};   dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ identity_weight * g)
 
     Per-plane sums by :func:`_mixed_sum_bwd_reduce_kernel` (summed over the batch with
     torch), then :func:`_mixed_sum_bwd_dz_kernel` and :func:`_mixed_sum_bwd_dx_kernel`.
     """
     op = "mixed_sum_bwd"
     _require(op)
-    HO, WO = _check(op, z, x, w, stride)
+    HO, WO = _check(op, z, x, z_weights, pool_weights, identity_weight, stride)
     B, n, H, W = x.shape
     Q = len(z) + 2
+    has_id = identity_weight is not None
     if tuple(grad.shape) != (B, n, HO, WO):
         raise ValueError(f"adarts {op}: grad must be (B, n, H/stride, W/stride)={(B, n, HO, WO)}, "
                          f"got {tuple(grad.shape)}")
@@ -537,44 +574,43 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, w: Tensor, mean: Ten
     z = [t.contiguous() for t in z]
     acc = _acc_torch(x.dtype)
     HWO = HO * WO
+    id_dtype = identity_weight.dtype if has_id else pool_weights.dtype
     dz = [_empty(t.shape, t.dtype, t.device) for t in z]
     dx = _empty((B, n, H, W), x.dtype, x.device)
     if B * n * HWO == 0:
         for t in dz:
             t.zero_()
-        return dz, dx.zero_(), torch.zeros(8, dtype=w.dtype, device=w.device)
-    wf = w.to(acc)
+        return (dz, dx.zero_(), torch.zeros_like(z_weights, memory_format=torch.contiguous_format),
+                torch.zeros_like(pool_weights, memory_format=torch.contiguous_format),
+                torch.zeros((), dtype=id_dtype, device=x.device))
     rstd = torch.rsqrt(var + eps).to(acc)
     mean_a = mean.to(acc).contiguous()
-    rows = Q + 1 + (stride == 1)
+    rows = Q + 1 + int(has_id)
     part = _empty((rows, n, B), acc, x.device)
     block = _block_hw(HWO)
     acc_tl = _acc_dtype(x.dtype)
-    zp = _z_ptrs(z)
+    zp = _z_ptrs(z, x)
     _mixed_sum_bwd_reduce_kernel[(n, B)](
         grad, x, *zp, mean_a, part, n, B, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
     sums = part.sum(dim=2)                          # (rows, n)
     s_gu = sums[1:Q + 1] * rstd                     # (Q, n): per-channel sum(g * uh_q)
-    dw_q = s_gu.sum(dim=1)                          # (Q,): dw at columns o_q
-    zero = torch.zeros(1, dtype=acc, device=x.device)
-    if stride == 1:
-        dw = torch.cat([zero, dw_q[0:2], sums[Q + 1].sum().reshape(1), dw_q[2:]])
-    else:
-        dw = torch.cat([zero, dw_q])
+    dv = s_gu.sum(dim=1)                            # (Q,): the gradients of v
+    did = sums[Q + 1].sum() if has_id else torch.zeros((), dtype=acc, device=x.device)
     N = B * HWO
-    coef = _coef(wf, rstd, stride)
+    coef = _coef(z_weights, pool_weights, rstd)
     gm = (sums[0] / N).contiguous()
     gum = s_gu / N
     prm = torch.stack([mean_a, rstd, coef, gum]).contiguous()                  # (4, Q, n)
-    dzp = _z_ptrs(dz)
+    dzp = _z_ptrs(dz, dx)
     block = _block_hw(HWO, hi=512)
     _mixed_sum_bwd_dz_kernel[(B * n, triton.cdiv(HWO, block))](
         grad, *zp, prm, gm, *dzp, n, HWO,
         NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
     block = _block_hw(H * W, hi=256)
     _mixed_sum_bwd_dx_kernel[(B * n, triton.cdiv(H * W, block))](
-        grad, x, prm, gm, wf, dx, n, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
+        grad, x, prm, gm, _identity_arg(identity_weight, acc, prm), dx, n, H, W, HO, WO,
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
         num_warps=_num_warps(block))
-    return dz, dx, dw.to(w.dtype)
+    return (dz, dx, dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True),
+            did.to(id_dtype))

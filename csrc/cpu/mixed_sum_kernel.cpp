@@ -1,22 +1,24 @@
 // CPU kernels of adarts_C::mixed_sum_fwd / mixed_sum_bwd.
 //
-// Specification: adarts_kernels/ops/reference.py (mixed_sum_weight_index, mixed_sum_pools,
-// mixed_sum_fwd, mixed_sum_bwd). Shapes: x (B, n, H, W); z: P tensors (B, n, Ho, Wo) with
-// Ho = H / s, Wo = W / s (P = 4 at stride s = 1, 5 at s = 2); w (8,); Q = P + 2.
+// Specification: adarts_kernels/ops/reference.py (mixed_sum_pools, mixed_sum_fwd,
+// mixed_sum_bwd). Shapes: x (B, n, H, W); z: P tensors (B, n, Ho, Wo) with Ho = H / s,
+// Wo = W / s (0 <= P <= kMixedSumMaxZ); z_weights (P,); pool_weights (2,); identity_weight
+// (optional, 0-dim, s = 1 only; written wi below); Q = P + 2.
 //
 //   u_0 = maxpool3x3(x), u_1 = avgpool3x3(x) (stride s, padding 1, the mean over the window's
-//   in-bounds cells), u_{2+i} = z[i];  o = (1, 2, 4, 5, 6, 7) at s = 1, (1, ..., 7) at s = 2.
+//   in-bounds cells), u_{2+i} = z[i];  v = (pool_weights[0], pool_weights[1], z_weights[0], ...).
 //
 // Forward:
 //   training: mean_q[c] = sum_{b,p} u_q / N, var_q[c] = sum_{b,p} (u_q - mean_q)^2 / N,
 //             N = B * Ho * Wo (biased variance); eval: the given running statistics;
 //   r_q = 1 / sqrt(var_q + eps),  uh_q = (u_q - mean_q) * r_q,
-//   y = sum_q w[o_q] * uh_q  (+ w[3] * x at s = 1).
+//   y = sum_q v_q * uh_q  (+ wi * x when the identity weight is given).
 // Backward (g = grad):
-//   dw[o_q] = sum(g * uh_q);  dw[3] = sum(g * x) at s = 1;  dw[0] = 0 (dw[3] = 0 at s = 2);
-//   du_q = w[o_q] * r_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
-//   du_q = w[o_q] * r_q * g                                            (eval)
-//   dz[i] = du_{2+i};  dx = maxpool_bwd(du_0) + avgpool_bwd(du_1)  (+ w[3] * g at s = 1).
+//   dv_q = sum(g * uh_q) (dpool_weights = dv_0..1, dz_weights = dv_2..);  dwi = sum(g * x), or 0
+//   without the identity;
+//   du_q = v_q * r_q * (g - mean_c(g) - uh_q * mean_c(g * uh_q))   (training)
+//   du_q = v_q * r_q * g                                            (eval)
+//   dz[i] = du_{2+i};  dx = maxpool_bwd(du_0) + avgpool_bwd(du_1)  (+ wi * g).
 // The max pool's gradient goes to the first maximum of each window in row-major order (a
 // NaN counts as the maximum: the window's last NaN), as F.max_pool2d on the CPU; pooling is
 // recomputed from x (no indices are stored).
@@ -52,15 +54,9 @@ namespace adarts {
 namespace {
 
 constexpr const char* kOp = "mixed_sum";
-constexpr int64_t kMaxZ = 5;
+constexpr int64_t kMaxZ = kMixedSumMaxZ;
 
 using Dims = MixedSumDims;
-
-// Column of w weighting u_q (reference.mixed_sum_weight_index).
-inline int64_t weight_index(int64_t stride, int64_t q) {
-  constexpr int64_t kStride1[6] = {1, 2, 4, 5, 6, 7};
-  return stride == 1 ? kStride1[q] : q + 1;
-}
 
 // In-bounds range [lo, hi) of the window of output index o along an axis of length L: input
 // indices s*o - 1 .. s*o + 1 (3 wide, padding 1), clipped to [0, L).
@@ -212,25 +208,27 @@ inline acc_t dot_normalised(const acc_t* g, const T* u, int64_t n, acc_t m, acc_
 template <typename acc_t>
 struct Norm {
   std::vector<acc_t> mean, rstd;  // (Q, n)
-  std::vector<acc_t> wq;          // (Q,): w[o_q]
-  acc_t w3;                       // w[3] (the identity's weight at stride 1)
+  std::vector<acc_t> wq;          // (Q,): v_q
+  acc_t wi;                       // the identity's weight (0 without the identity term)
 };
 
 template <typename scalar_t, typename acc_t>
-Norm<acc_t> make_norm(const Dims& d, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w,
+Norm<acc_t> make_norm(const Dims& d, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& z_weights,
+                      const at::Tensor& pool_weights, const std::optional<at::Tensor>& identity_weight,
                       double eps) {
   Norm<acc_t> nm;
   const int64_t Qn = d.Q * d.n;
   const acc_t* mp = mean.data_ptr<acc_t>();
   const acc_t* vp = var.data_ptr<acc_t>();
-  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* pw = pool_weights.data_ptr<scalar_t>();
+  const scalar_t* zw = d.P > 0 ? z_weights.data_ptr<scalar_t>() : nullptr;
   const acc_t e = static_cast<acc_t>(eps);  // var + eps in the statistics dtype, as the reference
   nm.mean.assign(mp, mp + Qn);
   nm.rstd.resize(static_cast<size_t>(Qn));
   for (int64_t i = 0; i < Qn; ++i) nm.rstd[i] = acc_t(1) / std::sqrt(vp[i] + e);
   nm.wq.resize(static_cast<size_t>(d.Q));
-  for (int64_t q = 0; q < d.Q; ++q) nm.wq[q] = static_cast<acc_t>(wp[weight_index(d.stride, q)]);
-  nm.w3 = static_cast<acc_t>(wp[3]);
+  for (int64_t q = 0; q < d.Q; ++q) nm.wq[q] = static_cast<acc_t>(q < 2 ? pw[q] : zw[q - 2]);
+  nm.wi = d.identity ? static_cast<acc_t>(*identity_weight->data_ptr<scalar_t>()) : acc_t(0);
   return nm;
 }
 
@@ -281,12 +279,12 @@ void batch_stats(const scalar_t* xp, const std::array<const scalar_t*, kMaxZ>& z
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(at::TensorList z, const at::Tensor& x,
-                                                                 const at::Tensor& w, int64_t stride, double eps,
-                                                                 const std::optional<at::Tensor>& run_mean,
-                                                                 const std::optional<at::Tensor>& run_var) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(
+    at::TensorList z, const at::Tensor& x, const at::Tensor& z_weights, const at::Tensor& pool_weights,
+    const std::optional<at::Tensor>& identity_weight, int64_t stride, double eps,
+    const std::optional<at::Tensor>& run_mean, const std::optional<at::Tensor>& run_var) {
   constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
-  const Dims d = validate_mixed_sum(kOp, z, x, w, stride, kCPU);
+  const Dims d = validate_mixed_sum(kOp, z, x, z_weights, pool_weights, identity_weight, stride, kCPU);
   validate_mixed_sum_eps(kOp, eps);
   validate_mixed_sum_running(kOp, run_mean, run_var, x, d, kCPU);
   const bool training = !run_mean.has_value();
@@ -305,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(at::TensorList 
     const auto zp = data_pointers<const scalar_t>(z);
     if (training) batch_stats<scalar_t, acc_t>(xp, zp, d, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     if (y.numel() == 0) return;
-    const Norm<acc_t> nm = make_norm<scalar_t, acc_t>(d, mean, var, w, eps);
+    const Norm<acc_t> nm = make_norm<scalar_t, acc_t>(d, mean, var, z_weights, pool_weights, identity_weight, eps);
     scalar_t* yp = y.data_ptr<scalar_t>();
 
     at::parallel_for(0, planes, grain(d), [&](int64_t begin, int64_t end) {
@@ -314,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(at::TensorList 
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i % d.n;
         pool_plane<scalar_t, acc_t, false>(xp + i * HW, d, ps, mx.data(), av.data(), nullptr);
-        // y = sum_q w[o_q] * ((u_q - mean_q) * r_q), added in q order (as the reference), built
+        // y = sum_q v_q * ((u_q - mean_q) * r_q), added in q order (as the reference), built
         // in mx (u_0 is read before it is overwritten).
         acc_t* a = mx.data();
         {
@@ -329,9 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(at::TensorList 
           for (int64_t p = 0; p < HWo; ++p) a[p] += wq * ((static_cast<acc_t>(u[p]) - m) * r);
         }
         scalar_t* out = yp + i * HWo;
-        if (d.stride == 1) {  // + w[3] * x (the identity candidate)
+        if (d.identity) {  // + wi * x (stride 1: Ho x Wo == H x W)
           const scalar_t* xs = xp + i * HW;
-          for (int64_t p = 0; p < HWo; ++p) out[p] = static_cast<scalar_t>(a[p] + nm.w3 * static_cast<acc_t>(xs[p]));
+          for (int64_t p = 0; p < HWo; ++p) out[p] = static_cast<scalar_t>(a[p] + nm.wi * static_cast<acc_t>(xs[p]));
         } else {
           for (int64_t p = 0; p < HWo; ++p) out[p] = static_cast<scalar_t>(a[p]);
         }
@@ -341,11 +339,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cpu(at::TensorList 
   return {y, mean, var};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
-    const at::Tensor& grad, at::TensorList z, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
+    const at::Tensor& grad, at::TensorList z, const at::Tensor& x, const at::Tensor& z_weights,
+    const at::Tensor& pool_weights, const std::optional<at::Tensor>& identity_weight, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, double eps, bool training) {
   constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
-  const Dims d = validate_mixed_sum(kOp, z, x, w, stride, kCPU);
+  const Dims d = validate_mixed_sum(kOp, z, x, z_weights, pool_weights, identity_weight, stride, kCPU);
   validate_mixed_sum_eps(kOp, eps);
   validate_mixed_sum_bwd(kOp, grad, mean, var, x, d, kCPU);
   ADARTS_CHECK(d.H * d.W <= INT32_MAX, kOp, "planes H*W must have fewer than 2^31 elements (32-bit max-pool ",
@@ -359,7 +358,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
   dz.reserve(z.size());
   for (const at::Tensor& t : z) dz.push_back(at::empty(t.sizes(), t.options()));
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dw = at::empty(w.sizes(), w.options());
+  at::Tensor dzw = at::empty(z_weights.sizes(), z_weights.options());
+  at::Tensor dpw = at::empty(pool_weights.sizes(), pool_weights.options());
+  // 0-dim; 0 without the identity term (the op cannot return None)
+  at::Tensor diw = at::empty({}, identity_weight.has_value() ? identity_weight->options() : pool_weights.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adarts mixed_sum_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -368,9 +370,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     const auto zp = data_pointers<const scalar_t>(z);
     const auto dzp = data_pointers<scalar_t>(dz);
-    const Norm<acc_t> nm = make_norm<scalar_t, acc_t>(d, mean, var, w, eps);
+    const Norm<acc_t> nm = make_norm<scalar_t, acc_t>(d, mean, var, z_weights, pool_weights, identity_weight, eps);
 
-    // ---- pass 1: per-plane partial sums (for dw, and the training terms mean_c(.)).
+    // ---- pass 1: per-plane partial sums (for the weights' gradients, and the training terms mean_c(.)).
     std::vector<acc_t> part(static_cast<size_t>(planes * K), acc_t(0));
     at::parallel_for(0, planes, grain(d), [&](int64_t begin, int64_t end) {
       PoolScratch<acc_t> ps(d);
@@ -386,14 +388,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
         pt[2] = dot_normalised(g.data(), av.data(), HWo, nm.mean[d.n + c], nm.rstd[d.n + c]);
         for (int64_t q = 2; q < Q; ++q)
           pt[1 + q] = dot_normalised(g.data(), zp[q - 2] + i * HWo, HWo, nm.mean[q * d.n + c], nm.rstd[q * d.n + c]);
-        if (s == 1) {
+        if (d.identity) {
           const scalar_t* xs = xp + i * HW;
           pt[Q + 1] = lane_sum<acc_t>(HWo, [&](int64_t p) { return g[p] * static_cast<acc_t>(xs[p]); });
         }
       }
     });
 
-    // ---- combine: channel means (training) and dw, summed in a fixed order.
+    // ---- combine: channel means (training) and the weights' gradients, summed in a fixed order.
     const acc_t count = static_cast<acc_t>(d.B * HWo);
     std::vector<acc_t> g_mean(static_cast<size_t>(d.n), acc_t(0)), gu_mean(static_cast<size_t>(Q * d.n), acc_t(0));
     if (training) {
@@ -405,15 +407,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
       }
     }
     {
-      std::array<acc_t, 8> dwa{};
-      for (int64_t q = 0; q < Q; ++q)
-        dwa[weight_index(s, q)] = blocked_sum<acc_t>(planes, [&](int64_t i) { return part[i * K + 1 + q]; });
-      if (s == 1) dwa[3] = blocked_sum<acc_t>(planes, [&](int64_t i) { return part[i * K + Q + 1]; });
-      scalar_t* dwp = dw.data_ptr<scalar_t>();
-      for (int k = 0; k < 8; ++k) dwp[k] = static_cast<scalar_t>(dwa[k]);
+      scalar_t* dpwp = dpw.data_ptr<scalar_t>();
+      scalar_t* dzwp = d.P > 0 ? dzw.data_ptr<scalar_t>() : nullptr;
+      for (int64_t q = 0; q < Q; ++q) {
+        const acc_t v = blocked_sum<acc_t>(planes, [&](int64_t i) { return part[i * K + 1 + q]; });
+        (q < 2 ? dpwp[q] : dzwp[q - 2]) = static_cast<scalar_t>(v);
+      }
+      const acc_t vi =
+          d.identity ? blocked_sum<acc_t>(planes, [&](int64_t i) { return part[i * K + Q + 1]; }) : acc_t(0);
+      *diw.data_ptr<scalar_t>() = static_cast<scalar_t>(vi);
     }
 
-    // ---- pass 2: dz, and dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] * g).
+    // ---- pass 2: dz, and dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ wi * g).
     // Window sizes (in-bounds cells) of the outputs, the same for every plane.
     std::vector<acc_t> cells(static_cast<size_t>(HWo));
     for (int64_t oi = 0; oi < Ho; ++oi)
@@ -480,9 +485,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
           }
           const acc_t* dm = dmax.data() + r * W;
           scalar_t* o = out + r * W;
-          if (s == 1) {  // + w[3] * g (the identity; Ho x Wo == H x W)
+          if (d.identity) {  // + wi * g (the identity; stride 1, Ho x Wo == H x W)
             const acc_t* gr = g.data() + r * W;
-            for (int64_t col = 0; col < W; ++col) o[col] = static_cast<scalar_t>((dm[col] + da[col]) + nm.w3 * gr[col]);
+            for (int64_t col = 0; col < W; ++col) o[col] = static_cast<scalar_t>((dm[col] + da[col]) + nm.wi * gr[col]);
           } else {
             for (int64_t col = 0; col < W; ++col) o[col] = static_cast<scalar_t>(dm[col] + da[col]);
           }
@@ -490,7 +495,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cpu(
       }
     });
   });
-  return {dz, dx, dw};
+  return {dz, dx, dzw, dpw, diw};
 }
 
 TORCH_LIBRARY_IMPL(adarts_C, CPU, m) {

@@ -31,19 +31,21 @@ namespace {
 // ---------------------------------------------------------------------------- 4. mixed sum
 constexpr const char* kMixed = "mixed_sum";
 
-MixedSumDims check_mixed(at::TensorList z, const at::Tensor& x, const at::Tensor& w, int64_t stride, double eps) {
-  const MixedSumDims d = validate_mixed_sum(kMixed, z, x, w, stride, kCUDA);
+MixedSumDims check_mixed(at::TensorList z, const at::Tensor& x, const at::Tensor& z_weights,
+                         const at::Tensor& pool_weights, const std::optional<at::Tensor>& identity_weight,
+                         int64_t stride, double eps) {
+  const MixedSumDims d = validate_mixed_sum(kMixed, z, x, z_weights, pool_weights, identity_weight, stride, kCUDA);
   validate_mixed_sum_eps(kMixed, eps);
   ADARTS_CHECK(d.H * d.W <= cuda::kMaxPlane, kMixed, "the CUDA kernels take planes H*W below 2^31, got x of sizes ",
                x.sizes());
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cuda(at::TensorList z, const at::Tensor& x,
-                                                                  const at::Tensor& w, int64_t stride, double eps,
-                                                                  const std::optional<at::Tensor>& run_mean,
-                                                                  const std::optional<at::Tensor>& run_var) {
-  const MixedSumDims d = check_mixed(z, x, w, stride, eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cuda(
+    at::TensorList z, const at::Tensor& x, const at::Tensor& z_weights, const at::Tensor& pool_weights,
+    const std::optional<at::Tensor>& identity_weight, int64_t stride, double eps,
+    const std::optional<at::Tensor>& run_mean, const std::optional<at::Tensor>& run_var) {
+  const MixedSumDims d = check_mixed(z, x, z_weights, pool_weights, identity_weight, stride, eps);
   validate_mixed_sum_running(kMixed, run_mean, run_var, x, d, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kMixed, x);
@@ -58,19 +60,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_sum_fwd_cuda(at::TensorList
   }
   std::array<const void*, cuda::kMixedSumMaxZ> zp{};
   for (size_t i = 0; i < z.size(); ++i) zp[i] = z[i].const_data_ptr();
-  at::Tensor ws = workspace(x, cuda::mixed_sum_fwd_workspace_bytes(dt, d.B, d.n, static_cast<int>(stride)));
-  const int err = cuda::mixed_sum_fwd(dt, zp.data(), x.const_data_ptr(), w.const_data_ptr(), d.B, d.n, d.H, d.W,
-                                      static_cast<int>(stride), eps, training ? 1 : 0, mean.mutable_data_ptr(),
-                                      var.mutable_data_ptr(), y.mutable_data_ptr(), ws.mutable_data_ptr(),
-                                      current_stream());
+  const int P = static_cast<int>(d.P);
+  at::Tensor ws = workspace(x, cuda::mixed_sum_fwd_workspace_bytes(dt, d.B, d.n, P));
+  const int err = cuda::mixed_sum_fwd(
+      dt, zp.data(), P, x.const_data_ptr(), z_weights.const_data_ptr(), pool_weights.const_data_ptr(),
+      identity_weight.has_value() ? identity_weight->const_data_ptr() : nullptr, d.B, d.n, d.H, d.W,
+      static_cast<int>(stride), eps, training ? 1 : 0, mean.mutable_data_ptr(), var.mutable_data_ptr(),
+      y.mutable_data_ptr(), ws.mutable_data_ptr(), current_stream());
   check_launch(kMixed, "mixed_sum_fwd", err);
   return {y, mean, var};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cuda(
-    const at::Tensor& grad, at::TensorList z, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_sum_bwd_cuda(
+    const at::Tensor& grad, at::TensorList z, const at::Tensor& x, const at::Tensor& z_weights,
+    const at::Tensor& pool_weights, const std::optional<at::Tensor>& identity_weight, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, double eps, bool training) {
-  const MixedSumDims d = check_mixed(z, x, w, stride, eps);
+  const MixedSumDims d = check_mixed(z, x, z_weights, pool_weights, identity_weight, stride, eps);
   validate_mixed_sum_bwd(kMixed, grad, mean, var, x, d, kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const cuda::DType dt = dtype_of(kMixed, x);
@@ -85,15 +90,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_sum_bwd_cuda(
     dzp[i] = dz.back().mutable_data_ptr();
   }
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dw = at::empty(w.sizes(), w.options());
-  at::Tensor ws = workspace(x, cuda::mixed_sum_bwd_workspace_bytes(dt, d.B, d.n, d.H, d.W, static_cast<int>(stride)));
-  const int err = cuda::mixed_sum_bwd(dt, grad.const_data_ptr(), zp.data(), x.const_data_ptr(), w.const_data_ptr(),
-                                      mean.const_data_ptr(), var.const_data_ptr(), d.B, d.n, d.H, d.W,
-                                      static_cast<int>(stride), eps, training ? 1 : 0, dzp.data(),
-                                      dx.mutable_data_ptr(), dw.mutable_data_ptr(), ws.mutable_data_ptr(),
-                                      current_stream());
+  at::Tensor dzw = at::empty(z_weights.sizes(), z_weights.options());
+  at::Tensor dpw = at::empty(pool_weights.sizes(), pool_weights.options());
+  // 0-dim; the kernels write 0 without the identity term (the op cannot return None)
+  at::Tensor diw = at::empty({}, identity_weight.has_value() ? identity_weight->options() : pool_weights.options());
+  const int P = static_cast<int>(d.P);
+  at::Tensor ws = workspace(x, cuda::mixed_sum_bwd_workspace_bytes(dt, d.B, d.n, d.H, d.W, static_cast<int>(stride), P));
+  const int err = cuda::mixed_sum_bwd(
+      dt, grad.const_data_ptr(), zp.data(), P, x.const_data_ptr(), z_weights.const_data_ptr(),
+      pool_weights.const_data_ptr(), identity_weight.has_value() ? identity_weight->const_data_ptr() : nullptr,
+      mean.const_data_ptr(), var.const_data_ptr(), d.B, d.n, d.H, d.W, static_cast<int>(stride), eps,
+      training ? 1 : 0, dzp.data(), dx.mutable_data_ptr(), dzw.mutable_data_ptr(), dpw.mutable_data_ptr(),
+      diw.mutable_data_ptr(), ws.mutable_data_ptr(), current_stream());
   check_launch(kMixed, "mixed_sum_bwd", err);
-  return {dz, dx, dw};
+  return {dz, dx, dzw, dpw, diw};
 }
 
 }  // namespace

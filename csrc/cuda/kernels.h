@@ -75,26 +75,32 @@ int attention_writeback_bwd(DType dt, const void* grad, const void* x, const voi
                             cudaStream_t stream);
 
 // ---------------------------------------------------------------------------- 4. mixed sum
-// x: (B, n, H, W), H, W >= 1 (even at stride 2); z: a host array of P device pointers, P = 4
-// at stride 1 and 5 at stride 2, each (B, n, Ho, Wo) with Ho = H / stride, Wo = W / stride;
-// w: (8,). Statistics mean, var: (Q, n), Q = P + 2, in the accumulation type (float for
-// F16/BF16/F32, double for F64). eps > 0.
+// x: (B, n, H, W), H, W >= 1 (even at stride 2); z: a host array of P device pointers,
+// 0 <= P <= kMixedSumMaxZ, each (B, n, Ho, Wo) with Ho = H / stride, Wo = W / stride;
+// z_weights: (P,) (may be null for P = 0); pool_weights: (2,) (max pool, avg pool);
+// identity_weight: 0-dim, or nullptr: the identity term identity_weight * x is present iff
+// the pointer is non-null (stride 1 only). Statistics mean, var: (Q, n), Q = P + 2, in the
+// accumulation type (float for F16/BF16/F32, double for F64). eps > 0.
 constexpr int kMixedSumMaxZ = 5;
 
 // training != 0: mean and var are written (batch statistics, biased variance); otherwise they
 // are read (the running statistics). y: (B, n, Ho, Wo).
-size_t mixed_sum_fwd_workspace_bytes(DType dt, int64_t B, int64_t n, int stride);
-int mixed_sum_fwd(DType dt, const void* const* z, const void* x, const void* w, int64_t B, int64_t n, int64_t H,
-                  int64_t W, int stride, double eps, int training, void* mean, void* var, void* y, void* workspace,
+size_t mixed_sum_fwd_workspace_bytes(DType dt, int64_t B, int64_t n, int P);
+int mixed_sum_fwd(DType dt, const void* const* z, int P, const void* x, const void* z_weights,
+                  const void* pool_weights, const void* identity_weight, int64_t B, int64_t n, int64_t H, int64_t W,
+                  int stride, double eps, int training, void* mean, void* var, void* y, void* workspace,
                   cudaStream_t stream);
 
 // grad: (B, n, Ho, Wo); mean, var: the statistics the forward used (read only); dz: a host
-// array of P device pointers (each like z), dx: like x, dw: (8,) of dtype dt, all fully
-// written (dw[0] = 0). The max-pool gradient goes to the first maximum of each window.
-size_t mixed_sum_bwd_workspace_bytes(DType dt, int64_t B, int64_t n, int64_t H, int64_t W, int stride);
-int mixed_sum_bwd(DType dt, const void* grad, const void* const* z, const void* x, const void* w, const void* mean,
-                  const void* var, int64_t B, int64_t n, int64_t H, int64_t W, int stride, double eps, int training,
-                  void* const* dz, void* dx, void* dw, void* workspace, cudaStream_t stream);
+// array of P device pointers (each like z), dx: like x, dz_weights: (P,), dpool_weights: (2,),
+// didentity_weight: 0-dim (0 when identity_weight is nullptr), of dtype dt, all fully
+// written. The max-pool gradient goes to the first maximum of each window.
+size_t mixed_sum_bwd_workspace_bytes(DType dt, int64_t B, int64_t n, int64_t H, int64_t W, int stride, int P);
+int mixed_sum_bwd(DType dt, const void* grad, const void* const* z, int P, const void* x, const void* z_weights,
+                  const void* pool_weights, const void* identity_weight, const void* mean, const void* var,
+                  int64_t B, int64_t n, int64_t H, int64_t W, int stride, double eps, int training,
+                  void* const* dz, void* dx, void* dz_weights, void* dpool_weights, void* didentity_weight,
+                  void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace adarts

@@ -1,16 +1,17 @@
 // CUDA kernels of adarts_C::mixed_sum_fwd / mixed_sum_bwd.
 //
-// Specification: adarts_kernels/ops/reference.py (mixed_sum_weight_index, mixed_sum_pools,
-// mixed_sum_fwd, mixed_sum_bwd); the same formulas as the CPU kernel
-// (csrc/cpu/mixed_sum_kernel.cpp). x (B, n, H, W); z: P planes-stacks (B, n, Ho, Wo), Ho = H/s,
-// Wo = W/s; Q = P + 2; u_0 = maxpool3x3(x), u_1 = avgpool3x3(x) (padding 1, mean over the
-// in-bounds cells), u_{2+i} = z[i]; o = (1, 2, 4, 5, 6, 7) at s = 1, (1, ..., 7) at s = 2:
+// Specification: adarts_kernels/ops/reference.py (mixed_sum_pools, mixed_sum_fwd,
+// mixed_sum_bwd); the same formulas as the CPU kernel (csrc/cpu/mixed_sum_kernel.cpp).
+// x (B, n, H, W); z: P planes-stacks (B, n, Ho, Wo), Ho = H/s, Wo = W/s, 0 <= P <= kMaxZ;
+// Q = P + 2; u_0 = maxpool3x3(x), u_1 = avgpool3x3(x) (padding 1, mean over the in-bounds
+// cells), u_{2+i} = z[i]; v = (pool_weights[0], pool_weights[1], z_weights[0], ...); wi the
+// identity weight when its pointer is non-null (stride 1 only):
 //
 //   forward   r_q = 1 / sqrt(var_q + eps),  uh_q = (u_q - mean_q) * r_q,
-//             y = sum_q w[o_q] * uh_q (+ w[3] * x at s = 1)
-//   backward  dw[o_q] = sum(g * uh_q), dw[3] = sum(g * x) at s = 1, dw[0] = 0
-//             du_q = w[o_q] r_q (g - mean_c(g) - uh_q mean_c(g uh_q))  (training; eval: w[o_q] r_q g)
-//             dz[i] = du_{2+i},  dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ w[3] g at s = 1)
+//             y = sum_q v_q * uh_q (+ wi * x)
+//   backward  dv_q = sum(g * uh_q) (dpool_weights, dz_weights), dwi = sum(g * x) (0 without wi)
+//             du_q = v_q r_q (g - mean_c(g) - uh_q mean_c(g uh_q))  (training; eval: v_q r_q g)
+//             dz[i] = du_{2+i},  dx = maxpool_bwd(du_0) + avgpool_bwd(du_1) (+ wi g)
 //
 // Pipeline (all on `stream`, no host synchronisation, no atomics: bitwise deterministic):
 //   forward   [training] stats_kernel: one group (warp or block) per (b, c) plane, per q the
@@ -21,7 +22,7 @@
 //             fwd_y_kernel: one thread per output element (pools recomputed from x).
 //   backward  rstd_kernel; bwd_partial_kernel: one group per plane, the Q + 2 plane sums
 //             [g, g uh_0 .. g uh_{Q-1}, g x]; [training] bwd_combine_kernel: channel means;
-//             dw_kernel: one block per entry of dw, planes added in a fixed order;
+//             dw_kernel: one block per weight (v_0 .. v_{Q-1}, wi), planes added in a fixed order;
 //             bwd_du_kernel: one thread per output: dz, and du_0, du_1 / count and the
 //             window position of the maximum into the workspace;
 //             bwd_dx_kernel: one thread per input element gathering the outputs whose window
@@ -55,10 +56,19 @@ struct Geom {
   int H, W, Ho, Wo;
   int64_t HWo;           // Ho * Wo
   int stride, P, Q;
+  int identity;          // 1: the identity term wi * x (stride 1)
 };
 
-// Column of w weighting u_q: (1, 2, 4, 5, 6, 7) at stride 1, (1, ..., 7) at stride 2.
-__device__ __forceinline__ int weight_index(int stride, int q) { return stride == 1 && q >= 2 ? q + 2 : q + 1; }
+// The weights of the terms: v_q = pool_weights[q] (q < 2), z_weights[q - 2] otherwise.
+template <typename T> struct Weights {
+  const T* pool;  // (2,)
+  const T* z;     // (P,)
+  const T* id;    // 0-dim, or nullptr without the identity term
+};
+template <typename T>
+__device__ __forceinline__ typename AccT<T>::type weight_of(const Weights<T>& w, int q) {
+  return to_acc(q < 2 ? w.pool[q] : w.z[q - 2]);
+}
 
 // Max-pool update: v replaces the maximum m when v > m or v is NaN (row-major visiting:
 // the first maximum, or the last NaN).
@@ -186,10 +196,10 @@ __global__ void rstd_kernel(const A* __restrict__ var, int64_t count, A eps, A* 
   if (t < count) rstd[t] = A(1) / acc_sqrt(var[t] + eps);
 }
 
-// One thread per output element (grid-stride): y = sum_q w[o_q] uh_q (+ w[3] x).
+// One thread per output element (grid-stride): y = sum_q v_q uh_q (+ wi x).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-fwd_y_kernel(const T* __restrict__ x, ZIn<T> z, const T* __restrict__ w, const typename AccT<T>::type* __restrict__ mean,
+fwd_y_kernel(const T* __restrict__ x, ZIn<T> z, Weights<T> w, const typename AccT<T>::type* __restrict__ mean,
              const typename AccT<T>::type* __restrict__ rstd, Geom g, T* __restrict__ y) {
   using A = typename AccT<T>::type;
   const int64_t total = g.planes * g.HWo;
@@ -202,21 +212,21 @@ fwd_y_kernel(const T* __restrict__ x, ZIn<T> z, const T* __restrict__ w, const t
     A mx, av;
     int arg, cells;
     pool_at(xp, g, oi, oj, mx, av, arg, cells);
-    A acc = to_acc(w[weight_index(g.stride, 0)]) * ((mx - mean[c]) * rstd[c]);
-    acc = acc + to_acc(w[weight_index(g.stride, 1)]) * ((av - mean[g.n + c]) * rstd[g.n + c]);
+    A acc = weight_of(w, 0) * ((mx - mean[c]) * rstd[c]);
+    acc = acc + weight_of(w, 1) * ((av - mean[g.n + c]) * rstd[g.n + c]);
 #pragma unroll
     for (int q = 2; q < kMaxQ; ++q) {
       if (q >= g.Q) break;
       const int64_t k = q * g.n + c;
-      acc = acc + to_acc(w[weight_index(g.stride, q)]) * ((to_acc(z.p[q - 2][e]) - mean[k]) * rstd[k]);
+      acc = acc + weight_of(w, q) * ((to_acc(z.p[q - 2][e]) - mean[k]) * rstd[k]);
     }
-    if (g.stride == 1) acc = acc + to_acc(w[3]) * to_acc(xp[p]);  // the identity (Ho x Wo == H x W)
+    if (g.identity) acc = acc + to_acc(*w.id) * to_acc(xp[p]);  // the identity (stride 1: Ho x Wo == H x W)
     y[e] = from_acc<T>(acc);
   }
 }
 
 // ------------------------------------------------------------------ backward
-// Per plane, K = Q + 2 sums: part[plane * K + k] = [g, g uh_0, ..., g uh_{Q-1}, g x (s = 1)].
+// Per plane, K = Q + 2 sums: part[plane * K + k] = [g, g uh_0, ..., g uh_{Q-1}, g x (identity)].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 bwd_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z,
@@ -251,7 +261,7 @@ bwd_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z
     for (int q = 2; q < kMaxQ; ++q) {
       if (q < g.Q) acc[1 + q] += gv * ((to_acc(z.p[q - 2][s.plane * g.HWo + p]) - mq[q]) * rq[q]);
     }
-    if (g.stride == 1) acc[kMaxQ + 1] += gv * to_acc(xp[p]);
+    if (g.identity) acc[kMaxQ + 1] += gv * to_acc(xp[p]);
   }
   const int K = g.Q + 2;
 #pragma unroll
@@ -278,35 +288,33 @@ __global__ void bwd_combine_kernel(const A* __restrict__ part, Geom g, A* __rest
   chan[t] = S / A(g.B * g.HWo);
 }
 
-// Column of the partials summed into dw[k], or -1 for dw[k] = 0.
-__device__ __forceinline__ int dw_column(int stride, int Q, int k) {
-  if (k == 0) return -1;
-  if (stride == 2) return k;                // q = k - 1, column 1 + q
-  if (k == 3) return Q + 1;                 // g x: the identity
-  return k < 3 ? k : k - 1;                 // q = k - 1 (k = 1, 2) or k - 2 (k = 4..7)
-}
-
-// Block k: dw[k] = sum over planes of its partial column (fixed order: deterministic).
+// Block k in [0, Q]: the gradient of v_k (k < Q: column 1 + k of the partials, into
+// dpool_weights[k] or dz_weights[k - 2]) or of wi (k = Q: column Q + 1, 0 without the
+// identity), summed over the planes in a fixed order (deterministic).
 template <typename T>
-__global__ void dw_kernel(const typename AccT<T>::type* __restrict__ part, Geom g, T* __restrict__ dw) {
+__global__ void dw_kernel(const typename AccT<T>::type* __restrict__ part, Geom g, T* __restrict__ dpool,
+                          T* __restrict__ dzw, T* __restrict__ did) {
   using A = typename AccT<T>::type;
   __shared__ A sh[32];
   const int k = blockIdx.x;
-  const int col = dw_column(g.stride, g.Q, k);
+  const int col = k < g.Q ? 1 + k : (g.identity ? g.Q + 1 : -1);
   const int64_t K = g.Q + 2;
   A v = A(0);
   if (col >= 0) {
     for (int64_t i = threadIdx.x; i < g.planes; i += blockDim.x) v += part[i * K + col];
   }
   v = block_sum(v, sh);
-  if (threadIdx.x == 0) dw[k] = from_acc<T>(v);
+  if (threadIdx.x == 0) {
+    T* out = k < 2 ? dpool + k : (k < g.Q ? dzw + (k - 2) : did);
+    *out = from_acc<T>(v);
+  }
 }
 
 // One thread per output element: dz[i] = du_{2+i}; du0 = du_0, du1 = du_1 / cells and the
 // flat position of the window maximum into the workspace (for bwd_dx_kernel).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, const T* __restrict__ w,
+bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, Weights<T> w,
               const typename AccT<T>::type* __restrict__ mean, const typename AccT<T>::type* __restrict__ rstd,
               const typename AccT<T>::type* __restrict__ chan, Geom g, int training, ZOut<T> dz,
               typename AccT<T>::type* __restrict__ du0, typename AccT<T>::type* __restrict__ du1,
@@ -327,7 +335,7 @@ bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, con
     auto du = [&](int q, A u) -> A {
       const int64_t k = q * g.n + c;
       const A r = rstd[k];
-      const A coef = to_acc(w[weight_index(g.stride, q)]) * r;
+      const A coef = weight_of(w, q) * r;
       if (!training) return gv * coef;
       const A uh = (u - mean[k]) * r;
       return (gv - gm - uh * chan[(1 + q) * g.n + c]) * coef;
@@ -343,16 +351,16 @@ bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, con
 }
 
 // One thread per input element (grid-stride): the outputs whose window holds (ih, iw), in
-// row-major order: dx = sum du0 where it is the maximum + sum du1 (+ w[3] g at s = 1).
+// row-major order: dx = sum du0 where it is the maximum + sum du1 (+ wi g; wi nullptr: none).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ w, const typename AccT<T>::type* __restrict__ du0,
+bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ wi, const typename AccT<T>::type* __restrict__ du0,
               const typename AccT<T>::type* __restrict__ du1, const int* __restrict__ argmax, Geom g,
               T* __restrict__ dx) {
   using A = typename AccT<T>::type;
   const int64_t HW = static_cast<int64_t>(g.H) * g.W;
   const int64_t total = g.planes * HW;
-  const A w3 = to_acc(w[3]);
+  const A w_id = wi != nullptr ? to_acc(*wi) : A(0);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t plane = e / HW;
@@ -371,15 +379,16 @@ bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ w, const typenam
       }
     }
     A v = dmax + davg;
-    if (g.stride == 1) v = v + w3 * to_acc(grad[e]);  // the identity (grad plane == x plane)
+    if (wi != nullptr) v = v + w_id * to_acc(grad[e]);  // the identity (stride 1: grad plane == x plane)
     dx[e] = from_acc<T>(v);
   }
 }
 
 // ------------------------------------------------------------------ host side
-inline bool make_geom(int64_t B, int64_t n, int64_t H, int64_t W, int stride, Geom& g) {
+inline bool make_geom(int64_t B, int64_t n, int64_t H, int64_t W, int stride, int P, bool identity, Geom& g) {
   if (B < 0 || n < 0 || H < 1 || W < 1 || H * W > kMaxPlane || (stride != 1 && stride != 2)) return false;
   if (stride == 2 && (H % 2 != 0 || W % 2 != 0)) return false;
+  if (P < 0 || P > kMaxZ || (identity && stride != 1)) return false;
   g.B = B;
   g.n = n;
   g.planes = B * n;
@@ -389,8 +398,9 @@ inline bool make_geom(int64_t B, int64_t n, int64_t H, int64_t W, int stride, Ge
   g.Wo = static_cast<int>(W / stride);
   g.HWo = static_cast<int64_t>(g.Ho) * g.Wo;
   g.stride = stride;
-  g.P = stride == 1 ? 4 : 5;
-  g.Q = g.P + 2;
+  g.P = P;
+  g.Q = P + 2;
+  g.identity = identity ? 1 : 0;
   return true;
 }
 
@@ -425,12 +435,12 @@ inline size_t bwd_ws_bytes(size_t acc, int64_t planes, int64_t n, int64_t HWo, i
 }
 
 template <typename T>
-int mixed_fwd_impl(const void* const* z, const T* x, const T* w, int64_t B, int64_t n, int64_t H, int64_t W,
-                   int stride, double eps, int training, typename AccT<T>::type* mean,
+int mixed_fwd_impl(const void* const* z, int P, const T* x, Weights<T> w, int64_t B, int64_t n, int64_t H,
+                   int64_t W, int stride, double eps, int training, typename AccT<T>::type* mean,
                    typename AccT<T>::type* var, T* y, void* workspace, cudaStream_t stream) {
   using A = typename AccT<T>::type;
   Geom g;
-  if (!make_geom(B, n, H, W, stride, g)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!make_geom(B, n, H, W, stride, P, w.id != nullptr, g)) return static_cast<int>(cudaErrorInvalidValue);
   ZIn<T> zin{};
   for (int k = 0; k < g.P; ++k) zin.p[k] = static_cast<const T*>(z[k]);
   Carve cv{static_cast<char*>(workspace)};
@@ -460,12 +470,13 @@ int mixed_fwd_impl(const void* const* z, const T* x, const T* w, int64_t B, int6
 }
 
 template <typename T>
-int mixed_bwd_impl(const T* grad, const void* const* z, const T* x, const T* w, const typename AccT<T>::type* mean,
-                   const typename AccT<T>::type* var, int64_t B, int64_t n, int64_t H, int64_t W, int stride,
-                   double eps, int training, void* const* dz, T* dx, T* dw, void* workspace, cudaStream_t stream) {
+int mixed_bwd_impl(const T* grad, const void* const* z, int P, const T* x, Weights<T> w,
+                   const typename AccT<T>::type* mean, const typename AccT<T>::type* var, int64_t B, int64_t n,
+                   int64_t H, int64_t W, int stride, double eps, int training, void* const* dz, T* dx, T* dzw,
+                   T* dpool, T* did, void* workspace, cudaStream_t stream) {
   using A = typename AccT<T>::type;
   Geom g;
-  if (!make_geom(B, n, H, W, stride, g)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!make_geom(B, n, H, W, stride, P, w.id != nullptr, g)) return static_cast<int>(cudaErrorInvalidValue);
   ZIn<T> zin{};
   ZOut<T> dzo{};
   for (int k = 0; k < g.P; ++k) {
@@ -496,7 +507,8 @@ int mixed_bwd_impl(const T* grad, const void* const* z, const T* x, const T* w, 
       ADARTS_LAUNCH_CHECK();
     }
   }
-  dw_kernel<T><<<8, kThreads, 0, stream>>>(part, g, dw);  // written even when there are no planes (zeros)
+  // Q + 1 gradients, written even when there are no planes (zeros)
+  dw_kernel<T><<<g.Q + 1, kThreads, 0, stream>>>(part, g, dpool, dzw, did);
   ADARTS_LAUNCH_CHECK();
   const int64_t total = g.planes * g.HWo;
   if (total > 0) {
@@ -504,7 +516,7 @@ int mixed_bwd_impl(const T* grad, const void* const* z, const T* x, const T* w, 
                                                                          training, dzo, du0, du1, argmax);
     ADARTS_LAUNCH_CHECK();
     const int64_t inputs = g.planes * static_cast<int64_t>(g.H) * g.W;
-    bwd_dx_kernel<T><<<elementwise_blocks(inputs), kThreads, 0, stream>>>(grad, w, du0, du1, argmax, g, dx);
+    bwd_dx_kernel<T><<<elementwise_blocks(inputs), kThreads, 0, stream>>>(grad, w.id, du0, du1, argmax, g, dx);
     ADARTS_LAUNCH_CHECK();
   }
   return 0;
@@ -512,36 +524,43 @@ int mixed_bwd_impl(const T* grad, const void* const* z, const T* x, const T* w, 
 
 }  // namespace
 
-size_t mixed_sum_fwd_workspace_bytes(DType dt, int64_t B, int64_t n, int stride) {
-  return fwd_ws_bytes(acc_size(dt), B * n, n, (stride == 1 ? 4 : 5) + 2);
+size_t mixed_sum_fwd_workspace_bytes(DType dt, int64_t B, int64_t n, int P) {
+  return fwd_ws_bytes(acc_size(dt), B * n, n, P + 2);
 }
 
-size_t mixed_sum_bwd_workspace_bytes(DType dt, int64_t B, int64_t n, int64_t H, int64_t W, int stride) {
+size_t mixed_sum_bwd_workspace_bytes(DType dt, int64_t B, int64_t n, int64_t H, int64_t W, int stride, int P) {
   const int64_t s = stride == 2 ? 2 : 1;
-  return bwd_ws_bytes(acc_size(dt), B * n, n, (H / s) * (W / s), (stride == 1 ? 4 : 5) + 2);
+  return bwd_ws_bytes(acc_size(dt), B * n, n, (H / s) * (W / s), P + 2);
 }
 
-int mixed_sum_fwd(DType dt, const void* const* z, const void* x, const void* w, int64_t B, int64_t n, int64_t H,
-                  int64_t W, int stride, double eps, int training, void* mean, void* var, void* y, void* workspace,
+int mixed_sum_fwd(DType dt, const void* const* z, int P, const void* x, const void* z_weights,
+                  const void* pool_weights, const void* identity_weight, int64_t B, int64_t n, int64_t H, int64_t W,
+                  int stride, double eps, int training, void* mean, void* var, void* y, void* workspace,
                   cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = typename AccT<T>::type;
-    return mixed_fwd_impl<T>(z, static_cast<const T*>(x), static_cast<const T*>(w), B, n, H, W, stride, eps,
-                             training, static_cast<A*>(mean), static_cast<A*>(var), static_cast<T*>(y), workspace,
-                             stream);
+    const Weights<T> w{static_cast<const T*>(pool_weights), static_cast<const T*>(z_weights),
+                       static_cast<const T*>(identity_weight)};
+    return mixed_fwd_impl<T>(z, P, static_cast<const T*>(x), w, B, n, H, W, stride, eps, training,
+                             static_cast<A*>(mean), static_cast<A*>(var), static_cast<T*>(y), workspace, stream);
   });
 }
 
-int mixed_sum_bwd(DType dt, const void* grad, const void* const* z, const void* x, const void* w, const void* mean,
-                  const void* var, int64_t B, int64_t n, int64_t H, int64_t W, int stride, double eps, int training,
-                  void* const* dz, void* dx, void* dw, void* workspace, cudaStream_t stream) {
+int mixed_sum_bwd(DType dt, const void* grad, const void* const* z, int P, const void* x, const void* z_weights,
+                  const void* pool_weights, const void* identity_weight, const void* mean, const void* var,
+                  int64_t B, int64_t n, int64_t H, int64_t W, int stride, double eps, int training,
+                  void* const* dz, void* dx, void* dz_weights, void* dpool_weights, void* didentity_weight,
+                  void* workspace, cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = typename AccT<T>::type;
-    return mixed_bwd_impl<T>(static_cast<const T*>(grad), z, static_cast<const T*>(x), static_cast<const T*>(w),
+    const Weights<T> w{static_cast<const T*>(pool_weights), static_cast<const T*>(z_weights),
+                       static_cast<const T*>(identity_weight)};
+    return mixed_bwd_impl<T>(static_cast<const T*>(grad), z, P, static_cast<const T*>(x), w,
                              static_cast<const A*>(mean), static_cast<const A*>(var), B, n, H, W, stride, eps,
-                             training, dz, static_cast<T*>(dx), static_cast<T*>(dw), workspace, stream);
+                             training, dz, static_cast<T*>(dx), static_cast<T*>(dz_weights),
+                             static_cast<T*>(dpool_weights), static_cast<T*>(didentity_weight), workspace, stream);
   });
 }
 
