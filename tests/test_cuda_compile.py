@@ -3,7 +3,7 @@
 - each ``csrc/cuda/*.cu`` compiles with ``nvcc -c -std=c++17 -arch=sm_90 -O2`` and defines
   every launcher that ``csrc/cuda/kernels.h`` declares;
 - ``kernels.h`` is plain C++ (the torch binding includes it without nvcc);
-- every torch binding ``csrc/cuda/*.cpp`` (``<op>_binding.cpp``, ``bindings.cpp``) type-checks
+- every torch binding ``csrc/cuda/*.cpp`` (``<op>_binding.cpp``) type-checks
   against the installed torch headers with ``-DWITH_CUDA`` (when the CUDA runtime headers are
   found next to nvcc).
 
@@ -92,7 +92,7 @@ def test_every_kernel_source_is_compiled():
                  "mixed_sum_kernel.cu"):
         assert name in CU_FILES, (name, CU_FILES)
     for name in ("attention_score_binding.cpp", "attention_gather_binding.cpp", "attention_writeback_binding.cpp",
-                 "bindings.cpp"):
+                 "mixed_sum_binding.cpp"):
         assert name in BINDING_FILES, (name, BINDING_FILES)
 
 

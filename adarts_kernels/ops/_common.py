@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as R
+
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -63,30 +63,3 @@ def contiguous(*ts):
             return [u.contiguous() for u in t]
         return t
     return [one(t) for t in ts]
-
-
-# ``_device_type`` and ``run`` are kept for ``ops/mixed_sum.py`` until it dispatches with
-# plain calls like the attention ops (``ops/attention_*.py``); removed then.
-
-def _device_type(args) -> str:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            return a[0].device.type
-    return "cpu"
-
-
-def run(name: str, impl: str, *args):
-    """Call ``name`` (``"mixed_sum_fwd"`` or ``"mixed_sum_bwd"``) of backend ``impl``, with
-    autocast off (the ops accumulate in float32 themselves)."""
-    with torch.autocast(_device_type(args), enabled=False):
-        if impl == "reference":
-            return getattr(R, name)(*args)
-        args = contiguous(*args)
-        if impl in ("cpp", "cuda"):
-            return getattr(torch.ops.adarts_C, name)(*args)
-        if impl == "triton":
-            from ..triton import mixed_sum as triton_mixed_sum
-            return getattr(triton_mixed_sum, name)(*args)
-    raise ValueError(f"unknown backend {impl!r}")

@@ -9,7 +9,11 @@ One module per op, imported directly by its caller (``adarts_kernels.ops.<op>``)
     adarts_kernels.triton.attention_writeback:  attention_writeback_fwd(x, a, idx, y, beta, stride) -> out
                                                 attention_writeback_bwd(grad, x, a, idx, y, beta, stride)
                                                     -> (dx, da, dy, dbeta)
-    adarts_kernels.triton.mixed_sum:            mixed_sum_fwd / mixed_sum_bwd
+    adarts_kernels.triton.mixed_sum:            mixed_sum_fwd(z, x, z_weights, pool_weights, identity_weight, stride,
+                                                              eps, run_mean, run_var) -> (y, mean, var)
+                                                mixed_sum_bwd(grad, z, x, z_weights, pool_weights, identity_weight,
+                                                              mean, var, stride, eps, training)
+                                                    -> (dz, dx, dz_weights, dpool_weights, didentity_weight)
 
 The launchers take and return torch tensors with exactly the signatures and return values
 of the plain-PyTorch reference (:mod:`adarts_kernels.ops.reference`, the contract). Their
@@ -28,14 +32,7 @@ from __future__ import annotations
 
 import os
 
-# Kept for mixed_sum.py, which imports these names from the package until it imports _common.
-from ._common import acc_dtype as _acc_dtype  # noqa: F401
-from ._common import acc_torch as _acc_torch  # noqa: F401
-from ._common import block_hw as _block_hw  # noqa: F401
-from ._common import empty as _empty  # noqa: F401
-from ._common import import_triton as _import_triton
-from ._common import num_warps as _num_warps  # noqa: F401
-from ._common import require as _require  # noqa: F401
+from ._common import import_triton
 
 __all__ = ["HAS_TRITON", "TRITON_ERROR", "POISON_OUTPUTS"]
 
@@ -44,9 +41,9 @@ POISON_OUTPUTS = os.environ.get("ADARTS_TRITON_POISON", "") == "1"
 
 def __getattr__(name):
     if name == "HAS_TRITON":
-        return _import_triton()[2] is None
+        return import_triton()[2] is None
     if name == "TRITON_ERROR":
-        return _import_triton()[2]
+        return import_triton()[2]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -41,9 +41,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
-from . import _acc_dtype, _acc_torch, _block_hw, _empty, _import_triton, _num_warps, _require
+from ._common import acc_dtype, acc_torch, block_hw, empty, import_triton, num_warps, require
 
-triton, tl, _ = _import_triton()
+triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
 
@@ -503,7 +503,7 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
     :func:`_mixed_sum_stats_kernel` plus a torch merge over the batch, ``y`` by
     :func:`_mixed_sum_fwd_kernel`."""
     op = "mixed_sum_fwd"
-    _require(op)
+    require(op)
     HO, WO = _check(op, z, x, z_weights, pool_weights, identity_weight, stride)
     if (run_mean is None) != (run_var is None):
         raise ValueError(f"adarts {op}: give both run_mean and run_var, or neither")
@@ -511,18 +511,18 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
     z = [t.contiguous() for t in z]
     B, n, H, W = x.shape
     Q = len(z) + 2
-    acc = _acc_torch(x.dtype)
+    acc = acc_torch(x.dtype)
     HWO = HO * WO
     if run_mean is None:
         if B * n * HWO == 0:      # empty batch statistics (NaN), nothing to launch for
             from ..ops.reference import mixed_sum_fwd as ref
             return ref(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var)
-        pmean = _empty((Q, n, B), acc, x.device)
-        pm2 = _empty((Q, n, B), acc, x.device)
-        block = _block_hw(HWO)
+        pmean = empty((Q, n, B), acc, x.device)
+        pm2 = empty((Q, n, B), acc, x.device)
+        block = block_hw(HWO)
         _mixed_sum_stats_kernel[(n, B)](
             x, *_z_ptrs(z, x), pmean, pm2, n, B, H, W, HO, WO,
-            STRIDE=stride, NZ=len(z), ACC_DTYPE=_acc_dtype(x.dtype), BLOCK=block, num_warps=_num_warps(block))
+            STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block, num_warps=num_warps(block))
         mean = pmean.mean(dim=2)
         var = (pm2.sum(dim=2) + HWO * (pmean - mean[:, :, None]).square().sum(dim=2)) / (B * HWO)
     else:
@@ -530,16 +530,16 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
             raise ValueError(f"adarts {op}: run_mean and run_var must be (Q, n)={(Q, n)}, "
                              f"got {tuple(run_mean.shape)} and {tuple(run_var.shape)}")
         mean, var = _acc_stats(run_mean).clone(), _acc_stats(run_var).clone()
-    y = _empty((B, n, HO, WO), x.dtype, x.device)
+    y = empty((B, n, HO, WO), x.dtype, x.device)
     if B * n * HWO == 0:
         return y, mean, var
     rstd = torch.rsqrt(var + eps).to(acc)
     prm = torch.stack([mean.to(acc), _coef(z_weights, pool_weights, rstd)]).contiguous()      # (2, Q, n)
-    block = _block_hw(HWO, hi=512)
+    block = block_hw(HWO, hi=512)
     _mixed_sum_fwd_kernel[(B * n, triton.cdiv(HWO, block))](
         x, *_z_ptrs(z, x), prm, _identity_arg(identity_weight, acc, prm), y, n, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), HAS_IDENTITY=identity_weight is not None, ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK=block, num_warps=_num_warps(block))
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=identity_weight is not None, ACC_DTYPE=acc_dtype(x.dtype),
+        BLOCK=block, num_warps=num_warps(block))
     return y, mean, var
 
 
@@ -559,7 +559,7 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     torch), then :func:`_mixed_sum_bwd_dz_kernel` and :func:`_mixed_sum_bwd_dx_kernel`.
     """
     op = "mixed_sum_bwd"
-    _require(op)
+    require(op)
     HO, WO = _check(op, z, x, z_weights, pool_weights, identity_weight, stride)
     B, n, H, W = x.shape
     Q = len(z) + 2
@@ -572,11 +572,11 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
                          f"got {tuple(mean.shape)} and {tuple(var.shape)}")
     grad, x = grad.contiguous(), x.contiguous()
     z = [t.contiguous() for t in z]
-    acc = _acc_torch(x.dtype)
+    acc = acc_torch(x.dtype)
     HWO = HO * WO
     id_dtype = identity_weight.dtype if has_id else pool_weights.dtype
-    dz = [_empty(t.shape, t.dtype, t.device) for t in z]
-    dx = _empty((B, n, H, W), x.dtype, x.device)
+    dz = [empty(t.shape, t.dtype, t.device) for t in z]
+    dx = empty((B, n, H, W), x.dtype, x.device)
     if B * n * HWO == 0:
         for t in dz:
             t.zero_()
@@ -586,13 +586,13 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     rstd = torch.rsqrt(var + eps).to(acc)
     mean_a = mean.to(acc).contiguous()
     rows = Q + 1 + int(has_id)
-    part = _empty((rows, n, B), acc, x.device)
-    block = _block_hw(HWO)
-    acc_tl = _acc_dtype(x.dtype)
+    part = empty((rows, n, B), acc, x.device)
+    block = block_hw(HWO)
+    acc_tl = acc_dtype(x.dtype)
     zp = _z_ptrs(z, x)
     _mixed_sum_bwd_reduce_kernel[(n, B)](
         grad, x, *zp, mean_a, part, n, B, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, num_warps=num_warps(block))
     sums = part.sum(dim=2)                          # (rows, n)
     s_gu = sums[1:Q + 1] * rstd                     # (Q, n): per-channel sum(g * uh_q)
     dv = s_gu.sum(dim=1)                            # (Q,): the gradients of v
@@ -603,14 +603,14 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     gum = s_gu / N
     prm = torch.stack([mean_a, rstd, coef, gum]).contiguous()                  # (4, Q, n)
     dzp = _z_ptrs(dz, dx)
-    block = _block_hw(HWO, hi=512)
+    block = block_hw(HWO, hi=512)
     _mixed_sum_bwd_dz_kernel[(B * n, triton.cdiv(HWO, block))](
         grad, *zp, prm, gm, *dzp, n, HWO,
-        NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=_num_warps(block))
-    block = _block_hw(H * W, hi=256)
+        NZ=len(z), TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block, num_warps=num_warps(block))
+    block = block_hw(H * W, hi=256)
     _mixed_sum_bwd_dx_kernel[(B * n, triton.cdiv(H * W, block))](
         grad, x, prm, gm, _identity_arg(identity_weight, acc, prm), dx, n, H, W, HO, WO,
         STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
-        num_warps=_num_warps(block))
+        num_warps=num_warps(block))
     return (dz, dx, dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True),
             did.to(id_dtype))

@@ -48,7 +48,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../validate_mixed_sum.h"
+#include "../validate.h"
+#include "reduce.h"
 
 namespace adarts {
 namespace {
@@ -68,26 +69,6 @@ inline int64_t win_hi(int64_t o, int64_t s, int64_t L) { return std::min<int64_t
 template <typename acc_t>
 inline bool takes(acc_t v, acc_t m) {
   return v > m || v != v;
-}
-
-// blocked_sum (checks.h) with the eight lanes written as an inner loop that the compiler
-// vectorises: the same lanes (term i goes to lane i % 8), blocks and order, hence the same
-// bits. f(i) must be free of side effects.
-template <typename acc_t, typename F>
-inline acc_t lane_sum(int64_t n, F&& f) {
-  constexpr int64_t kBlock = 512;
-  acc_t total = acc_t(0);
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = n < start + kBlock ? n : start + kBlock;
-    acc_t lane[8] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    int64_t i = start;
-    for (; i + 8 <= end; i += 8) {
-      for (int j = 0; j < 8; ++j) lane[j] += f(i + j);
-    }
-    for (; i < end; ++i) lane[i & 7] += f(i);
-    total += ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-  }
-  return total;
 }
 
 // Per-thread scratch of the pools of one plane.
@@ -190,9 +171,9 @@ void pool_plane(const scalar_t* xp, const Dims& d, PoolScratch<acc_t>& ps, acc_t
 // (sum, sum of squared deviations about the plane mean) of n values u[0..n).
 template <typename acc_t, typename T>
 inline void plane_moments(const T* u, int64_t n, acc_t& sum, acc_t& m2) {
-  sum = lane_sum<acc_t>(n, [&](int64_t p) { return static_cast<acc_t>(u[p]); });
+  sum = blocked_sum<acc_t>(n, [&](int64_t p) { return static_cast<acc_t>(u[p]); });
   const acc_t m = sum / static_cast<acc_t>(n);
-  m2 = lane_sum<acc_t>(n, [&](int64_t p) {
+  m2 = blocked_sum<acc_t>(n, [&](int64_t p) {
     const acc_t dv = static_cast<acc_t>(u[p]) - m;
     return dv * dv;
   });
@@ -201,7 +182,7 @@ inline void plane_moments(const T* u, int64_t n, acc_t& sum, acc_t& m2) {
 // sum_p g[p] * ((u[p] - m) * r)
 template <typename acc_t, typename T>
 inline acc_t dot_normalised(const acc_t* g, const T* u, int64_t n, acc_t m, acc_t r) {
-  return lane_sum<acc_t>(n, [&](int64_t p) { return g[p] * ((static_cast<acc_t>(u[p]) - m) * r); });
+  return blocked_sum<acc_t>(n, [&](int64_t p) { return g[p] * ((static_cast<acc_t>(u[p]) - m) * r); });
 }
 
 // Per-(q, c) normalisation: mean, r = 1 / sqrt(var + eps), and the weights.
@@ -383,14 +364,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
         for (int64_t p = 0; p < HWo; ++p) g[p] = static_cast<acc_t>(gs[p]);
         pool_plane<scalar_t, acc_t, false>(xp + i * HW, d, ps, mx.data(), av.data(), nullptr);
         acc_t* pt = part.data() + i * K;
-        pt[0] = lane_sum<acc_t>(HWo, [&](int64_t p) { return g[p]; });
+        pt[0] = blocked_sum<acc_t>(HWo, [&](int64_t p) { return g[p]; });
         pt[1] = dot_normalised(g.data(), mx.data(), HWo, nm.mean[c], nm.rstd[c]);
         pt[2] = dot_normalised(g.data(), av.data(), HWo, nm.mean[d.n + c], nm.rstd[d.n + c]);
         for (int64_t q = 2; q < Q; ++q)
           pt[1 + q] = dot_normalised(g.data(), zp[q - 2] + i * HWo, HWo, nm.mean[q * d.n + c], nm.rstd[q * d.n + c]);
         if (d.identity) {
           const scalar_t* xs = xp + i * HW;
-          pt[Q + 1] = lane_sum<acc_t>(HWo, [&](int64_t p) { return g[p] * static_cast<acc_t>(xs[p]); });
+          pt[Q + 1] = blocked_sum<acc_t>(HWo, [&](int64_t p) { return g[p] * static_cast<acc_t>(xs[p]); });
         }
       }
     });

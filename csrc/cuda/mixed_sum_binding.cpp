@@ -3,7 +3,7 @@
 // (kernels.h). The attention ops' bindings are csrc/cuda/attention_*_binding.cpp; the helpers
 // they all share are csrc/cuda/binding.h.
 //
-// The checks are the CPU kernel's (csrc/validate_mixed_sum.h), called with
+// The checks are the CPU kernel's (csrc/validate.h), called with
 // c10::DeviceType::CUDA, plus the 32-bit size limits of the CUDA kernels.
 //
 // Compiled only into a CUDA build of the extension (WITH_CUDA defined, torch built with
@@ -22,7 +22,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../validate_mixed_sum.h"
+#include "../validate.h"
 #include "binding.h"
 
 namespace adarts {
