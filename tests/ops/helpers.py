@@ -214,11 +214,16 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def n_values(C: int, impl: str = "cpp") -> List[int]:
     """Selection sizes to try: 1, about C/4 and C (interpreted Triton: only the middle one
-    where C > 8, to stay fast)."""
+    where C > 4, to stay fast)."""
     vals = sorted({1, max(C // 4, 1), C})
-    if impl == "triton" and device_of(impl) == "cpu" and C > 8:
+    if interpreted(impl) and C > 4:
         return [max(C // 4, 1)]
     return vals
+
+
+def interpreted(impl: str) -> bool:
+    """``impl`` runs in Triton's interpreter here (slow: keep its cases few and tiny)."""
+    return impl == "triton" and device_of(impl) == "cpu"
 
 
 def score_weights(C: int, g: torch.Generator, dtype=torch.float32, device="cpu"):
