@@ -24,8 +24,8 @@ rc=$?
 log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.log | tee -a "$OUT/suite.log"
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
-log "tests (GPU-marked + ops on every backend)"
-timeout 90 $PY -m pytest -q -ra tests/test_cuda_kernels.py tests/test_gpu_supernet.py tests/test_ops.py \
+log "tests (ops on every backend, fused supernet; mixed_sum's CUDA tests until they move to tests/ops)"
+timeout 90 $PY -m pytest -q -ra tests/ops/ tests/test_gpu_supernet.py tests/test_cuda_kernels.py \
   tests/test_mixed_sum.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
 

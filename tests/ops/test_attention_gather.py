@@ -7,9 +7,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import (DTYPES, LAYOUTS, assert_close, attention_values, backend_cases, backend_params,
-                     check_outputs, device_of, entry, gen, kernel_call, laid_out, n_values, noncontig, rand_idx,
-                     randn)
+from helpers import (
+    DTYPES,
+    LAYOUTS,
+    assert_close,
+    attention_values,
+    backend_cases,
+    backend_params,
+    check_outputs,
+    device_of,
+    entry,
+    gen,
+    kernel_call,
+    laid_out,
+    n_values,
+    noncontig,
+    rand_idx,
+    randn,
+)
 
 from adarts_kernels.ops import attention_gather
 from adarts_kernels.ops import reference as R

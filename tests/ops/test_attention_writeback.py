@@ -9,9 +9,27 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import (DTYPES, LAYOUTS, assert_close, attention_values, backend_cases, backend_params,
-                     check_outputs, close, device_of, entry, gen, interpreted, kernel_call, laid_out, n_values,
-                     noncontig, rand_idx, randn, score_weights)
+from helpers import (
+    DTYPES,
+    LAYOUTS,
+    assert_close,
+    attention_values,
+    backend_cases,
+    backend_params,
+    check_outputs,
+    close,
+    device_of,
+    entry,
+    gen,
+    interpreted,
+    kernel_call,
+    laid_out,
+    n_values,
+    noncontig,
+    rand_idx,
+    randn,
+    score_weights,
+)
 
 from adarts_kernels.ops import attention_gather, attention_score, attention_writeback
 from adarts_kernels.ops import reference as R
@@ -54,7 +72,7 @@ def check_entry(impl, x, a, idx, y, beta, grad, stride, dtype, layout="contiguou
         ours = (dx, da, dy, dbeta)
     for o, t in zip(ours, (x, a, y, x)):
         assert o.dtype == t.dtype
-    ref_fn = lambda *t: R.attention_writeback_bwd(*t)[:len(ours)]   # noqa: E731
+    ref_fn = lambda *t: R.attention_writeback_bwd(*t)[:len(ours)]
     if nan:
         for i, (o, r) in enumerate(zip(ours, ref_fn(grad, *args))):
             close(o, r, dtype, f"grad[{i}]", scale=scales[i], equal_nan=True)
@@ -195,8 +213,8 @@ def test_gradcheck_float64(impl):
         x, a, idx, y, beta, _ = inputs(2, 4, 2, 4, 2, stride, torch.float64, dev, g)
         ins = tuple(t.requires_grad_() for t in (x, a, y, beta))
         assert torch.autograd.gradcheck(
-            lambda x, a, y, b: attention_writeback(x, a, idx, y, b, stride, impl=impl), ins,
-            fast_mode=impl == "triton")
+            lambda x, a, y, b, idx=idx, stride=stride: attention_writeback(x, a, idx, y, b, stride, impl=impl),
+            ins, fast_mode=impl == "triton")
 
 
 @pytest.mark.parametrize("impl", backend_params())
@@ -265,7 +283,7 @@ def test_edge_matches_reference(impl, stride):
 def test_bad_input_named():
     """The public op's checks (before any backend runs) name the op."""
     g = gen(9)
-    x, a, idx, y, beta, _ = inputs(2, 8, 4, 4, 2, 1, torch.float32, "cpu", g)
+    x, a, idx, y, _, _ = inputs(2, 8, 4, 4, 2, 1, torch.float32, "cpu", g)
     odd = randn((2, 8, 5, 4), g)
     with pytest.raises(ValueError, match="adarts attention_writeback: expected x of shape"):
         attention_writeback(x[0], a, idx, y)
