@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s): build the extension with CUDA kernels, run the GPU
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s: 150 build + 150 tests + 4 x 20 op benchmarks + 100 supernet): build the extension with CUDA kernels, run the GPU
 # tests (every backend against the reference, fused supernet, no host sync), run the op
 # benchmarks and the supernet comparison (peak memory, largest batch, step time).
 # Results land in $OUT (default benchmarks/results/device): suite.log, tests.log,
@@ -24,20 +24,19 @@ rc=$?
 log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.log | tee -a "$OUT/suite.log"
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
-log "tests (GPU-marked + ops on every backend)"
-timeout 90 $PY -m pytest -q -ra tests/test_cuda_kernels.py tests/test_gpu_supernet.py tests/test_ops.py \
-  tests/test_mixed_sum.py > "$OUT/tests.log" 2>&1
+log "tests (the GPU-marked cases: every op on the cuda and triton backends, fused supernet)"
+timeout 150 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
 
 for op in attention_score attention_gather attention_writeback mixed_sum; do
   log "bench $op"
-  timeout 25 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
+  timeout 20 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
   log "bench $op rc=$?"; tail -14 "$OUT/bench_$op.log" | tee -a "$OUT/suite.log"
 done
 rm -f "$OUT"/bench_*.log "$OUT"/bench_*.png
 
 log "supernet side by side (batch 64 and 256, largest batch)"
-timeout 140 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
+timeout 100 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
   --max-batch-variants pcdarts adarts-fused adarts-fused-recompute --out "$OUT" \
   > "$OUT/supernet.log" 2>&1
 log "supernet rc=$?"; tail -12 "$OUT/supernet.log" | tee -a "$OUT/suite.log"

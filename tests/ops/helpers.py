@@ -168,3 +168,127 @@ def assert_topk(idx: torch.Tensor, ref_idx: torch.Tensor, score: torch.Tensor, t
         return
     diff = (score[idx] - score[ref_idx]).abs().max().item()
     assert diff <= tol, f"top-k differs beyond near-ties: {idx.tolist()} vs {ref_idx.tolist()}"
+
+
+# attention ops
+
+def entry(impl: str, name: str):
+    """Backend ``impl``'s own entry point ``name`` (``"attention_gather_fwd"``...): the
+    reference function, ``torch.ops.adarts_C.<name>`` for cpp / cuda, or the Triton launcher
+    from its kernel module (``adarts_kernels.triton.attention_gather``...)."""
+    from adarts_kernels.ops import reference as R
+    if impl == "reference":
+        return getattr(R, name)
+    if impl in ("cpp", "cuda"):
+        return getattr(torch.ops.adarts_C, name)
+    if impl == "triton":
+        import importlib
+        module = importlib.import_module("adarts_kernels.triton." + name.rsplit("_", 1)[0])
+        return getattr(module, name)
+    raise ValueError(f"unknown backend {impl!r}")
+
+
+def backend_cases(cases) -> List:
+    """Like :func:`backend_params` for tests parametrised over ``impl`` and a case together
+    (one backend may need other shapes than another): ``cases`` holds ``(impl, case_id,
+    *values)``; each becomes ``pytest.param(impl, *values)``, ``gpu``-marked on CUDA."""
+    return [pytest.param(impl, *values, marks=[pytest.mark.gpu] if device_of(impl) == "cuda" else [],
+                         id=f"{impl}-{case_id}")
+            for impl, case_id, *values in cases]
+
+
+#: The layouts a backend's entry point takes beyond the contiguous one: Triton launchers
+#: accept strided tensors, the CUDA kernels have scalar paths for misaligned storage.
+LAYOUTS = {"reference": ("contiguous",), "cpp": ("contiguous",), "triton": ("contiguous", "noncontig"),
+           "cuda": ("contiguous", "misaligned")}
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (same values) contiguous, non-contiguous or at a misaligned storage offset."""
+    if layout == "noncontig":
+        return noncontig(t)
+    if layout == "misaligned":
+        return misaligned(t)
+    return t
+
+
+def n_values(C: int, impl: str = "cpp") -> List[int]:
+    """Selection sizes to try: 1, about C/4 and C (interpreted Triton: only the middle one
+    where C > 4, to stay fast)."""
+    vals = sorted({1, max(C // 4, 1), C})
+    if interpreted(impl) and C > 4:
+        return [max(C // 4, 1)]
+    return vals
+
+
+def interpreted(impl: str) -> bool:
+    """``impl`` runs in Triton's interpreter here (slow: keep its cases few and tiny)."""
+    return impl == "triton" and device_of(impl) == "cpu"
+
+
+def score_weights(C: int, g: torch.Generator, dtype=torch.float32, device="cpu"):
+    """The scoring MLP ``w1: (C // 2, C)``, ``w2: (C, C // 2)`` (at least one hidden unit),
+    scaled to keep the pre-activations of order one."""
+    R_ = max(C // 2, 1)
+    return randn((R_, C), g, dtype, device, scale=C ** -0.5), randn((C, R_), g, dtype, device, scale=R_ ** -0.5)
+
+
+class kernel_call:
+    """Around a direct call of a backend's entry point: outputs start poisoned (NaN), so an
+    element the kernel never writes fails the comparison (Triton: the launchers' own
+    ``POISON_OUTPUTS``; cpp / cuda: :func:`poison_heap` of blocks the size of ``like``), and on
+    ``cuda`` any host synchronisation inside raises."""
+
+    def __init__(self, impl: str, *like: torch.Tensor):
+        self.impl, self.like, self.inner, self.before = impl, like, None, None
+
+    def __enter__(self):
+        if self.impl == "triton":
+            import adarts_kernels.triton as tr
+            self.before, tr.POISON_OUTPUTS = tr.POISON_OUTPUTS, True
+            return self
+        poison_heap(*self.like)
+        if self.impl == "cuda":
+            from gpu_helpers import no_host_sync
+            self.inner = no_host_sync()
+            self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.impl == "triton":
+            import adarts_kernels.triton as tr
+            tr.POISON_OUTPUTS = self.before
+        if self.inner is not None:
+            self.inner.__exit__(*exc)
+        return False
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+          scale: float = 1.0, equal_nan: bool = False) -> None:
+    """:func:`assert_close` with the absolute tolerance times ``scale`` (sums of many terms)."""
+    if scale == 1.0 or not actual.is_floating_point():
+        return assert_close(actual, expected, dtype, what, equal_nan)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol * scale, equal_nan=equal_nan,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_outputs(ours, ref_fn, args, dtype: torch.dtype, what: str = "", scales=None) -> None:
+    """``ours`` (a tuple of tensors) against ``ref_fn(*args)``, the reference on the same
+    inputs: float64 / float32 within :data:`TOL` (absolute tolerance times ``scales[i]``);
+    bfloat16 / float16 by the 2x rule of :func:`assert_low_precision` against the reference
+    in float32 on the same rounded inputs."""
+    ref = tuple(ref_fn(*args))
+    assert len(ours) == len(ref), (what, len(ours), len(ref))
+    if dtype in LOW:
+        assert_low_precision(ours, ref, tuple(ref_fn(*upcast(list(args)))), dtype, what)
+        return
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        close(o, r, dtype, f"{what}[{i}]", scale=1.0 if scales is None else scales[i])
+
+
+def scores(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The channel scores ``a.sum(0)`` the top-k ranks, in float64 on the CPU."""
+    from adarts_kernels.ops import reference as R
+    return R.attention_score_fwd(x.double().cpu(), w1.double().cpu(), w2.double().cpu(), x.shape[1])[0].sum(0)

@@ -1,0 +1,67 @@
+"""Backend selection: the ``backends()`` report, ``ADARTS_KERNELS_IMPL``, ``auto``, and an
+explicit backend that cannot run (or does not exist) saying why."""
+import importlib
+import os
+
+import pytest
+import torch
+
+import adarts_kernels
+from adarts_kernels.backend import IMPLS, resolve
+from adarts_kernels.ops import attention_gather
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=g)
+    a = torch.rand(2, 8, generator=g) * 0.9 + 0.05
+    return x, a, torch.tensor([5, 1])
+
+
+def test_backends_report(monkeypatch):
+    info = adarts_kernels.backends()
+    assert set(info) == {"reference", "cpp", "cuda", "triton"}
+    assert info["reference"] == {"available": True, "reason": None}
+    for v in info.values():
+        assert v["available"] or isinstance(v["reason"], str) and v["reason"]
+    monkeypatch.setenv("ADARTS_KERNELS_IMPL", "reference")
+    assert resolve(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("ADARTS_KERNELS_IMPL", "nonsense")
+    with pytest.raises(ValueError, match="ADARTS_KERNELS_IMPL"):
+        resolve(None, torch.device("cpu"))
+    monkeypatch.delenv("ADARTS_KERNELS_IMPL")
+    assert resolve("auto", torch.device("cpu")) in ("cpp", "reference")
+    assert set(IMPLS) == {"auto", "reference", "cpp", "cuda", "triton"}
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    x, a, idx = _inputs()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+        attention_gather(x, a, idx, impl="cuda")
+
+
+def test_unknown_backend():
+    x, a, idx = _inputs()
+    with pytest.raises(ValueError, match="unknown backend"):
+        attention_gather(x, a, idx, impl="fpga")
+
+
+def test_triton_package_flags_and_launchers():
+    """``adarts_kernels.triton`` reports whether triton imports; each kernel module has its
+    launchers; ``POISON_OUTPUTS`` fills launcher-allocated buffers with NaN."""
+    import adarts_kernels.triton as tr
+    if not tr.HAS_TRITON:
+        if os.environ.get("ADARTS_REQUIRE_TRITON") == "1":
+            pytest.fail(f"triton does not import: {tr.TRITON_ERROR!r} [ADARTS_REQUIRE_TRITON=1]")
+        pytest.skip(f"triton does not import: {tr.TRITON_ERROR!r}")
+    assert tr.HAS_TRITON is True and tr.TRITON_ERROR is None
+    for op in ("attention_score", "attention_gather", "attention_writeback", "mixed_sum"):
+        module = importlib.import_module(f"adarts_kernels.triton.{op}")
+        for name in (f"{op}_fwd", f"{op}_bwd"):
+            assert callable(getattr(module, name))
+    before = tr.POISON_OUTPUTS
+    try:
+        tr.POISON_OUTPUTS = True
+        assert torch.isnan(tr._empty((3,), torch.float32, "cpu")).all()
+    finally:
+        tr.POISON_OUTPUTS = before
