@@ -152,7 +152,7 @@ def test_keep_holds_intermediates_same_gradients(stride):
         ws = [w.clone().requires_grad_() for w in ws0 + [wd, wp]]
         outs = SharedReluConvs.apply(u * 1.0, specs, keep, *ws[:5])
         z2, _, _ = BnReluDwPw.apply(outs[0], ws[5], ws[6], 1, 1, 1, True, None, None, 1e-5, keep)
-        nbytes = saved_activation_bytes(lambda: SharedReluConvs.apply(u * 1.0, specs, keep, *ws[:5]))
+        nbytes = saved_activation_bytes(lambda u=u, keep=keep, ws=ws: SharedReluConvs.apply(u * 1.0, specs, keep, *ws[:5]))
         (sum(o.square().sum() for o in outs[1:]) + z2.square().sum()).backward()
         res.append(([u.grad] + [w.grad for w in ws], nbytes))
     for a, b in zip(res[0][0], res[1][0]):
