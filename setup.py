@@ -10,9 +10,13 @@ package installs as pure Python and uses the plain-PyTorch reference ops.
 Environment:
     ADARTS_SKIP_EXT=1   do not build the extension (pure Python install)
     FORCE_CUDA=1        build the CUDA kernels even where no GPU is visible (needs a CUDA torch and nvcc)
+    ADARTS_DEBUG=1      keep the CUDA device asserts (release builds pass -DNDEBUG to nvcc, see
+                        csrc/cuda/nvcc_flags.py: a bad idx entry is then skipped by the kernels
+                        instead of killing the CUDA context)
     MAX_JOBS=N          parallel compile jobs (default: min(cores, RAM / 4 GB))
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -21,6 +25,14 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
+
+
+def load_nvcc_flags():
+    """csrc/cuda/nvcc_flags.py, the one list of nvcc flags (the compile test uses it too)."""
+    spec = importlib.util.spec_from_file_location("adarts_nvcc_flags", os.path.join(CSRC, "cuda", "nvcc_flags.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def read_version():
@@ -142,11 +154,15 @@ def extension_build():
     )
     cuda = cuda_sources(torch)
     if cuda:
+        nv = load_nvcc_flags()
+        debug = nv.debug_build()
+        if debug:
+            say("ADARTS_DEBUG=1: CUDA device asserts kept (no -DNDEBUG for nvcc)")
         ext = CUDAExtension(
             "adarts_kernels._C",
             sources + cuda,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nv.nvcc_flags(debug)},
             **common,
         )
         say(f"building CPU + CUDA extension ({kernels} kernels, {len(cuda)} CUDA sources), "

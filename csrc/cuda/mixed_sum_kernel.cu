@@ -23,10 +23,19 @@
 //   backward  rstd_kernel; bwd_partial_kernel: one group per plane, the Q + 2 plane sums
 //             [g, g uh_0 .. g uh_{Q-1}, g x]; [training] bwd_combine_kernel: channel means;
 //             dw_kernel: one block per weight (v_0 .. v_{Q-1}, wi), planes added in a fixed order;
-//             bwd_du_kernel: one thread per output: dz, and du_0, du_1 / count and the
-//             window position of the maximum into the workspace;
+//             bwd_du_kernel: one thread per output: dz, and du_1 / cells into the workspace;
 //             bwd_dx_kernel: one thread per input element gathering the outputs whose window
-//             holds it, in row-major output order (the order of the reference's scatter).
+//             holds it, in row-major output order (the order of the reference's scatter):
+//             du_1 / cells from the workspace, and du_0 of the windows whose first maximum is
+//             this element (decided from x, recomputed from the element's own value).
+// Backward workspace: one accumulation-type value per output element (du_1 / cells), 4 bytes
+// in float (8 in double); it held du_0, du_1 and the window argmax (12 bytes) before.
+// 3x3 pool evaluations per output element, backward: bwd_partial_kernel one (max and mean),
+// bwd_du_kernel one mean (the max is dead code there), bwd_dx_kernel the first-maximum test of
+// each window holding the element (up to 9 per output element, comparisons only, each ending
+// at the first cell that rules the element out). Before: two full pools (bwd_partial, bwd_du)
+// and no test; the test replaces the stored argmax (and du_0, which is du(0, x[element]) when
+// the element is the window maximum).
 // The max pool keeps the first maximum of each window in row-major order, a NaN counting as
 // the maximum (the window's last NaN), as F.max_pool2d. Accumulation in float (double for
 // double); the statistics are in that accumulation type.
@@ -99,6 +108,25 @@ __device__ __forceinline__ void pool_at(const T* __restrict__ xp, const Geom& g,
   arg = where;
 }
 
+// Whether the element at flat plane index at, of value v (the accumulation type), is the window
+// maximum pool_at reports for output (oi, oj): every cell before it in row-major order is
+// replaced by it (takes(v, c)), and no later cell replaces it (!takes(c, v)). The same rule
+// as pool_at's scan (first maximum, or the last NaN), decided without the running maximum.
+template <typename T, typename A>
+__device__ __forceinline__ bool is_window_max(const T* __restrict__ xp, const Geom& g, int oi, int oj, int at, A v) {
+  const int r0 = max(g.stride * oi - 1, 0), r1 = min(g.stride * oi + 2, g.H);
+  const int c0 = max(g.stride * oj - 1, 0), c1 = min(g.stride * oj + 2, g.W);
+  for (int r = r0; r < r1; ++r) {
+    for (int c = c0; c < c1; ++c) {
+      const int pos = r * g.W + c;
+      if (pos == at) continue;
+      const A u = to_acc(xp[pos]);
+      if (pos < at ? !takes(v, u) : takes(u, v)) return false;
+    }
+  }
+  return true;
+}
+
 template <typename A> __device__ __forceinline__ A group_sum(A v, int warp_mode, A* sh) {
   return warp_mode ? warp_sum(v) : block_sum(v, sh);
 }
@@ -115,36 +143,35 @@ stats_kernel(const T* __restrict__ x, ZIn<T> z, Geom g, int warp_mode, typename 
   if (!plane_span(g.planes, g.HWo, warp_mode, g.HWo, s)) return;
   const T* xp = x + s.plane * static_cast<int64_t>(g.H) * g.W;
   const A hwo = A(g.HWo);
-  // the two pools together: sums, then squared deviations (pools recomputed)
-  A s0 = A(0), s1 = A(0);
-  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
-    const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
-    A mx, av;
-    int arg, cells;
-    pool_at(xp, g, oi, oj, mx, av, arg, cells);
-    s0 += mx;
-    s1 += av;
-  }
-  s0 = group_sum(s0, warp_mode, sh);
-  s1 = group_sum(s1, warp_mode, sh);
-  const A m0 = s0 / hwo, m1 = s1 / hwo;
-  A v0 = A(0), v1 = A(0);
-  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
-    const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
-    A mx, av;
-    int arg, cells;
-    pool_at(xp, g, oi, oj, mx, av, arg, cells);
-    const A d0 = mx - m0, d1 = av - m1;
-    v0 += d0 * d0;
-    v1 += d1 * d1;
-  }
-  v0 = group_sum(v0, warp_mode, sh);
-  v1 = group_sum(v1, warp_mode, sh);
-  if (s.rank == 0) {
-    part_sum[s.plane * g.Q] = s0;
-    part_m2[s.plane * g.Q] = v0;
-    part_sum[s.plane * g.Q + 1] = s1;
-    part_m2[s.plane * g.Q + 1] = v1;
+  // Per pool (q = 0 max, 1 mean): the sum, then the squared deviations, pools recomputed in
+  // each pass. One pool per pass, its results stored at once: with both pools in one pass,
+  // the double division of the mean pool (a subroutine call) spilled registers in double.
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    A sq = A(0);
+    for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+      const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
+      A mx, av;
+      int arg, cells;
+      pool_at(xp, g, oi, oj, mx, av, arg, cells);
+      sq += q == 0 ? mx : av;
+    }
+    sq = group_sum(sq, warp_mode, sh);
+    const A m = sq / hwo;
+    A vq = A(0);
+    for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+      const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
+      A mx, av;
+      int arg, cells;
+      pool_at(xp, g, oi, oj, mx, av, arg, cells);
+      const A d = (q == 0 ? mx : av) - m;
+      vq += d * d;
+    }
+    vq = group_sum(vq, warp_mode, sh);
+    if (s.rank == 0) {
+      part_sum[s.plane * g.Q + q] = sq;
+      part_m2[s.plane * g.Q + q] = vq;
+    }
   }
 #pragma unroll
   for (int q = 2; q < kMaxQ; ++q) {
@@ -248,6 +275,9 @@ bwd_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z
   }
 #pragma unroll
   for (int k = 0; k < kMaxQ + 2; ++k) acc[k] = A(0);
+  // Two passes over the plane, each accumulator in the same order as one pass would: the
+  // pools (whose double division is a subroutine call) with few values live, then the z
+  // terms and the identity. One pass spilled registers in double.
   for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
     const int oi = static_cast<int>(p) / g.Wo, oj = static_cast<int>(p) - oi * g.Wo;
     A mx, av;
@@ -257,6 +287,9 @@ bwd_partial_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z
     acc[0] += gv;
     acc[1] += gv * ((mx - mq[0]) * rq[0]);
     acc[2] += gv * ((av - mq[1]) * rq[1]);
+  }
+  for (int64_t p = s.begin + s.rank; p < s.end; p += s.size) {
+    const A gv = to_acc(gp[p]);
 #pragma unroll
     for (int q = 2; q < kMaxQ; ++q) {
       if (q < g.Q) acc[1 + q] += gv * ((to_acc(z.p[q - 2][s.plane * g.HWo + p]) - mq[q]) * rq[q]);
@@ -310,15 +343,35 @@ __global__ void dw_kernel(const typename AccT<T>::type* __restrict__ part, Geom 
   }
 }
 
-// One thread per output element: dz[i] = du_{2+i}; du0 = du_0, du1 = du_1 / cells and the
-// flat position of the window maximum into the workspace (for bwd_dx_kernel).
+// The statistics of the backward, read by bwd_du_kernel and bwd_dx_kernel.
+template <typename T> struct BwdStats {
+  const typename AccT<T>::type* mean;  // (Q, n)
+  const typename AccT<T>::type* rstd;  // (Q, n)
+  const typename AccT<T>::type* chan;  // (Q + 1, n): channel means of g, g uh_q (training)
+  int training;
+};
+
+// du_q at an output of channel c with gradient gv, for the value u of u_q.
+template <typename T>
+__device__ __forceinline__ typename AccT<T>::type du_of(const Weights<T>& w, const BwdStats<T>& st, const Geom& g,
+                                                        int q, int64_t c, typename AccT<T>::type gv,
+                                                        typename AccT<T>::type u) {
+  using A = typename AccT<T>::type;
+  const int64_t k = q * g.n + c;
+  const A r = st.rstd[k];
+  const A coef = weight_of(w, q) * r;
+  if (!st.training) return gv * coef;
+  const A gm = st.chan[c];
+  const A uh = (u - st.mean[k]) * r;
+  return (gv - gm - uh * st.chan[(1 + q) * g.n + c]) * coef;
+}
+
+// One thread per output element: dz[i] = du_{2+i}; du1 = du_1 / cells into the workspace
+// (for bwd_dx_kernel; du_0 is recomputed there, for the window maxima only).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, Weights<T> w,
-              const typename AccT<T>::type* __restrict__ mean, const typename AccT<T>::type* __restrict__ rstd,
-              const typename AccT<T>::type* __restrict__ chan, Geom g, int training, ZOut<T> dz,
-              typename AccT<T>::type* __restrict__ du0, typename AccT<T>::type* __restrict__ du1,
-              int* __restrict__ argmax) {
+bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, Weights<T> w, BwdStats<T> st, Geom g,
+              ZOut<T> dz, typename AccT<T>::type* __restrict__ du1) {
   using A = typename AccT<T>::type;
   const int64_t total = g.planes * g.HWo;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -330,42 +383,32 @@ bwd_du_kernel(const T* __restrict__ grad, const T* __restrict__ x, ZIn<T> z, Wei
     int arg, cells;
     pool_at(x + plane * static_cast<int64_t>(g.H) * g.W, g, oi, oj, mx, av, arg, cells);
     const A gv = to_acc(grad[e]);
-    const A gm = training ? chan[c] : A(0);
-    // du_q for the value u of u_q
-    auto du = [&](int q, A u) -> A {
-      const int64_t k = q * g.n + c;
-      const A r = rstd[k];
-      const A coef = weight_of(w, q) * r;
-      if (!training) return gv * coef;
-      const A uh = (u - mean[k]) * r;
-      return (gv - gm - uh * chan[(1 + q) * g.n + c]) * coef;
-    };
-    du0[e] = du(0, mx);
-    du1[e] = du(1, av) / A(cells);
-    argmax[e] = arg;
+    du1[e] = du_of(w, st, g, 1, c, gv, av) / A(cells);
 #pragma unroll
     for (int q = 2; q < kMaxQ; ++q) {
-      if (q < g.Q) dz.p[q - 2][e] = from_acc<T>(du(q, to_acc(z.p[q - 2][e])));
+      if (q < g.Q) dz.p[q - 2][e] = from_acc<T>(du_of(w, st, g, q, c, gv, to_acc(z.p[q - 2][e])));
     }
   }
 }
 
 // One thread per input element (grid-stride): the outputs whose window holds (ih, iw), in
-// row-major order: dx = sum du0 where it is the maximum + sum du1 (+ wi g; wi nullptr: none).
+// row-major order: dx = sum du_0 where it is the window maximum (du_0 = du(0, x[e]) there,
+// the maximum being x[e] itself) + sum du1 (+ wi g; wi nullptr: none).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ wi, const typename AccT<T>::type* __restrict__ du0,
-              const typename AccT<T>::type* __restrict__ du1, const int* __restrict__ argmax, Geom g,
-              T* __restrict__ dx) {
+bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ x, Weights<T> w, BwdStats<T> st,
+              const typename AccT<T>::type* __restrict__ du1, Geom g, T* __restrict__ dx) {
   using A = typename AccT<T>::type;
+  const T* __restrict__ wi = w.id;
   const int64_t HW = static_cast<int64_t>(g.H) * g.W;
   const int64_t total = g.planes * HW;
-  const A w_id = wi != nullptr ? to_acc(*wi) : A(0);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t plane = e / HW;
+    const int64_t plane = e / HW, c = plane % g.n;
     const int idx = static_cast<int>(e - plane * HW);
     const int ih = idx / g.W, iw = idx - ih * g.W;
+    const T* xp = x + plane * HW;
+    const A xv = to_acc(xp[idx]);
     // outputs o with s*o - 1 <= i <= s*o + 1, 0 <= o < Lo
     const int oi0 = ih <= 1 ? 0 : (ih + g.stride - 2) / g.stride, oi1 = min((ih + 1) / g.stride, g.Ho - 1);
     const int oj0 = iw <= 1 ? 0 : (iw + g.stride - 2) / g.stride, oj1 = min((iw + 1) / g.stride, g.Wo - 1);
@@ -374,12 +417,12 @@ bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ wi, const typena
     for (int oi = oi0; oi <= oi1; ++oi) {
       for (int oj = oj0; oj <= oj1; ++oj) {
         const int64_t o = base + oi * g.Wo + oj;
-        if (argmax[o] == idx) dmax += du0[o];
+        if (is_window_max(xp, g, oi, oj, idx, xv)) dmax += du_of(w, st, g, 0, c, to_acc(grad[o]), xv);
         davg += du1[o];
       }
     }
     A v = dmax + davg;
-    if (wi != nullptr) v = v + w_id * to_acc(grad[e]);  // the identity (stride 1: grad plane == x plane)
+    if (wi != nullptr) v = v + to_acc(*wi) * to_acc(grad[e]);  // the identity (stride 1: grad plane == x plane)
     dx[e] = from_acc<T>(v);
   }
 }
@@ -387,6 +430,7 @@ bwd_dx_kernel(const T* __restrict__ grad, const T* __restrict__ wi, const typena
 // ------------------------------------------------------------------ host side
 inline bool make_geom(int64_t B, int64_t n, int64_t H, int64_t W, int stride, int P, bool identity, Geom& g) {
   if (B < 0 || n < 0 || H < 1 || W < 1 || H * W > kMaxPlane || (stride != 1 && stride != 2)) return false;
+  if (n > kMaxChannels || B * n > kMaxPlanes) return false;
   if (stride == 2 && (H % 2 != 0 || W % 2 != 0)) return false;
   if (P < 0 || P > kMaxZ || (identity && stride != 1)) return false;
   g.B = B;
@@ -431,7 +475,7 @@ inline size_t bwd_ws_bytes(size_t acc, int64_t planes, int64_t n, int64_t HWo, i
   return round_up(static_cast<size_t>(planes > 0 ? planes : 1) * (Q + 2) * acc) +  // part
          round_up(nn * (Q + 1) * acc) +                                            // chan
          round_up(nn * Q * acc) +                                                  // rstd
-         2 * round_up(outs * acc) + round_up(outs * sizeof(int));                  // du0, du1, argmax
+         round_up(outs * acc);                                                     // du1
 }
 
 template <typename T>
@@ -489,9 +533,7 @@ int mixed_bwd_impl(const T* grad, const void* const* z, int P, const T* x, Weigh
   A* part = cv.take<A>(static_cast<size_t>(g.planes > 0 ? g.planes : 1) * (g.Q + 2));
   A* chan = cv.take<A>(nn * (g.Q + 1));
   A* rstd = cv.take<A>(nn * g.Q);
-  A* du0 = cv.take<A>(outs);
   A* du1 = cv.take<A>(outs);
-  int* argmax = cv.take<int>(outs);
   const int64_t Qn = g.Q * g.n;
   if (Qn > 0) {
     rstd_kernel<A><<<elementwise_blocks(Qn), kThreads, 0, stream>>>(var, Qn, static_cast<A>(eps), rstd);
@@ -512,11 +554,11 @@ int mixed_bwd_impl(const T* grad, const void* const* z, int P, const T* x, Weigh
   ADARTS_LAUNCH_CHECK();
   const int64_t total = g.planes * g.HWo;
   if (total > 0) {
-    bwd_du_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(grad, x, zin, w, mean, rstd, chan, g,
-                                                                         training, dzo, du0, du1, argmax);
+    const BwdStats<T> st{mean, rstd, chan, training};
+    bwd_du_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(grad, x, zin, w, st, g, dzo, du1);
     ADARTS_LAUNCH_CHECK();
     const int64_t inputs = g.planes * static_cast<int64_t>(g.H) * g.W;
-    bwd_dx_kernel<T><<<elementwise_blocks(inputs), kThreads, 0, stream>>>(grad, w.id, du0, du1, argmax, g, dx);
+    bwd_dx_kernel<T><<<elementwise_blocks(inputs), kThreads, 0, stream>>>(grad, x, w, st, du1, g, dx);
     ADARTS_LAUNCH_CHECK();
   }
   return 0;
