@@ -120,7 +120,8 @@ gather_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* 
 }
 
 inline bool sizes_ok(int64_t B, int64_t C, int64_t HW, int64_t n) {
-  return B >= 0 && C >= 0 && HW >= 0 && n >= 0 && n <= C && C <= INT_MAX && HW <= kMaxPlane;
+  return B >= 0 && C >= 0 && HW >= 0 && n >= 0 && n <= C && C <= kMaxChannels && HW <= kMaxPlane &&
+         B * C <= kMaxPlanes;
 }
 
 template <typename T>

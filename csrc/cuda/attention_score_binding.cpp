@@ -28,12 +28,11 @@ constexpr const char* kScore = "attention_score";
 void check_x_w(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   check_x(kScore, x);
   validate_score_weights(kScore, x, w1, w2, kCUDA);
-  const int64_t C = x.size(1);
-  // The MLP runs as 16x16-tiled GEMMs: rows (2B, C, C/2) are limited by the grid's y extent.
-  const int64_t rows = 16 * 65535;
-  ADARTS_CHECK(2 * x.size(0) <= rows && C <= rows && w1.size(0) <= rows, kScore,
-               "the CUDA kernels take 2*B, C and the hidden size up to ", rows, ", got x of sizes ",
-               x.sizes(), " and w1 of sizes ", w1.sizes());
+  // The MLP runs as tiled GEMMs: rows (2B, C, C/2) are limited by the grid's y extent.
+  check_limit(kScore, "2*B (rows of the attention MLP's GEMM)", 2 * x.size(0), cuda::kMaxGemmRows, x);
+  check_limit(kScore, "the channel count (rows of the attention MLP's GEMM)", x.size(1), cuda::kMaxGemmRows, x);
+  check_limit(kScore, "the hidden size w1.size(0) (rows of the attention MLP's GEMM)", w1.size(0),
+              cuda::kMaxGemmRows, x);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_score_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,

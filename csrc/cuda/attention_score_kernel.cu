@@ -115,6 +115,7 @@ pools_kernel(const T* __restrict__ x, int64_t planes, int HW, int warp_mode, int
 // kSecondContig says which of its two indices walks memory contiguously, so that the tile
 // loads are coalesced whatever the operand's layout.
 constexpr int TS = 16;
+static_assert(TS == kGemmTile, "kernels.h: kGemmTile is the GEMM tile, kMaxGemmRows its row limit");
 
 template <typename A, typename LA, typename LB, typename EP>
 __global__ void __launch_bounds__(TS * TS) gemm_kernel(int M, int N, int K, LA la, LB lb, EP ep) {
@@ -305,10 +306,9 @@ size_t bwd_bytes(size_t as, int64_t B, int64_t C, int64_t Ch) {
 }
 
 inline bool sizes_ok(int64_t B, int64_t C, int64_t HW, int64_t Ch) {
-  // int-indexed planes / channels; GEMM grids have at most 65535 rows of 16-row tiles.
-  return B >= 0 && C >= 0 && HW >= 1 && Ch >= 0 && C <= INT_MAX && HW <= INT_MAX && Ch <= INT_MAX &&
-         2 * B <= int64_t(TS) * 65535 && C <= int64_t(TS) * 65535 && Ch <= int64_t(TS) * 65535 &&
-         B * C <= INT_MAX;
+  // int-indexed planes / channels (kernels.h); GEMM grids have at most kMaxGridY rows of TS-row tiles.
+  return B >= 0 && C >= 0 && HW >= 1 && Ch >= 0 && C <= kMaxChannels && HW <= kMaxPlane && Ch <= kMaxChannels &&
+         2 * B <= kMaxGemmRows && C <= kMaxGemmRows && Ch <= kMaxGemmRows && B * C <= kMaxPlanes;
 }
 
 // ------------------------------------------------------------------ launchers

@@ -330,7 +330,8 @@ __global__ void dbeta_kernel(const typename AccT<T>::type* __restrict__ partial,
 }
 
 inline bool sizes_ok(int64_t B, int64_t C, int64_t H, int64_t W, int64_t n, int stride) {
-  return B >= 0 && C >= 0 && H >= 0 && W >= 0 && n >= 0 && n <= C && C <= INT_MAX && H * W <= kMaxPlane &&
+  return B >= 0 && C >= 0 && H >= 0 && W >= 0 && n >= 0 && n <= C && C <= kMaxChannels && H * W <= kMaxPlane &&
+         B * C <= kMaxPlanes &&
          (stride == 1 || stride == 2);
 }
 

@@ -50,11 +50,25 @@ inline at::Tensor workspace(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
 }
 
-// x: CUDA, 4-d, floating, contiguous, planes of at most 2^31 - 1 elements.
+// value <= limit (a size limit of the CUDA launchers, kernels.h), else
+// "adarts <op>: <what> = <value> is too large for the CUDA kernels (limit <limit>), got x of sizes ...".
+inline void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const at::Tensor& x) {
+  ADARTS_CHECK(value <= limit, op, what, " = ", value, " is too large for the CUDA kernels (limit ", limit,
+               "), got x of sizes ", x.sizes());
+}
+
+// The limits every launcher shares, for x (B, C, H, W) (mixed_sum: (B, n, H, W)): the plane
+// size H*W, the channel count C and the plane count B*C.
+inline void check_plane_limits(const char* op, const at::Tensor& x) {
+  check_limit(op, "the plane size H*W", x.size(2) * x.size(3), cuda::kMaxPlane, x);
+  check_limit(op, "the channel count", x.size(1), cuda::kMaxChannels, x);
+  check_limit(op, "the plane count B*C", x.size(0) * x.size(1), cuda::kMaxPlanes, x);
+}
+
+// x: CUDA, 4-d, floating, contiguous, within the size limits of the CUDA kernels.
 inline void check_x(const char* op, const at::Tensor& x) {
   validate_x(op, x, kCUDA);
-  ADARTS_CHECK(x.size(2) * x.size(3) <= cuda::kMaxPlane && x.size(1) <= cuda::kMaxPlane, op,
-               "the CUDA kernels take planes H*W and channel counts C below 2^31, got x of sizes ", x.sizes());
+  check_plane_limits(op, x);
 }
 
 // x as check_x, a: CUDA, like x, of shape (B, C) (the gather and the write-back).

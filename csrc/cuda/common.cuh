@@ -21,6 +21,10 @@
 
 namespace adarts {
 namespace cuda {
+static_assert(kMaxInt == INT_MAX, "kernels.h: kMaxInt is INT_MAX");
+static_assert(kMaxPlane <= INT_MAX && kMaxChannels <= INT_MAX && kMaxPlanes <= INT_MAX,
+              "kernels.h: planes, channels and plane counts are int-indexed");
+static_assert(kMaxGridY == 65535, "kernels.h: kMaxGridY is CUDA's limit of gridDim.y");
 namespace {
 
 // ------------------------------------------------------------------ element-type helpers
@@ -119,7 +123,7 @@ inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
     L.warp_mode = 1;
     L.tile = units;
     const int64_t g = ceil_div(planes, kThreads / 32);
-    L.ok = L.ok && g <= INT_MAX;
+    L.ok = L.ok && g <= kMaxInt;
     L.grid = dim3(static_cast<unsigned>(g > 0 ? g : 1));
     return L;
   }
@@ -128,10 +132,10 @@ inline PlaneLaunch plane_launch(int64_t planes, int64_t units, bool tiled) {
   if (tiled) {
     tile = kThreads * 8;
     tiles = ceil_div(units, tile);
-    if (tiles > 65535) { tile = ceil_div(units, 65535); tiles = ceil_div(units, tile); }
+    if (tiles > kMaxGridY) { tile = ceil_div(units, kMaxGridY); tiles = ceil_div(units, tile); }
   }
   L.tile = tile;
-  L.ok = L.ok && planes <= INT_MAX;
+  L.ok = L.ok && planes <= kMaxPlanes;
   L.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(tiles));
   return L;
 }

@@ -7,7 +7,8 @@
 // - all tensors are contiguous, on the device of `stream`; floating tensors share one dtype
 //   `dt` (x's); arithmetic is done in float for F16/BF16/F32 and in double for F64;
 // - `idx` is int64 (n,), values distinct and in [0, C) (out-of-range entries are ignored and
-//   trip a device-side assert in builds without NDEBUG; they never cause an out-of-bounds access);
+//   trip a device-side assert in debug builds (ADARTS_DEBUG=1: no NDEBUG; release builds define
+//   NDEBUG); they never cause an out-of-bounds access);
 // - `workspace` points to at least the bytes that the matching *_workspace_bytes function
 //   returns (256-byte aligned, e.g. from the caching allocator); its content on entry is
 //   irrelevant;
@@ -27,8 +28,25 @@ namespace cuda {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
-// Largest accepted per-plane size H*W, and channel count C, of the int-indexed kernels.
-constexpr int64_t kMaxPlane = (int64_t(1) << 31) - 1;
+// ---------------------------------------------------------------------------- size limits
+// Every size limit of the launchers, in one place. The bindings check them before launching
+// (binding.h: "adarts <op>: <what> = <value> is too large for the CUDA kernels (limit ...)");
+// a launcher given larger sizes returns cudaErrorInvalidValue / cudaErrorInvalidConfiguration.
+// tests/test_cuda_compile.py reads these constants and checks their uses.
+constexpr int64_t kMaxInt = 2147483647;               // INT_MAX
+// H*W of one plane (in-plane indices are int).
+constexpr int64_t kMaxPlane = kMaxInt;
+// Channel counts C and n (int channel indices; the inverse index map is one int per channel).
+constexpr int64_t kMaxChannels = kMaxInt;
+// Planes B*C (mixed_sum: B*n): a block per plane in the grid's x extent (2^31 - 1 blocks), int
+// plane counts in the reductions.
+constexpr int64_t kMaxPlanes = kMaxInt;
+// A grid's y extent: the tiled elementwise kernels enlarge their tiles to stay below it; the
+// GEMMs of attention_score have one row of blocks per kGemmTile rows.
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kGemmTile = 16;
+// Rows of attention_score's GEMMs: 2*B (pooled rows), C, and the hidden size C/2.
+constexpr int64_t kMaxGemmRows = kGemmTile * kMaxGridY;
 
 // ---------------------------------------------------------------------------- 1. scoring
 // x: (B, C, HW), w1: (Ch, C), w2: (C, Ch) -> a: (B, C) (dtype dt), idx: (n_select,) int64,

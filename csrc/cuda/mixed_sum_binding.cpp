@@ -36,8 +36,7 @@ MixedSumDims check_mixed(at::TensorList z, const at::Tensor& x, const at::Tensor
                          int64_t stride, double eps) {
   const MixedSumDims d = validate_mixed_sum(kMixed, z, x, z_weights, pool_weights, identity_weight, stride, kCUDA);
   validate_mixed_sum_eps(kMixed, eps);
-  ADARTS_CHECK(d.H * d.W <= cuda::kMaxPlane, kMixed, "the CUDA kernels take planes H*W below 2^31, got x of sizes ",
-               x.sizes());
+  check_plane_limits(kMixed, x);
   return d;
 }
 
