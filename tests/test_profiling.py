@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adarts_kernels.profiling import find_max_batch, is_oom, safe_batch
-from adarts_kernels.profiling.report import format_report, max_batch_estimate, memory_report
+from adarts_kernels.profiling.report import (cuda_workspace_bytes, cuda_workspace_peak, format_report,
+                                             fused_edge_shapes, max_batch_estimate, memory_report)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,48 @@ def test_memory_report_orders_variants():
     assert max_batch_estimate(1e6, 10**6, 11e6) == 10
     text = format_report(rows, 1.0, "t")
     assert "adarts-fused-recompute" in text and "| darts |" in text
+
+
+def test_memory_report_cuda_workspace():
+    """The fused variants report their transient CUDA workspace (largest call, forward and
+    backward, at the estimated largest batch); the plain-PyTorch variants none."""
+    rows = memory_report(["pcdarts", "adarts-fused"], C=8, layers=3, size=16, batch=2, gib=1.0)
+    by = {r["variant"]: r for r in rows}
+    assert by["pcdarts"]["cuda_workspace_mb"] is None
+    ws = by["adarts-fused"]["cuda_workspace_mb"]
+    assert ws["fwd"] > 0 and ws["bwd"] > ws["fwd"]
+    text = format_report(rows, 1.0, "t")
+    assert "CUDA workspace, transient" in text
+    assert f"{ws['fwd']:.2f} / {ws['bwd']:.2f}" in text
+
+
+def test_fused_edge_shapes_and_peak():
+    from adarts_kernels.profiling.report import build_supernet
+    net = build_supernet("adarts-fused", C=8, layers=3)
+    before = [t.clone() for t in net.buffers()]
+    shapes = fused_edge_shapes(net, 16)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))   # no running statistic moved
+    assert net.training
+    assert len(shapes) == 3 * 14   # 3 cells of 14 edges
+    assert {s["stride"] for s in shapes} == {1, 2} and {s["k"] for s in shapes} == {4}
+    assert max(s["H"] for s in shapes) == 16 and min(s["H"] for s in shapes) == 4
+    assert fused_edge_shapes(build_supernet("pcdarts", C=8, layers=3), 16) == []
+    fwd, bwd = cuda_workspace_peak(shapes, 64)
+    per = [cuda_workspace_bytes(64, s["C"], s["H"], s["W"], s["stride"], s["k"], s["P"]) for s in shapes]
+    assert fwd == max(v for d in per for key, v in d.items() if key.endswith("_fwd"))
+    assert bwd == max(v for d in per for key, v in d.items() if key.endswith("_bwd"))
+    assert cuda_workspace_peak(shapes, 128)[1] > bwd
+
+
+def test_mixed_sum_bwd_workspace_per_output():
+    """The mixed_sum backward keeps one accumulation-type value per output element (du_1),
+    about 67 MB at B=1024, n=16, 32x32 in float (it was 12 bytes, about 201 MB)."""
+    B, C, k, H = 1024, 64, 4, 32
+    ws = cuda_workspace_bytes(B, C, H, H, 1, k, P=4)["mixed_sum_bwd"]
+    outs = B * (C // k) * H * H
+    assert 4 * outs <= ws < 4 * outs + 2 ** 20
+    ws2 = cuda_workspace_bytes(B, C, 2 * H, 2 * H, 2, k, P=4, acc_size=8)["mixed_sum_bwd"]
+    assert 8 * outs <= ws2 < 8 * outs + 2 ** 21
 
 
 def test_cli_writes_table_plot_and_json(tmp_path):

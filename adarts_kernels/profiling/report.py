@@ -53,6 +53,80 @@ def state_bytes(net) -> int:
     return 3 * w + 4 * a + b
 
 
+# ---------------------------------------------------------------- CUDA workspace (transient)
+# The CUDA kernels take a scratch buffer per call from the caching allocator, freed when the
+# call returns: it is no saved activation, but it adds to the peak of the step. The formulas
+# are those of the *_workspace_bytes functions of csrc/cuda/*_kernel.cu (kept in step by
+# tests/test_cuda_compile.py, which links those functions and compares).
+_WS_ALIGN = 256
+
+
+def _round_up(v: int) -> int:
+    return (v + _WS_ALIGN - 1) // _WS_ALIGN * _WS_ALIGN
+
+
+def cuda_workspace_bytes(B: int, C: int, H: int, W: int, stride: int, k: int, P: int,
+                         acc_size: int = 4) -> Dict[str, int]:
+    """Bytes of workspace each CUDA launcher of one ADARTS edge takes: x ``(B, C, H, W)``,
+    ``n = C // k`` selected channels, hidden size ``C // 2``, ``P`` conv candidates
+    (``mixed_sum``'s z), ``acc_size`` the accumulation type's size (4; 8 for float64)."""
+    n, Ch = C // k, C // 2
+    Ho, Wo = H // stride, W // stride
+    planes, Q, outs = B * n, P + 2, max(B * n * Ho * Wo, 1)
+    nn_, pl = max(n, 1), max(planes, 1)
+    return {
+        "attention_score_fwd": _round_up(2 * B * C * acc_size) + _round_up(2 * B * Ch * acc_size)
+        + _round_up(B * C * acc_size) + _round_up(C * acc_size),
+        "attention_score_bwd": _round_up(2 * B * C * acc_size) + _round_up(B * C * 4)
+        + 2 * _round_up(2 * B * Ch * acc_size) + _round_up(2 * B * C * acc_size),
+        "attention_gather_bwd": max(C, 1) * 4,
+        "attention_writeback_fwd": _round_up(max(C, 1) * 4),
+        "attention_writeback_bwd": _round_up(max(C, 1) * 4) + _round_up(max(B * C, 1) * acc_size),
+        "mixed_sum_fwd": 2 * _round_up(pl * Q * acc_size) + _round_up(nn_ * Q * acc_size),
+        "mixed_sum_bwd": _round_up(pl * (Q + 2) * acc_size) + _round_up(nn_ * (Q + 1) * acc_size)
+        + _round_up(nn_ * Q * acc_size) + _round_up(outs * acc_size),
+    }
+
+
+def fused_edge_shapes(net, size: int = 32) -> List[dict]:
+    """``{"C", "H", "W", "stride", "k", "P"}`` of every fused ADARTS edge of ``net`` (one forward
+    of two samples without gradients, in eval mode so that no running statistic moves; []
+    for the plain-PyTorch variants)."""
+    from ..nn.fused import FusedAttentionMixedOp
+    edges = [m for m in net.modules() if isinstance(m, FusedAttentionMixedOp)]
+    if not edges:
+        return []
+    shapes, hooks = [], []
+
+    def record(mod, args):
+        _, C, H, W = args[0].shape
+        shapes.append({"C": C, "H": H, "W": W, "stride": mod.stride, "k": mod.k, "P": len(mod.roles.z_columns)})
+
+    for m in edges:
+        hooks.append(m.register_forward_pre_hook(record))
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.randn(2, 3, size, size))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def cuda_workspace_peak(shapes: List[dict], batch: int, acc_size: int = 4) -> Tuple[int, int]:
+    """(forward, backward) peak transient workspace in bytes at ``batch``: the largest single
+    call over the edges (each call frees its workspace when it returns)."""
+    fwd = bwd = 0
+    for sh in shapes:
+        ws = cuda_workspace_bytes(batch, sh["C"], sh["H"], sh["W"], sh["stride"], sh["k"], sh["P"], acc_size)
+        fwd = max([fwd] + [v for key, v in ws.items() if key.endswith("_fwd")])
+        bwd = max([bwd] + [v for key, v in ws.items() if key.endswith("_bwd")])
+    return fwd, bwd
+
+
 def max_batch_estimate(per_sample: float, fixed: int, budget_bytes: float) -> int:
     """Largest batch whose saved activations and fixed state fit in ``budget_bytes``. An
     estimate: backward's transient buffers and allocator slack come on top (measure with
@@ -63,16 +137,25 @@ def max_batch_estimate(per_sample: float, fixed: int, budget_bytes: float) -> in
 def memory_report(variants: Iterable[str] = tuple(VARIANTS), C: int = 16, layers: int = 8, k: int = 4,
                   size: int = 32, batch: int = 4, gib: float = 11.0, impl: Optional[str] = None) -> List[dict]:
     """One row per variant: ``mb_per_sample`` (1e6 bytes), ``vs_pcdarts``, ``state_mb``,
-    ``max_batch`` (estimate for ``gib`` GiB) and ``backends`` (what each fused op ran on,
-    ``None`` for the plain-PyTorch variants). ``impl``: the backend of the fused ops."""
+    ``max_batch`` (estimate for ``gib`` GiB), ``backends`` (what each fused op ran on,
+    ``None`` for the plain-PyTorch variants) and ``cuda_workspace_mb`` (the fused variants'
+    transient CUDA workspace at ``max_batch``, forward and backward peaks, the largest call;
+    ``None`` for the plain-PyTorch variants; not in ``max_batch``). ``impl``: the backend of
+    the fused ops."""
     rows = []
     for v in variants:
         net = build_supernet(v, C, layers, k, impl=impl)
         backends = net.backends("cpu")    # an explicit impl that cannot run fails here, clearly
         per = saved_bytes_per_sample(net, size, batch)
         fixed = state_bytes(net)
+        mb = max_batch_estimate(per, fixed, gib * 2 ** 30)
+        shapes = fused_edge_shapes(net, size)
+        ws = None
+        if shapes:
+            fwd, bwd = cuda_workspace_peak(shapes, mb)
+            ws = {"fwd": fwd / 1e6, "bwd": bwd / 1e6}
         rows.append({"variant": v, "mb_per_sample": per / 1e6, "state_mb": fixed / 1e6,
-                     "max_batch": max_batch_estimate(per, fixed, gib * 2 ** 30), "backends": backends})
+                     "max_batch": mb, "backends": backends, "cuda_workspace_mb": ws})
     pc = next((r["mb_per_sample"] for r in rows if r["variant"] == "pcdarts"), None)
     for r in rows:
         r["vs_pcdarts"] = r["mb_per_sample"] / pc if pc else None
@@ -80,11 +163,14 @@ def memory_report(variants: Iterable[str] = tuple(VARIANTS), C: int = 16, layers
 
 
 def format_report(rows: List[dict], gib: float, title: str) -> str:
-    lines = [title, "", f"| variant | saved for backward, MB/sample | vs PC-DARTS | largest batch in {gib:g} GiB (est.) |",
-             "|---|---|---|---|"]
+    lines = [title, "", f"| variant | saved for backward, MB/sample | vs PC-DARTS | largest batch in {gib:g} GiB (est.) "
+             "| CUDA workspace, transient, MB (fwd / bwd, largest call, at that batch) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_pcdarts']:.3f}x" if r["vs_pcdarts"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['mb_per_sample']:.2f} | {ratio} | {r['max_batch']:,} |")
+        ws = r.get("cuda_workspace_mb")
+        wcol = f"{ws['fwd']:.2f} / {ws['bwd']:.2f}" if ws else "-"
+        lines.append(f"| {r['variant']} | {r['mb_per_sample']:.2f} | {ratio} | {r['max_batch']:,} | {wcol} |")
     return "\n".join(lines)
 
 
