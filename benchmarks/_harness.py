@@ -46,13 +46,14 @@ def meta(device: torch.device) -> dict:
         tv = triton.__version__
     except Exception:
         tv = None
+    # GPU-only (the device name): a benchmark's metadata, exercised by benchmarks/device_suite.sh
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__, "triton": tv,
             "commit": commit()}
 
 
 def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
+    if device.type == "cuda":  # GPU-only: CUDA event timing, exercised by benchmarks/device_suite.sh
         import triton.testing
         return float(triton.testing.do_bench(fn, return_mode="median"))
     from torch.utils.benchmark import Timer
@@ -64,6 +65,7 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device copy bandwidth in GB/s (read + write of a 256 MiB buffer)."""
+    # GPU-only (the 256 MiB buffer): a timing line, exercised by benchmarks/device_suite.sh
     n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -117,6 +119,7 @@ def run_op_benchmark(name: str, make: Callable, fwd: Callable, bytes_fwd: Callab
     """``make(B, C, S, device, dtype) -> inputs``; ``fwd(inputs, impl) -> output tensor``."""
     import argparse
     p = argparse.ArgumentParser(description=f"benchmark adarts {name}: every backend side by side")
+    # GPU-only default (cuda where torch sees one), exercised by benchmarks/device_suite.sh
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--small", action="store_true", help="batch 8 only (quick CPU runs)")

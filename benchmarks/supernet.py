@@ -47,11 +47,12 @@ def make_step(variant, batch, device, C, layers, size, amp=False, impl=None):
 
 
 def sync(device):
-    if device.type == "cuda":
+    if device.type == "cuda":  # GPU-only: timing and peak memory, exercised by benchmarks/device_suite.sh
         torch.cuda.synchronize(device)
 
 
 def peak_mb(step, device):
+    # GPU-only (called for CUDA devices alone): peak memory, exercised by benchmarks/device_suite.sh
     step()                              # optimizer states exist from here on
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -104,6 +105,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    # GPU-only branches below (batches 64 and 256, peak memory, the largest batch, empty_cache):
+    # exercised by benchmarks/device_suite.sh
     gpu = device.type == "cuda"
     batches = a.batch or ([64, 256] if gpu else [16])
     if any(VARIANTS[v][1] == "fused" for v in a.variants):

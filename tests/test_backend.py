@@ -34,6 +34,25 @@ def test_backends_report(monkeypatch):
     assert set(IMPLS) == {"auto", "reference", "cpp", "cuda", "triton"}
 
 
+def test_backends_note_unmeasured_gpu_speed(monkeypatch):
+    """Until a GPU run has compared them, cuda and triton say that auto's order between them
+    is unmeasured; with a CUDA device and the CUDA kernels (faked), both are available and
+    keep the note."""
+    from adarts_kernels import backend
+    info = adarts_kernels.backends()
+    assert "not yet measured on a GPU" in info["cuda"]["note"] and "preferred by auto" in info["cuda"]["note"]
+    assert "not yet measured on a GPU" in info["triton"]["note"]
+    assert "note" not in info["reference"] and "note" not in info["cpp"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend, "_ext_state", lambda: (True, None, True))
+    monkeypatch.setattr(backend, "_triton_state", lambda: (True, None))
+    info = adarts_kernels.backends()
+    assert info["cuda"]["available"] and info["cuda"]["reason"] is None
+    assert info["triton"]["available"] and info["triton"]["reason"] is None
+    assert info["cuda"]["note"] == backend.UNMEASURED_ON_GPU["cuda"]
+    assert resolve("auto", torch.device("cuda")) == "cuda"
+
+
 def test_explicit_backend_that_cannot_run_says_why():
     x, a, idx = _inputs()
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):

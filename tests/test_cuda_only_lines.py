@@ -1,0 +1,111 @@
+"""The CUDA-only lines of the package, run on CPU with the device check answering "CUDA"
+(``torch.cuda.is_available`` or the module's own device check replaced, the CUDA calls
+recorded). The driver loop's probe is covered in test_train.py
+(``test_step_pair_trial_runs_real_steps_on_a_copy``), the backend report in test_backend.py;
+the benchmarks' CUDA timing lines say at the line that benchmarks/device_suite.sh runs them."""
+import pytest
+import torch
+
+from adarts_kernels.data import loader as loader_mod
+from adarts_kernels.data.loader import BatchLoader, ImageSet
+from adarts_kernels.nas import checkpoint
+from adarts_kernels.nas.config import resolve_device
+from adarts_kernels.profiling import is_oom, max_batch
+
+
+def fake_cuda(monkeypatch, calls, **fns):
+    """torch.cuda.is_available() -> True; each torch.cuda.<name> in fns replaced, recording calls."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, ret in fns.items():
+        def f(*args, _name=name, _ret=ret, **kwargs):
+            calls.append((_name, args))
+            return _ret
+        monkeypatch.setattr(torch.cuda, name, f)
+
+
+def test_release_empties_the_cuda_cache(monkeypatch):
+    calls = []
+    fake_cuda(monkeypatch, calls, empty_cache=None)
+    max_batch._release()
+    assert calls == [("empty_cache", ())]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    max_batch._release()
+    assert calls == [("empty_cache", ())]          # not called without CUDA
+
+
+def test_find_max_batch_releases_after_each_oom(monkeypatch):
+    calls = []
+    fake_cuda(monkeypatch, calls, empty_cache=None)
+
+    def trial(b):
+        if b > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    best, tried = max_batch.find_max_batch(trial, start=16, limit=128, granularity=8)
+    assert best == 40
+    assert len(calls) >= sum(1 for _, ok in tried if not ok) > 0
+
+
+def test_is_oom_knows_the_cuda_class():
+    assert is_oom(torch.cuda.OutOfMemoryError("anything"))
+    assert is_oom(RuntimeError("CUDA out of memory"))
+    assert not is_oom(RuntimeError("invalid argument"))
+
+
+def test_rng_state_saves_and_restores_the_cuda_generators(monkeypatch):
+    calls = []
+    cuda_states = [torch.arange(4, dtype=torch.uint8)]
+    fake_cuda(monkeypatch, calls, get_rng_state_all=cuda_states, set_rng_state_all=None)
+    state = checkpoint.rng_state()
+    assert state["cuda"] is cuda_states and torch.equal(state["torch"], torch.get_rng_state())
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    saved = checkpoint.rng_state()
+    torch.rand(5)
+    checkpoint.set_rng_state(saved)
+    assert torch.equal(torch.rand(3), expected)
+    assert calls == [("get_rng_state_all", ()), ("get_rng_state_all", ()), ("set_rng_state_all", (cuda_states,))]
+
+
+def test_rng_state_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    state = checkpoint.rng_state()
+    assert set(state) == {"torch"}
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(1, dtype=torch.uint8)]})   # a GPU checkpoint on CPU
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda-branch"])
+def test_loader_copies_asynchronously_on_cuda(monkeypatch, cuda):
+    """With the loader's device check answering "CUDA", every batch is copied with
+    non_blocking=True (on CPU a plain copy), the batches unchanged."""
+    g = torch.Generator().manual_seed(1)
+    ds = ImageSet(torch.randint(0, 256, (10, 3, 6, 6), dtype=torch.uint8, generator=g), torch.arange(10), 10,
+                  (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "toy")
+    plain = [(x.clone(), y.clone()) for x, y in BatchLoader(ds, 4, shuffle=True, augment=True, seed=2)]
+    seen = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        seen.append(kwargs.get("non_blocking", False))
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(loader_mod, "_is_cuda", lambda device: cuda)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    got = [(x.clone(), y.clone()) for x, y in BatchLoader(ds, 4, shuffle=True, augment=True, seed=2)]
+    monkeypatch.undo()
+    assert len(got) == len(plain) == 3
+    for (x0, y0), (x1, y1) in zip(plain, got):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    copies = [nb for nb in seen if nb]
+    assert len(copies) == (2 * len(got) if cuda else 0)
+    assert loader_mod._is_cuda(torch.device("cuda")) and not loader_mod._is_cuda(torch.device("cpu"))
