@@ -284,15 +284,13 @@ void* worker_main(void* arg) {
   std::unique_lock<std::mutex> lk(G);
   Worker& w = *workers[t];
   for (;;) {
-    w.cv.wait(lk, [&] { return w.job != w.seen; });
+    // a new block, and (serial scheduling) the baton: only the thread whose turn it is wakes
+    w.cv.wait(lk, [&] {
+      return w.job != w.seen && cur != nullptr && (cur->failed || !cur->serial || cur->baton == t);
+    });
     w.seen = w.job;
     Block& b = *cur;
-    bool run = true;
-    try {
-      wait_turn(lk, b, t);
-    } catch (const Abort&) {
-      run = false;
-    }
+    const bool run = !b.failed;
     if (run) {
       lk.unlock();
       run_thread(b, t);
@@ -459,10 +457,8 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
         b.dyn = ::operator new(smem > 0 ? smem : 1, std::align_val_t(16));
         std::memset(b.dyn, 0xff, smem > 0 ? smem : 1);
         cur = &b;
-        for (int t = 0; t < n; ++t) {
-          ++workers[t]->job;
-          workers[t]->cv.notify_one();
-        }
+        for (int t = 0; t < n; ++t) ++workers[t]->job;
+        for (int t = 0; t < (b.serial ? 1 : n); ++t) workers[t]->cv.notify_one();  // serial: the baton holder
         // watchdog: no progress for `limit` seconds is a deadlock (a thread spinning)
         uint64_t seen = b.progress;
         auto last = std::chrono::steady_clock::now();
@@ -476,10 +472,10 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
           } else if (std::chrono::duration<double>(now - last).count() > limit) {
             if (!timed_out) {
               fail_block(b, cudaErrorLaunchTimeout,
-                         format("deadlock: no progress for %.0f s (a thread spins or never reaches a barrier)", limit));
+                         format("deadlock: no progress for %.1f s (a thread spins or never reaches a barrier)", limit));
               timed_out = true;
               last = now;
-            } else {
+            } else if (std::chrono::duration<double>(now - last).count() > 3 * limit) {
               wedged = true;  // some thread never came back: leave it, refuse further launches
               record(cudaErrorLaunchTimeout, where + ": " + b.msg + " (threads never returned)");
               cur = nullptr;

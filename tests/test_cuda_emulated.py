@@ -1,0 +1,314 @@
+"""The CUDA kernels (csrc/cuda/*_kernel.cu), executed: on the CPU through the emulation layer
+of tests/cuda_emu (``emulated``, always), and on a GPU through the CUDA build (``cuda``, where
+torch sees a device and the extension has CUDA kernels), with the same cases.
+
+Emulated: the sources are compiled unchanged with g++ (after the launch-syntax rewrite of
+tests/cuda_emu/harness.py) into a library whose real launchers (csrc/cuda/kernels.h) are
+called with exact-size CPU buffers, outputs and workspaces filled with garbage first. Every
+op, forward and backward, all four dtypes, against the plain-PyTorch reference
+(adarts_kernels/ops/reference.py): odd shapes, B = 0 / 1, C = 1, n = C, ties, NaN / inf
+windows, stride 1 and 2, training and eval, the vector paths and (one element off an aligned
+start) the scalar paths. A build under AddressSanitizer + UBSan runs a smaller set in a
+subprocess; ThreadSanitizer (concurrent threads) is opt-in: ADARTS_EMU_TSAN=1. Three injected
+bugs show that the emulation catches what it is for.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import harness as H  # noqa: E402
+
+from adarts_kernels.ops import reference as R  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+TOL = {  # as tests/ops/helpers.py: one rounding at the end, sums in another order
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+# ----------------------------------------------------------------------------- devices
+
+def cuda_unavailable():
+    """Why the ``cuda`` device cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    from adarts_kernels import _ext
+    if not _ext.has_cuda_kernels():
+        return f"the extension has no CUDA kernels ({_ext.EXT_ERROR or 'CPU-only build'})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def emu_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_emu")
+
+
+@pytest.fixture(scope="session")
+def emu_lib(emu_dir):
+    return H.build(emu_dir)
+
+
+DEVICES = [pytest.param("emulated", id="emulated"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def dev(request):
+    if request.param == "cuda":
+        reason = cuda_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        return H.Cuda()
+    return H.Emulated(request.getfixturevalue("emu_lib"))
+
+
+# ----------------------------------------------------------------------------- inputs and checks
+
+def randn(shape, g, dtype, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def close(actual, expected, dtype, what, equal_nan=False, scale=1.0):
+    """Within TOL of ``dtype``; ``atol`` times ``scale`` (sums over many terms). No NaN in
+    ``actual`` where ``expected`` has none (an element left unwritten shows as NaN)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=equal_nan,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# 1. scoring ------------------------------------------------------------------------------
+
+def check_score(dev, dtype, B, C, H, W, n, seed=0, ties=False, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    Ch = max(C // 2, 1)
+    x = randn((B, C, H, W), g, dtype)
+    w1 = randn((Ch, C), g, dtype, 1 / math.sqrt(C))
+    w2 = randn((C, Ch), g, dtype, 1 / math.sqrt(Ch))
+    if ties and C >= 4:  # equal scores: channels 1, 2 and 3 share w2's row of channel 0
+        w2[1:4] = w2[0]
+    if nan and B > 0:  # a NaN pool: its channel's score is NaN, ranked above everything
+        x[0, C - 1, 0, 0] = float("nan")
+    a, idx = dev.attention_score_fwd(x, w1, w2, n)
+    ra, ridx = R.attention_score_fwd(x, w1, w2, n)
+    close(a, ra, dtype, "a", equal_nan=nan)
+    assert idx.dtype == torch.int64 and idx.shape == (n,)
+    if ties or nan or dtype == torch.float64 or B == 0:
+        assert idx.tolist() == ridx.tolist(), f"idx {idx.tolist()} vs {ridx.tolist()}"
+    else:  # positions may swap only between scores equal within the summation-order error
+        s = ra.to(acc(dtype)).sum(0)
+        assert sorted(idx.tolist()) == sorted(set(idx.tolist())) and all(0 <= i < C for i in idx.tolist())
+        assert (s[idx] - s[ridx]).abs().max().item() <= 1e-5 * max(B, 1), (idx.tolist(), ridx.tolist())
+    if nan:
+        return
+    grad_a = randn((B, C), g, dtype)
+    dx, dw1, dw2 = dev.attention_score_bwd(grad_a, x, w1, w2, ra)
+    rdx, rdw1, rdw2 = R.attention_score_bwd(grad_a, x, w1, w2, ra)
+    close(dx, rdx, dtype, "dx")
+    close(dw1, rdw1, dtype, "dw1", scale=max(B, 1))
+    close(dw2, rdw2, dtype, "dw2", scale=max(B, 1))
+
+
+# 2. gather -------------------------------------------------------------------------------
+
+def check_gather(dev, dtype, B, C, H, W, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = randn((B, C, H, W), g, dtype)
+    a = (torch.rand(B, C, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
+    idx = torch.randperm(C, generator=g)[:n]
+    out = dev.attention_gather_fwd(x, a, idx)
+    close(out, R.attention_gather_fwd(x, a, idx), dtype, "out")
+    grad = randn((B, n, H, W), g, dtype)
+    dx, da = dev.attention_gather_bwd(grad, x, a, idx)
+    rdx, rda = R.attention_gather_bwd(grad, x, a, idx)
+    close(dx, rdx, dtype, "dx")
+    close(da, rda, dtype, "da", scale=math.sqrt(H * W))
+
+
+# 3. write-back ---------------------------------------------------------------------------
+
+def check_writeback(dev, dtype, B, C, H, W, n, stride, beta, seed=0, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = H // stride, W // stride
+    x = randn((B, C, H, W), g, dtype)
+    if nan and x.numel():  # NaN and inf in pooling windows (and a window of -inf)
+        flat = x.view(-1)
+        flat[:: 7] = float("nan")
+        flat[3:: 11] = float("inf")
+        x[0, 0, :2, :2] = float("-inf")
+    a = (torch.rand(B, C, generator=g, dtype=torch.float64) * 0.9 + 0.05).to(dtype)
+    idx = torch.randperm(C, generator=g)[:n]
+    if nan:  # non-finite values on bypass channels only: the reference's masked products
+        # (0 * NaN) would make da and dbeta of a selected channel NaN where the kernels skip it
+        x[:, idx] = randn((B, n, H, W), g, dtype)
+    y = randn((B, n, Ho, Wo), g, dtype)
+    bt = (torch.rand((), generator=g, dtype=torch.float64) + 0.5).to(dtype) if beta else None
+    out = dev.attention_writeback_fwd(x, a, idx, y, bt, stride)
+    close(out, R.attention_writeback_fwd(x, a, idx, y, bt, stride), dtype, "out", equal_nan=nan)
+    grad = randn((B, C, Ho, Wo), g, dtype)
+    dx, da, dy, dbeta = dev.attention_writeback_bwd(grad, x, a, idx, y, bt, stride)
+    rdx, rda, rdy, rdbeta = R.attention_writeback_bwd(grad, x, a, idx, y, bt, stride)
+    close(dx, rdx, dtype, "dx", equal_nan=nan)
+    close(da, rda, dtype, "da", equal_nan=nan, scale=math.sqrt(Ho * Wo + 1))
+    close(dy, rdy, dtype, "dy")
+    if beta:
+        close(dbeta, rdbeta, dtype, "dbeta", equal_nan=nan, scale=math.sqrt(B * C * Ho * Wo + 1))
+    else:
+        assert dbeta is None
+
+
+# 4. mixed sum ----------------------------------------------------------------------------
+
+EPS = 1e-5
+
+
+def check_mixed(dev, dtype, B, n, H, W, stride, P, identity, training, seed=0, ties=False, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = H // stride, W // stride
+    if ties:  # few distinct values: many equal maxima in every window
+        x = torch.randint(-1, 2, (B, n, H, W), generator=g).to(dtype)
+    else:
+        x = randn((B, n, H, W), g, dtype)
+    if nan and x.numel():
+        x.view(-1)[5:: 13] = float("nan")
+        x.view(-1)[2:: 17] = float("-inf")
+    z = [(randn((B, n, Ho, Wo), g, torch.float64) * (1 + 0.5 * i) + 0.3 * i).to(dtype) for i in range(P)]
+    w = torch.softmax(randn((P + 3,), g, torch.float64), 0).to(dtype)
+    pw, zw = w[:2].clone(), w[2:2 + P].clone()
+    iw = w[2 + P].clone() if identity else None
+    sd = acc(dtype)
+    rm = (randn((P + 2, n), g, torch.float64) * 0.3).to(sd)
+    rv = (torch.rand(P + 2, n, generator=g, dtype=torch.float64) + 0.5).to(sd)
+    run = (None, None) if training else (rm, rv)
+    y, mean, var = dev.mixed_sum_fwd(z, x, zw, pw, iw, stride, EPS, *run)
+    ry, rmean, rvar = R.mixed_sum_fwd(z, x, zw, pw, iw, stride, EPS, *run)
+    N = max(B * Ho * Wo, 1)
+    close(mean, rmean, sd, "mean", equal_nan=True, scale=4)
+    close(var, rvar, sd, "var", equal_nan=True, scale=4)
+    # a batch statistic is a sum over N terms: y inherits its error through (u - mean) * rstd
+    close(y, ry, dtype, "y", equal_nan=nan or B == 0, scale=1 + math.sqrt(N) * (dtype == torch.float32))
+    grad = randn((B, n, Ho, Wo), g, dtype)
+    dz, dx, dzw, dpw, diw = dev.mixed_sum_bwd(grad, z, x, zw, pw, iw, rmean, rvar, stride, EPS, training)
+    rdz, rdx, rdzw, rdpw, rdiw = R.mixed_sum_bwd(grad, z, x, zw, pw, iw, rmean, rvar, stride, EPS, training)
+    s = 1 + math.sqrt(N) * (dtype == torch.float32)
+    for i, (o, r) in enumerate(zip(dz, rdz)):
+        close(o, r, dtype, f"dz[{i}]", equal_nan=nan, scale=s)
+    close(dx, rdx, dtype, "dx", equal_nan=nan, scale=s)
+    close(dzw, rdzw, dtype, "dz_weights", equal_nan=nan, scale=math.sqrt(N * n))
+    close(dpw, rdpw, dtype, "dpool_weights", equal_nan=nan, scale=math.sqrt(N * n))
+    close(diw, rdiw.reshape(()).to(dtype), dtype, "didentity_weight", equal_nan=nan, scale=math.sqrt(N * n))
+
+
+# ----------------------------------------------------------------------------- case lists
+
+# (B, C, H, W, n): small planes (one warp each, 16-byte vectors), n = C, one block per plane
+# (H*W > 256, scalar at 41 columns), several GEMM tiles, C = 1, B = 1, B = 0.
+SCORE = [(2, 8, 4, 4, 3), (3, 10, 5, 7, 10), (2, 6, 40, 41, 2), (4, 40, 3, 3, 17), (1, 1, 3, 3, 1), (0, 6, 4, 4, 3)]
+GATHER = [(2, 5, 4, 4, 3), (3, 7, 5, 3, 7), (2, 3, 40, 40, 2), (1, 4, 70, 61, 2), (2, 1, 4, 4, 1), (0, 4, 4, 4, 2)]
+# (B, C, H, W, n, stride): W % 4 and odd H / W (the cells outside every 2x2 window), n = C,
+# one block per plane, 1x1 planes
+WRITEBACK = [(2, 6, 8, 8, 3, 1), (2, 5, 7, 9, 2, 1), (2, 3, 44, 40, 1, 1), (3, 8, 5, 5, 8, 1), (1, 1, 1, 1, 1, 1),
+             (2, 6, 8, 8, 3, 2), (2, 5, 6, 10, 2, 2), (2, 4, 7, 9, 2, 2), (2, 3, 44, 40, 1, 2), (3, 8, 4, 4, 8, 2),
+             (0, 4, 4, 4, 2, 2)]
+# (B, n, H, W, stride, P, identity): the search-space edges and P = 0, 1, 5; one block per
+# plane (17x16 outputs at both strides); 1x1 planes; n = 1
+MIXED = [(2, 3, 7, 5, 1, 4, True), (3, 2, 4, 8, 1, 0, False), (1, 2, 17, 16, 1, 1, True), (2, 1, 1, 1, 1, 5, True),
+         (2, 3, 8, 10, 2, 5, False), (3, 2, 2, 4, 2, 0, False), (1, 2, 34, 32, 2, 1, False)]
+
+
+def ids(cases):
+    return ["x".join(map(str, c)) for c in cases]
+
+
+def dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SCORE, ids=ids(SCORE))
+def test_attention_score(dev, dtype, case):
+    check_score(dev, dtype, *case, seed=sum(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", GATHER, ids=ids(GATHER))
+def test_attention_gather(dev, dtype, case):
+    check_gather(dev, dtype, *case, seed=sum(case))
+
+
+@pytest.mark.parametrize("beta", [True, False], ids=["beta", "nobeta"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", WRITEBACK, ids=ids(WRITEBACK))
+def test_attention_writeback(dev, dtype, case, beta):
+    check_writeback(dev, dtype, *case, beta=beta, seed=sum(case))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MIXED, ids=ids(MIXED))
+def test_mixed_sum(dev, dtype, case, training):
+    check_mixed(dev, dtype, *case, training=training, seed=sum(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scalar_paths(dev, dtype):
+    """Every pointer one element past an aligned start: no 16-byte vector path applies."""
+    d = dev.with_offset(True)
+    check_score(d, dtype, 2, 8, 4, 4, 3, seed=1)
+    check_gather(d, dtype, 2, 5, 4, 4, 3, seed=2)
+    check_writeback(d, dtype, 2, 6, 8, 8, 3, 1, beta=True, seed=3)
+    check_writeback(d, dtype, 2, 6, 8, 8, 3, 2, beta=True, seed=4)
+    check_mixed(d, dtype, 2, 3, 8, 10, 2, 5, False, True, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_ties_and_nonfinite(dev, dtype):
+    """Equal scores (the lower channel first), a NaN score (ranked first), NaN / inf in the
+    pooling windows (a NaN is the window's maximum), windows of equal maxima."""
+    check_score(dev, dtype, 3, 8, 4, 4, 5, seed=6, ties=True)
+    check_score(dev, dtype, 2, 6, 4, 4, 3, seed=7, nan=True)
+    check_writeback(dev, dtype, 2, 4, 8, 8, 2, 2, beta=True, seed=8, nan=True)
+    check_writeback(dev, dtype, 2, 4, 6, 6, 2, 1, beta=True, seed=9, nan=True)
+    for training in (True, False):
+        check_mixed(dev, dtype, 2, 3, 6, 8, 1, 1, True, training, seed=10, ties=True)
+        check_mixed(dev, dtype, 2, 3, 6, 8, 2, 1, False, training, seed=11, nan=True)
+
+
+def test_half_conversions_bit_exact(emu_lib):
+    """float -> float16 / bfloat16 (round to nearest even) and float16 -> float as torch does,
+    bit for bit: every 16-bit pattern, the midpoints between neighbours, random floats."""
+    import ctypes
+    lib = ctypes.CDLL(str(emu_lib))
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    h = bits.view(torch.float16)
+    f = torch.empty(1 << 16, dtype=torch.float32)
+    lib.emu_half_to_float(ctypes.c_void_p(h.data_ptr()), ctypes.c_void_p(f.data_ptr()), ctypes.c_int64(1 << 16))
+    assert torch.equal(f.view(torch.int32), h.float().view(torch.int32)) or \
+        torch.equal(f[~f.isnan()], h.float()[~f.isnan()])
+    g = torch.Generator().manual_seed(0)
+    fin = h.float()[~h.float().isnan()]
+    mid = (fin[:-1].double() + fin[1:].double()) / 2  # midpoints of neighbours: the ties
+    vals = torch.cat([fin, mid.float(), torch.randn(200000, generator=g) * 1e3, torch.randn(200000, generator=g) * 1e-6,
+                      torch.tensor([float("inf"), -float("inf"), 65519.0, 65520.0, 1e-8, -0.0])])
+    for fn, dt in (("emu_float_to_half", torch.float16), ("emu_float_to_bfloat16", torch.bfloat16)):
+        out = torch.empty(vals.numel(), dtype=torch.int16)
+        getattr(lib, fn)(ctypes.c_void_p(vals.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(vals.numel()))
+        ref = vals.to(dt).view(torch.int16)
+        bad = (out != ref).nonzero().flatten()
+        assert bad.numel() == 0, f"{dt}: {bad.numel()} mismatches, e.g. {vals[bad[:3]].tolist()}"
