@@ -218,13 +218,16 @@ def check_mixed(dev, dtype, B, n, H, W, stride, P, identity, training, seed=0, t
 # ----------------------------------------------------------------------------- case lists
 
 # (B, C, H, W, n): small planes (one warp each, 16-byte vectors), n = C, one block per plane
-# (H*W > 256, scalar at 41 columns), several GEMM tiles, C = 1, B = 1, B = 0.
-SCORE = [(2, 8, 4, 4, 3), (3, 10, 5, 7, 10), (2, 6, 40, 41, 2), (4, 40, 3, 3, 17), (1, 1, 3, 3, 1), (0, 6, 4, 4, 3)]
-GATHER = [(2, 5, 4, 4, 3), (3, 7, 5, 3, 7), (2, 3, 40, 40, 2), (1, 4, 70, 61, 2), (2, 1, 4, 4, 1), (0, 4, 4, 4, 2)]
+# (17x17: scalar; 32x36: vectors in float32 / float64), the forward's tiles over gridDim.y
+# (70x61), several GEMM tiles (C = 33), C = 1, B = 1, B = 0.
+SCORE = [(2, 8, 4, 4, 3), (3, 10, 5, 7, 10), (1, 3, 17, 17, 2), (1, 2, 32, 36, 1), (1, 33, 2, 1, 17), (1, 1, 3, 3, 1),
+         (0, 6, 4, 4, 3)]
+GATHER = [(2, 5, 4, 4, 3), (3, 7, 5, 3, 7), (1, 3, 17, 17, 2), (1, 2, 32, 36, 1), (1, 2, 70, 61, 1), (2, 1, 4, 4, 1),
+          (0, 4, 4, 4, 2)]
 # (B, C, H, W, n, stride): W % 4 and odd H / W (the cells outside every 2x2 window), n = C,
 # one block per plane, 1x1 planes
-WRITEBACK = [(2, 6, 8, 8, 3, 1), (2, 5, 7, 9, 2, 1), (2, 3, 44, 40, 1, 1), (3, 8, 5, 5, 8, 1), (1, 1, 1, 1, 1, 1),
-             (2, 6, 8, 8, 3, 2), (2, 5, 6, 10, 2, 2), (2, 4, 7, 9, 2, 2), (2, 3, 44, 40, 1, 2), (3, 8, 4, 4, 8, 2),
+WRITEBACK = [(2, 6, 8, 8, 3, 1), (2, 5, 7, 9, 2, 1), (1, 2, 44, 40, 1, 1), (3, 8, 5, 5, 8, 1), (1, 1, 1, 1, 1, 1),
+             (2, 6, 8, 8, 3, 2), (2, 5, 6, 10, 2, 2), (2, 4, 7, 9, 2, 2), (1, 2, 44, 40, 1, 2), (3, 8, 4, 4, 8, 2),
              (0, 4, 4, 4, 2, 2)]
 # (B, n, H, W, stride, P, identity): the search-space edges and P = 0, 1, 5; one block per
 # plane (17x16 outputs at both strides); 1x1 planes; n = 1
@@ -312,3 +315,68 @@ def test_half_conversions_bit_exact(emu_lib):
         ref = vals.to(dt).view(torch.int16)
         bad = (out != ref).nonzero().flatten()
         assert bad.numel() == 0, f"{dt}: {bad.numel()} mismatches, e.g. {vals[bad[:3]].tolist()}"
+
+
+# ----------------------------------------------------------------------------- the emulator's checks
+
+SELFTEST = [  # (which, error code, words of the message): tests/cuda_emu/selftest.cu
+    (1, 719, ["two_barriers_kernel", "divergent __syncthreads"]),
+    (2, 719, ["exit_before_barrier_kernel", "divergent __syncthreads", "exited"]),
+    (3, 719, ["exit_before_shuffle_kernel", "__shfl_xor_sync", "lane 7", "exited"]),
+    (4, 719, ["mask_mismatch_kernel", "(mask 0xffffffff)", "lane 15"]),  # lanes 0-15 went on with their own mask
+    (5, 719, ["read_outside_mask_kernel", "not in the mask"]),
+    (6, 719, ["partial_warp_kernel", "does not exist"]),
+    (7, 719, ["deadlock_kernel", "deadlock"]),
+    (8, 702, ["spin_kernel", "no progress"]),
+    (9, 710, ["assert_kernel", "device assert", "selftest: not 12345"]),
+    (10, 716, ["misaligned_kernel", "misaligned address", "16-byte alignment"]),
+    (11, 9, ["write_kernel", "block (1025,1,1)"]),
+    (12, 9, ["write_kernel", "grid (1,65536,1)"]),
+    (13, 9, ["write_kernel", "grid (2147483648,1,1)"]),
+    (14, 9, ["write_kernel", "zero-size launch"]),
+    (15, 1, ["dynamic_smem_kernel", "65536 bytes of dynamic shared memory"]),
+    (17, 9, ["write_kernel", "block (8,8,65)"]),
+]
+
+
+@pytest.fixture(scope="session")
+def selftest_lib(emu_dir):
+    import ctypes
+    lib = ctypes.CDLL(str(H.build(emu_dir, ops=(), extra=[HERE / "cuda_emu" / "selftest.cu"])))
+    lib.emu_message.restype = ctypes.c_char_p
+    return lib
+
+
+def selftest_run(lib, which):
+    buf = torch.zeros(1024, dtype=torch.int32)
+    lib.emu_reset()
+    code = lib.emu_selftest(which, ctypes_ptr(buf))
+    return code, lib.emu_message().decode(), buf
+
+
+def ctypes_ptr(t):
+    import ctypes
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def test_emulator_runs_correct_kernels(selftest_lib):
+    """Shared memory, barriers, shuffles and dynamic shared memory give CUDA's results."""
+    code, msg, buf = selftest_run(selftest_lib, 0)
+    assert code == 0, msg
+    assert buf[:3].tolist() == [sum(range(256))] * 3
+    code, msg, buf = selftest_run(selftest_lib, 16)
+    assert code == 0, msg
+    assert buf[:64].tolist() == list(range(63, -1, -1))
+
+
+@pytest.mark.parametrize("which,code,words", SELFTEST, ids=[w[0] for _, _, w in SELFTEST])
+def test_emulator_reports(selftest_lib, monkeypatch, which, code, words):
+    """Each defect fails its launch with the CUDA error code and a message naming the kernel."""
+    monkeypatch.setenv("ADARTS_EMU_TIMEOUT", "0.3")
+    got, msg, _ = selftest_run(selftest_lib, which)
+    assert got == code, (got, msg)
+    for w in words:
+        assert w in msg, (w, msg)
+    # the emulator is usable afterwards
+    ok, msg, buf = selftest_run(selftest_lib, 0)
+    assert ok == 0 and buf[0].item() == sum(range(256)), msg

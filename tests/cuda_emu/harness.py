@@ -150,19 +150,21 @@ def runtime_library(sanitize: Optional[str]) -> Optional[str]:
 
 
 def build(out_dir: Path, ops: Sequence[str] = OPS, inject: Optional[str] = None, sanitize: Optional[str] = None,
-          jobs: int = 2) -> Path:
-    """The emulated kernels of ``ops`` as a shared library under ``out_dir`` (objects cached
-    there by content and flags)."""
+          extra: Sequence[Path] = (), jobs: int = 2) -> Path:
+    """The emulated kernels of ``ops`` (and the rewritten ``extra`` sources) as a shared
+    library under ``out_dir`` (objects cached there by content and flags)."""
     if shutil.which("g++") is None:
         raise RuntimeError("g++ not found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha1(repr((sorted(ops), inject, sanitize)).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(repr((sorted(ops), inject, sanitize, [str(p) for p in extra])).encode()).hexdigest()[:12]
     src = out_dir / f"src-{tag}"
     src.mkdir(exist_ok=True)
     texts = {"kernels.h": (CUDA_DIR / "kernels.h").read_text(),
              "common.cuh": rewrite((CUDA_DIR / "common.cuh").read_text())}
     for op in ops:
         texts[f"{op}_kernel.cu"] = rewrite((CUDA_DIR / f"{op}_kernel.cu").read_text())
+    for p in extra:
+        texts[p.name] = rewrite(p.read_text())
     if inject is not None:
         fname, old, new = INJECTIONS[inject]
         assert fname in texts, f"{inject} changes {fname}, which this build leaves out"
@@ -180,6 +182,7 @@ def build(out_dir: Path, ops: Sequence[str] = OPS, inject: Optional[str] = None,
         flags.append(f"-DADARTS_EMU_INJECT={inject}")
     header_text = texts["kernels.h"] + texts["common.cuh"] + (EMU_DIR / "cuda_emu.h").read_text()
     units = [(src / f"{op}_kernel.cu", texts[f"{op}_kernel.cu"]) for op in ops]
+    units += [(src / p.name, texts[p.name]) for p in extra]
     units += [(src / "emu_wrappers.cpp", texts["emu_wrappers.cpp"]), (EMU_DIR / "cuda_emu.cpp",
                                                                         (EMU_DIR / "cuda_emu.cpp").read_text())]
     objs = []
