@@ -380,3 +380,85 @@ def test_emulator_reports(selftest_lib, monkeypatch, which, code, words):
     # the emulator is usable afterwards
     ok, msg, buf = selftest_run(selftest_lib, 0)
     assert ok == 0 and buf[0].item() == sum(range(256)), msg
+
+
+# ----------------------------------------------------------------------------- injected bugs
+
+def test_injected_missing_barrier_is_a_mismatch(emu_dir):
+    """(a) gemm_kernel without the __syncthreads between storing a K slab and reading it. A
+    race has no error of its own: the symptom is a wrong result. The serial schedule makes it
+    deterministic (thread 0 reads the tile before the others stored theirs) and the poisoned
+    shared memory makes the unwritten values NaN; the same case passes without the injection."""
+    dev = H.Emulated(H.build(emu_dir, ops=("attention_score",), inject="drop_sync"))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_score(dev, torch.float32, 2, 8, 4, 4, 3, seed=1)
+
+
+def test_injected_lane_exit_is_reported(emu_dir):
+    """(b) one lane of each group returns before the reduction's shuffles in
+    gather_bwd_kernel: the emulator fails the launch and names the kernel and the lane."""
+    dev = H.Emulated(H.build(emu_dir, ops=("attention_gather",), inject="lane_exit"))
+    with pytest.raises(H.LaunchError) as e:
+        check_gather(dev, torch.float32, 2, 5, 4, 4, 3, seed=2)
+    assert e.value.code == 719
+    assert "gather_bwd_kernel" in e.value.message and "lane 5" in e.value.message and "exited" in e.value.message
+
+
+def test_injected_misaligned_vector_load_is_reported(emu_dir):
+    """(c) the alignment test passes 4-byte aligned pointers to the 16-byte vector path of
+    gather_fwd_kernel: the emulator reports the misaligned address (cudaErrorMisalignedAddress)."""
+    dev = H.Emulated(H.build(emu_dir, ops=("attention_gather",), inject="misalign")).with_offset(True)
+    with pytest.raises(H.LaunchError) as e:
+        check_gather(dev, torch.float32, 2, 5, 4, 4, 3, seed=3)
+    assert e.value.code == 716
+    assert "gather_fwd_kernel" in e.value.message and "misaligned address" in e.value.message
+
+
+# ----------------------------------------------------------------------------- sanitizers
+
+def sanitized_cases(dev):
+    """The cases of the sanitizer builds: every op and both paths, fewer shapes."""
+    for dtype in (torch.float32, torch.float16):
+        check_score(dev, dtype, 2, 8, 4, 4, 3, seed=1)
+        check_score(dev, dtype, 1, 3, 17, 17, 2, seed=2)
+        check_gather(dev, dtype, 2, 5, 4, 4, 3, seed=3)
+        check_gather(dev, dtype, 1, 2, 70, 61, 1, seed=4)
+        for stride in (1, 2):
+            check_writeback(dev, dtype, 2, 5, 7, 9, 2, stride, beta=True, seed=5)
+            check_writeback(dev, dtype, 2, 6, 8, 8, 3, stride, beta=False, seed=6)
+        check_mixed(dev, dtype, 2, 3, 7, 5, 1, 4, True, True, seed=7)
+        check_mixed(dev, dtype, 2, 3, 8, 10, 2, 5, False, False, seed=8)
+        d = dev.with_offset(True)
+        check_gather(d, dtype, 2, 5, 4, 4, 3, seed=9)
+        check_writeback(d, dtype, 2, 6, 8, 8, 3, 2, beta=True, seed=10)
+        check_mixed(d, dtype, 2, 3, 8, 10, 2, 1, False, True, seed=11)
+
+
+def run_sanitized(emu_dir, sanitize, env_extra):
+    lib = H.build(emu_dir, sanitize=sanitize)
+    preload = H.runtime_library(sanitize)
+    if preload is None:
+        pytest.skip(f"no {sanitize} sanitizer runtime for g++ here")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cuda_emulated as T, harness as H; "
+            "T.sanitized_cases(H.Emulated(sys.argv[2])); print('sanitized cases passed')")
+    env = dict(os.environ, LD_PRELOAD=preload, **env_extra)
+    r = subprocess.run([sys.executable, "-c", code, str(HERE), str(lib)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "sanitized cases passed" in r.stdout, out[-6000:]
+    for bad in ("runtime error:", "ERROR: AddressSanitizer", "WARNING: ThreadSanitizer"):
+        assert bad not in out, out[-6000:]
+
+
+def test_address_and_undefined_sanitizers(emu_dir):
+    """The kernels under AddressSanitizer + UBSan (out-of-bounds accesses of the exact-size
+    buffers, misaligned or overflowing arithmetic): a build of its own, in a subprocess."""
+    run_sanitized(emu_dir, "address", {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
+                                       "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+
+
+@pytest.mark.skipif(os.environ.get("ADARTS_EMU_TSAN") != "1", reason="ThreadSanitizer run: ADARTS_EMU_TSAN=1")
+def test_thread_sanitizer(emu_dir):
+    """The kernels with the CUDA threads running concurrently under ThreadSanitizer (opt-in:
+    slow, and it reports races between CUDA threads as well as in the emulator)."""
+    run_sanitized(emu_dir, "thread", {"ADARTS_EMU_SCHED": "free", "TSAN_OPTIONS": "halt_on_error=1"})
