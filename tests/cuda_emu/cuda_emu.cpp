@@ -2,14 +2,16 @@
 // one per CUDA thread of the running block, block barriers and warp exchanges with
 // divergence / mask checks, a deadlock check and a watchdog, launch-configuration checks.
 //
-// Everything is guarded by one mutex G; each pool thread waits on its own condition
-// variable, so that a barrier wakes exactly the threads it releases. Serial scheduling
+// Everything is guarded by one mutex G; each pool thread sleeps on its own semaphore, posted
+// only after G is released (a woken thread never blocks on G at once), so that a barrier
+// wakes exactly the threads it releases. Serial scheduling
 // (default): one CUDA thread runs at a time, the baton passing at every barrier, warp
 // operation and exit to the next ready thread in thread order (deterministic). Free
 // scheduling (ADARTS_EMU_SCHED=free): all ready threads run at once.
 #include "cuda_emu.h"
 
 #include <pthread.h>
+#include <semaphore.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -61,14 +63,16 @@ struct Block {
 };
 
 struct Worker {
-  std::condition_variable cv;
+  sem_t sem;
   uint64_t job = 0, seen = 0;
+  Worker() { sem_init(&sem, 0, 0); }
 };
 
 std::mutex G;                      // guards everything below
 std::condition_variable main_cv;   // the launching thread waits here
 std::vector<Worker*> workers;      // never destroyed (threads may outlive static destruction)
 Block* cur = nullptr;
+std::vector<int> pending;          // threads to wake once G is released
 bool wedged = false;               // a CUDA thread never came back: no further launch
 int last_error = 0;
 std::string last_message;
@@ -105,7 +109,28 @@ std::string format(const char* fmt, ...) {
 }
 
 // ------------------------------------------------------------------ scheduling (G held)
-void wake(Block& b, int t) { workers[t]->cv.notify_one(); (void)b; }
+void wake(Block& b, int t) {
+  (void)b;
+  pending.push_back(t);
+}
+
+// Releases G, then posts the semaphores of the threads woken meanwhile.
+void unlock_and_wake(std::unique_lock<std::mutex>& lk) {
+  std::vector<int> w;
+  w.swap(pending);
+  lk.unlock();
+  for (int t : w) sem_post(&workers[t]->sem);
+}
+
+// Sleeps (G released) until pred() holds; returns with G held. Extra posts are harmless.
+template <typename Pred> void sleep_until(std::unique_lock<std::mutex>& lk, int t, Pred pred) {
+  while (!pred()) {
+    unlock_and_wake(lk);
+    while (sem_wait(&workers[t]->sem) != 0) {
+    }
+    lk.lock();
+  }
+}
 
 void fail_block(Block& b, int code, const std::string& msg) {
   if (!b.failed) {
@@ -232,9 +257,11 @@ void pass_baton(Block& b, int from) {
 
 // Wait (G held) until thread t may run; throws Abort when the launch failed meanwhile.
 void wait_turn(std::unique_lock<std::mutex>& lk, Block& b, int t) {
-  Worker& w = *workers[t];
-  w.cv.wait(lk, [&] { return b.failed || (b.slots[t].st == St::Ready && (!b.serial || b.baton == t)); });
-  if (b.failed) throw Abort{};
+  sleep_until(lk, t, [&] { return b.failed || (b.slots[t].st == St::Ready && (!b.serial || b.baton == t)); });
+  if (b.failed) {
+    unlock_and_wake(lk);
+    throw Abort{};
+  }
 }
 
 // The calling thread blocks in state st; returns when released (G held).
@@ -269,11 +296,13 @@ void run_thread(Block& b, int t) {
     (*b.body)();
   } catch (const Abort&) {
   } catch (const Error& e) {
-    std::lock_guard<std::mutex> lk(G);
+    std::unique_lock<std::mutex> lk(G);
     fail_block(b, e.code, e.msg);
+    unlock_and_wake(lk);
   } catch (const std::exception& e) {
-    std::lock_guard<std::mutex> lk(G);
+    std::unique_lock<std::mutex> lk(G);
     fail_block(b, cudaErrorLaunchFailure, format("exception: %s", e.what()));
+    unlock_and_wake(lk);
   }
   tl_block = nullptr;
   tl_tid = -1;
@@ -285,14 +314,14 @@ void* worker_main(void* arg) {
   Worker& w = *workers[t];
   for (;;) {
     // a new block, and (serial scheduling) the baton: only the thread whose turn it is wakes
-    w.cv.wait(lk, [&] {
+    sleep_until(lk, t, [&] {
       return w.job != w.seen && cur != nullptr && (cur->failed || !cur->serial || cur->baton == t);
     });
     w.seen = w.job;
     Block& b = *cur;
     const bool run = !b.failed;
     if (run) {
-      lk.unlock();
+      unlock_and_wake(lk);
       run_thread(b, t);
       lk.lock();
     }
@@ -365,6 +394,7 @@ void syncthreads(const char* file, int line) {
   s.line = line;
   ++b.nbar;
   block_on(lk, b, tl_tid);
+  unlock_and_wake(lk);
 }
 
 unsigned warp_exchange(unsigned mask, uint64_t mine, uint64_t* vals, const char* file, int line, const char* what) {
@@ -387,7 +417,9 @@ unsigned warp_exchange(unsigned mask, uint64_t mine, uint64_t* vals, const char*
   for (int l = 0; l < 32; ++l)
     vals[l] = ((s.got >> l) & 1u) ? b.slots[base + l].val[ph] : 0;
   s.phase = ph ^ 1;
-  return s.got;
+  const unsigned got = s.got;
+  unlock_and_wake(lk);
+  return got;
 }
 
 void* shared_block(const void* key, size_t bytes, size_t align) {
@@ -458,12 +490,17 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
         std::memset(b.dyn, 0xff, smem > 0 ? smem : 1);
         cur = &b;
         for (int t = 0; t < n; ++t) ++workers[t]->job;
-        for (int t = 0; t < (b.serial ? 1 : n); ++t) workers[t]->cv.notify_one();  // serial: the baton holder
+        for (int t = 0; t < (b.serial ? 1 : n); ++t) wake(b, t);  // serial: the baton holder
         // watchdog: no progress for `limit` seconds is a deadlock (a thread spinning)
         uint64_t seen = b.progress;
         auto last = std::chrono::steady_clock::now();
         bool timed_out = false;
         while (b.finished < n) {
+          if (!pending.empty()) {
+            unlock_and_wake(lk);
+            lk.lock();
+            continue;
+          }
           main_cv.wait_for(lk, std::chrono::milliseconds(200));
           const auto now = std::chrono::steady_clock::now();
           if (b.progress != seen) {

@@ -180,16 +180,17 @@ def build(out_dir: Path, ops: Sequence[str] = OPS, inject: Optional[str] = None,
     flags = BASE_FLAGS + SANITIZE[sanitize] + [f"-I{src}", f"-I{EMU_DIR / 'include'}", f"-I{EMU_DIR}"]
     if inject is not None:
         flags.append(f"-DADARTS_EMU_INJECT={inject}")
-    header_text = texts["kernels.h"] + texts["common.cuh"] + (EMU_DIR / "cuda_emu.h").read_text()
-    units = [(src / f"{op}_kernel.cu", texts[f"{op}_kernel.cu"]) for op in ops]
-    units += [(src / p.name, texts[p.name]) for p in extra]
-    units += [(src / "emu_wrappers.cpp", texts["emu_wrappers.cpp"]), (EMU_DIR / "cuda_emu.cpp",
-                                                                        (EMU_DIR / "cuda_emu.cpp").read_text())]
+    # each object is keyed by its text, the headers it includes and the flags (not the -D tag)
+    emu_h = (EMU_DIR / "cuda_emu.h").read_text()
+    kernel_deps = texts["kernels.h"] + texts["common.cuh"] + emu_h
+    units = [(src / f"{op}_kernel.cu", texts[f"{op}_kernel.cu"], kernel_deps) for op in ops]
+    units += [(src / p.name, texts[p.name], kernel_deps) for p in extra]
+    units += [(src / "emu_wrappers.cpp", texts["emu_wrappers.cpp"], texts["kernels.h"]),
+              (EMU_DIR / "cuda_emu.cpp", (EMU_DIR / "cuda_emu.cpp").read_text(), emu_h)]
     objs = []
     cmds = []
-    for path, text in units:
-        key = hashlib.sha1((text + header_text + " ".join(BASE_FLAGS + SANITIZE[sanitize])
-                            + str(inject)).encode()).hexdigest()[:16]
+    for path, text, deps in units:
+        key = hashlib.sha1((text + deps + " ".join(BASE_FLAGS + SANITIZE[sanitize])).encode()).hexdigest()[:16]
         obj = out_dir / "obj" / f"{path.stem}-{key}.o"
         objs.append(obj)
         if not obj.exists():
