@@ -3,7 +3,7 @@ of tests/cuda_emu (``emulated``, always), and on a GPU through the CUDA build (`
 torch sees a device and the extension has CUDA kernels), with the same cases.
 
 Emulated: the sources are compiled unchanged with g++ (after the launch-syntax rewrite of
-tests/cuda_emu/harness.py) into a library whose real launchers (csrc/cuda/kernels.h) are
+tests/cuda_emu/emu_harness.py) into a library whose real launchers (csrc/cuda/kernels.h) are
 called with exact-size CPU buffers, outputs and workspaces filled with garbage first. Every
 op, forward and backward, all four dtypes, against the plain-PyTorch reference
 (adarts_kernels/ops/reference.py): odd shapes, B = 0 / 1, C = 1, n = C, ties, NaN / inf
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import harness as H  # noqa: E402
+import emu_harness as H  # noqa: E402
 
 from adarts_kernels.ops import reference as R  # noqa: E402
 
@@ -447,7 +447,7 @@ def run_sanitized(emu_dir, sanitize, env_extra):
     preload = H.runtime_library(sanitize)
     if preload is None:
         pytest.skip(f"no {sanitize} sanitizer runtime for g++ here")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cuda_emulated as T, harness as H; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cuda_emulated as T, emu_harness as H; "
             "T.sanitized_cases(H.Emulated(sys.argv[2])); print('sanitized cases passed')")
     env = dict(os.environ, LD_PRELOAD=preload, **env_extra)
     r = subprocess.run([sys.executable, "-c", code, str(HERE), str(lib)], env=env, capture_output=True, text=True,

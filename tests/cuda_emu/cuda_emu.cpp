@@ -116,17 +116,20 @@ void wake(Block& b, int t) {
 
 // Releases G, then posts the semaphores of the threads woken meanwhile.
 void unlock_and_wake(std::unique_lock<std::mutex>& lk) {
-  std::vector<int> w;
-  w.swap(pending);
+  std::vector<sem_t*> w;  // the Worker objects live forever; `workers` itself may grow once G is free
+  w.reserve(pending.size());
+  for (int t : pending) w.push_back(&workers[t]->sem);
+  pending.clear();
   lk.unlock();
-  for (int t : w) sem_post(&workers[t]->sem);
+  for (sem_t* s : w) sem_post(s);
 }
 
 // Sleeps (G released) until pred() holds; returns with G held. Extra posts are harmless.
 template <typename Pred> void sleep_until(std::unique_lock<std::mutex>& lk, int t, Pred pred) {
   while (!pred()) {
+    sem_t* mine = &workers[t]->sem;
     unlock_and_wake(lk);
-    while (sem_wait(&workers[t]->sem) != 0) {
+    while (sem_wait(mine) != 0) {
     }
     lk.lock();
   }

@@ -1,7 +1,7 @@
 // Host emulation of the subset of CUDA that csrc/cuda/*.cu use, so that the kernel sources
 // compile UNCHANGED as host C++ (g++) and run on the CPU in the test suite
 // (tests/test_cuda_emulated.py). Reached through the stand-ins tests/cuda_emu/include/
-// {cuda_runtime,cuda_fp16,cuda_bf16}.h. The harness rewrites, before compiling:
+// {cuda_runtime,cuda_fp16,cuda_bf16}.h. The harness (emu_harness.py) rewrites, before compiling:
 //   kernel<<<grid, block, smem, stream>>>(args)  ->  ::emu::Launch("kernel", file, line, grid, block, smem,
 //                                                                 stream).run(kernel, args)
 //   __shared__ T name[N];                        ->  auto& name = ::emu::shared_var<T[N], id>();
