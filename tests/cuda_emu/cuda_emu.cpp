@@ -515,7 +515,7 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
                          format("deadlock: no progress for %.1f s (a thread spins or never reaches a barrier)", limit));
               timed_out = true;
               last = now;
-            } else if (std::chrono::duration<double>(now - last).count() > 3 * limit) {
+            } else if (std::chrono::duration<double>(now - last).count() > (limit > 2 ? limit : 2) * 3) {
               wedged = true;  // some thread never came back: leave it, refuse further launches
               record(cudaErrorLaunchTimeout, where + ": " + b.msg + " (threads never returned)");
               cur = nullptr;
