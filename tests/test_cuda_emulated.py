@@ -224,10 +224,11 @@ SCORE = [(2, 8, 4, 4, 3), (3, 10, 5, 7, 10), (1, 3, 17, 17, 2), (1, 2, 32, 36, 1
          (0, 6, 4, 4, 3)]
 GATHER = [(2, 5, 4, 4, 3), (3, 7, 5, 3, 7), (1, 3, 17, 17, 2), (1, 2, 32, 36, 1), (1, 2, 70, 61, 1), (2, 1, 4, 4, 1),
           (0, 4, 4, 4, 2)]
-# (B, C, H, W, n, stride): W % 4 and odd H / W (the cells outside every 2x2 window), n = C,
-# one block per plane, 1x1 planes
+# (B, C, H, W, n, stride): W % 4 (the vector paths) and odd H / W at stride 1, one output row
+# at stride 2 (which takes even H and W), n = C, one block per plane, 1x1 planes, B = 0.
+# Every case is valid for the bindings too (the cuda device).
 WRITEBACK = [(2, 6, 8, 8, 3, 1), (2, 5, 7, 9, 2, 1), (1, 2, 44, 40, 1, 1), (3, 8, 5, 5, 8, 1), (1, 1, 1, 1, 1, 1),
-             (2, 6, 8, 8, 3, 2), (2, 5, 6, 10, 2, 2), (2, 4, 7, 9, 2, 2), (1, 2, 44, 40, 1, 2), (3, 8, 4, 4, 8, 2),
+             (2, 6, 8, 8, 3, 2), (2, 5, 6, 10, 2, 2), (2, 4, 2, 14, 2, 2), (1, 2, 44, 40, 1, 2), (3, 8, 4, 4, 8, 2),
              (0, 4, 4, 4, 2, 2)]
 # (B, n, H, W, stride, P, identity): the search-space edges and P = 0, 1, 5; one block per
 # plane (17x16 outputs at both strides); 1x1 planes; n = 1; B = 0 (NaN batch statistics, as torch)
@@ -471,3 +472,19 @@ def test_thread_sanitizer(emu_dir):
     """The kernels with the CUDA threads running concurrently under ThreadSanitizer (opt-in:
     slow, and it reports races between CUDA threads as well as in the emulator)."""
     run_sanitized(emu_dir, "thread", {"ADARTS_EMU_SCHED": "free", "TSAN_OPTIONS": "halt_on_error=1"})
+
+
+def test_cuda_device_class_on_cpu_kernels():
+    """The ``cuda`` device's calls (argument order, optional arguments, results) checked where
+    no GPU is: the same class on the C++ CPU kernels, a few cases per op."""
+    from adarts_kernels import _ext
+    if not _ext.HAS_EXT:
+        pytest.skip(f"extension not built: {_ext.EXT_ERROR}")
+    dev = H.Cuda(device="cpu")
+    for d in (dev, dev.with_offset(True)):
+        check_score(d, torch.float32, 2, 8, 4, 4, 3, seed=1)
+        check_gather(d, torch.float32, 2, 5, 4, 4, 3, seed=2)
+        check_writeback(d, torch.float32, 2, 5, 6, 10, 2, 2, beta=True, seed=3)
+        check_writeback(d, torch.float32, 2, 6, 8, 8, 3, 1, beta=False, seed=4)
+        check_mixed(d, torch.float32, 2, 3, 7, 5, 1, 4, True, True, seed=5)
+        check_mixed(d, torch.float32, 2, 3, 8, 10, 2, 1, False, False, seed=6)

@@ -406,22 +406,24 @@ class Emulated:
 
 
 class Cuda:
-    """The same methods on the real CUDA kernels (``torch.ops.adarts_C`` on CUDA tensors)."""
+    """The same methods on the real CUDA kernels (``torch.ops.adarts_C`` on CUDA tensors).
+    ``device="cpu"`` runs them on the C++ CPU kernels instead (a check of this class itself
+    where no GPU is)."""
 
     name = "cuda"
 
-    def __init__(self, offset: bool = False):
-        self.offset = offset
+    def __init__(self, offset: bool = False, device: str = "cuda"):
+        self.offset, self.device = offset, device
 
     def with_offset(self, offset: bool) -> "Cuda":
-        return Cuda(offset)
+        return Cuda(offset, self.device)
 
     def _in(self, t):
         if t is None:
             return None
         if not self.offset or t.dim() == 0:
-            return t.cuda().contiguous()
-        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+            return t.to(self.device).contiguous()
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=self.device)
         v = buf[1:].view(t.shape)
         v.copy_(t)
         return v
@@ -434,7 +436,8 @@ class Cuda:
 
     def _op(self, name, *args):
         out = getattr(torch.ops.adarts_C, name)(*args)
-        torch.cuda.synchronize()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         return self._cpu(out)
 
     def attention_score_fwd(self, x, w1, w2, n):
@@ -444,17 +447,17 @@ class Cuda:
         return self._op("attention_score_bwd", *map(self._in, (grad_a, x, w1, w2, a)))
 
     def attention_gather_fwd(self, x, a, idx):
-        return self._op("attention_gather_fwd", self._in(x), self._in(a), idx.cuda())
+        return self._op("attention_gather_fwd", self._in(x), self._in(a), idx.to(self.device))
 
     def attention_gather_bwd(self, grad, x, a, idx):
-        return self._op("attention_gather_bwd", self._in(grad), self._in(x), self._in(a), idx.cuda())
+        return self._op("attention_gather_bwd", self._in(grad), self._in(x), self._in(a), idx.to(self.device))
 
     def attention_writeback_fwd(self, x, a, idx, y, beta, stride):
-        return self._op("attention_writeback_fwd", self._in(x), self._in(a), idx.cuda(), self._in(y),
+        return self._op("attention_writeback_fwd", self._in(x), self._in(a), idx.to(self.device), self._in(y),
                         self._in(beta), stride)
 
     def attention_writeback_bwd(self, grad, x, a, idx, y, beta, stride):
-        dx, da, dy, dbeta = self._op("attention_writeback_bwd", self._in(grad), self._in(x), self._in(a), idx.cuda(),
+        dx, da, dy, dbeta = self._op("attention_writeback_bwd", self._in(grad), self._in(x), self._in(a), idx.to(self.device),
                                      self._in(y), self._in(beta), stride)
         return dx, da, dy, (dbeta if beta is not None else None)
 
