@@ -17,6 +17,9 @@
 // that arrive, reads from lanes that did not take part, misaligned vector accesses, device
 // asserts, bad launch configurations and deadlocks fail the launch: cudaGetLastError()
 // returns the error, emu_message() says what happened and names the kernel.
+// Settings (environment, read at each launch): ADARTS_EMU_SCHED=serial|free,
+// ADARTS_EMU_TIMEOUT (seconds without progress before a block counts as deadlocked, 30),
+// ADARTS_EMU_SMEM_LIMIT (bytes of dynamic shared memory per block, 48 KiB).
 #pragma once
 
 #include <math.h>
@@ -157,8 +160,8 @@ inline unsigned ballot(const char* file, int line, unsigned mask, int pred) {
 }
 
 // ------------------------------------------------------------------ shared memory
-// One zero-initialised-never object per block and declaration site (filled with 0xFF bytes:
-// NaN floats, -1 ints, so that a read before the write shows).
+// One object per block and declaration site, never zeroed: filled with 0xFF bytes (NaN floats,
+// -1 ints) at the start of each block, so that a read before the write shows.
 template <typename T, int Site> inline T& shared_var() {
   static const char key = 0;
   return *static_cast<T*>(shared_block(&key, sizeof(T), alignof(T)));
