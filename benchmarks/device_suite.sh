@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s: 150 build + 150 tests + 4 x 20 op benchmarks + 100 supernet): build the extension with CUDA kernels, run the GPU
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s: 150 build + 110 tests + 40 emulation
+# cases on CUDA + 4 x 20 op benchmarks + 100 supernet): build the extension with CUDA kernels, run the GPU
 # tests (every backend against the reference, fused supernet, no host sync), run the op
 # benchmarks and the supernet comparison (peak memory, largest batch, step time).
-# Results land in $OUT (default benchmarks/results/device): suite.log, tests.log,
+# Results land in $OUT (default benchmarks/results/device): suite.log, tests.log, tests_emulated_cases.log,
 # bench_*_cuda.json, supernet_cuda.json/png.
 #   OUT=/tmp/out bash benchmarks/device_suite.sh
 set -uo pipefail
@@ -25,8 +26,12 @@ log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.lo
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
 log "tests (the GPU-marked cases: every op on the cuda and triton backends, fused supernet)"
-timeout 150 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
+timeout 110 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
+
+log "the emulated kernels' case list on the real CUDA kernels (tests/test_cuda_emulated.py, device cuda)"
+timeout 40 $PY -m pytest -q -ra -m gpu tests/test_cuda_emulated.py > "$OUT/tests_emulated_cases.log" 2>&1
+log "emulated cases on cuda rc=$?"; tail -8 "$OUT/tests_emulated_cases.log" | tee -a "$OUT/suite.log"
 
 for op in attention_score attention_gather attention_writeback mixed_sum; do
   log "bench $op"
