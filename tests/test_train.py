@@ -1065,3 +1065,16 @@ def test_second_run_into_the_same_directory_is_refused(tmp_path, search_cli, cap
         holder.wait(timeout=60)
     run_search(search_cfg(tmp_path))       # the holder is gone: the lock is free again
     assert (tmp_path / "genotype.json").exists()
+
+
+def test_progress_shows_labelled_loss_and_validation_bars_without_warnings(tmp_path, monkeypatch, capsys):
+    import warnings
+    monkeypatch.setattr(loops, "READ_EVERY", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_retrain(retrain_cfg(tmp_path / "r", genotype="PC_DARTS", auxiliary=True, progress=True))
+        run_search(search_cfg(tmp_path / "s", progress=True))
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    err = capsys.readouterr().err
+    assert "last_loss=" in err and "(step 2)" in err
+    assert "retrain 1/1 valid" in err and "search 1/1 valid" in err and "test" in err

@@ -94,7 +94,7 @@ class FiniteGuard:
 def _read(loss: Optional[torch.Tensor], guard: FiniteGuard) -> Tuple[Optional[float], float, float]:
     """One host read: the loss (if given), the guard's step and code."""
     vals = ([loss.detach().double().reshape(())] if loss is not None else []) + guard.values()
-    got = torch.stack([v.cpu() for v in vals]).tolist()
+    got = torch.stack(vals).tolist()     # one device-to-host copy
     return (got[0] if loss is not None else None), got[-2], got[-1]
 
 
@@ -104,7 +104,7 @@ def check_finite_parameters(model: nn.Module, epoch: int, out: str) -> None:
     params = [(n, p) for n, p in model.named_parameters()]
     if not params:
         return
-    ok = torch.stack([torch.isfinite(p.detach()).all().cpu() for _, p in params]).tolist()
+    ok = torch.stack([torch.isfinite(p.detach()).all().to(params[0][1].device) for _, p in params]).tolist()
     bad = [n for (n, _), good in zip(params, ok) if not good]
     if bad:
         raise NonFiniteError("parameters", epoch + 1, None, out,
@@ -124,8 +124,8 @@ def _check_sizes(cfg, parts: dict, need: str) -> None:
     empty = [name for name, part in parts.items() if part is None or len(part) == 0]
     if empty:
         limit = f" (--limit {cfg.limit})" if cfg.limit is not None else ""
-        raise ValueError(f"too few images in {cfg.dataset}{limit}: the {' and '.join(empty)} split "
-                         f"{'is' if len(empty) == 1 else 'are'} empty; {need}")
+        which = f"the {empty[0]} split is" if len(empty) == 1 else f"the {' and '.join(empty)} splits are"
+        raise ValueError(f"too few images in {cfg.dataset}{limit}: {which} empty; {need}")
 
 
 @torch.no_grad()
