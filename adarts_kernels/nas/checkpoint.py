@@ -41,9 +41,14 @@ def lock_run(out: str) -> Iterator[str]:
     ``with`` body runs; the lock file ``<out>/run.lock`` records the holder (pid, host, start
     time).  Raises :class:`RunLockedError` naming the holder when another process has it.
     Temporary files left in ``out`` by a killed write are removed once the lock is held."""
-    import fcntl
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK)
+    try:
+        import fcntl
+    except ImportError:      # no flock (Windows): run unlocked, say so
+        print(f"[run] no file locking on this platform: nothing stops a second run into {out}", file=sys.stderr)
+        yield path
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
