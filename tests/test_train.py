@@ -1078,3 +1078,13 @@ def test_progress_shows_labelled_loss_and_validation_bars_without_warnings(tmp_p
     err = capsys.readouterr().err
     assert "last_loss=" in err and "(step 2)" in err
     assert "retrain 1/1 valid" in err and "search 1/1 valid" in err and "test" in err
+
+
+def test_check_finite_parameters_names_the_bad_ones():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    loops.check_finite_parameters(net, 0, "out")          # all finite: nothing
+    with torch.no_grad():
+        net[1].bias[1] = float("-inf")
+    with pytest.raises(loops.NonFiniteError, match=r"non-finite parameters at epoch 3: 1\.bias;") as info:
+        loops.check_finite_parameters(net, 2, "out")
+    assert info.value.step is None and "last good epoch (2)" in str(info.value)
