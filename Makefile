@@ -14,6 +14,9 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@# numpy before the build: setup.py imports torch, which warns "Failed to initialize NumPy" without it
+	$(PY) -c "import numpy" 2>/dev/null || $(PIP) install -q numpy
+	@echo "building the C++ CPU extension and installing the package: a few minutes, pip prints nothing meanwhile"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $@
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Bytes saved for backward per sample, for the three supernet edges (SPEC section 8).
+"""Bytes saved for backward per sample, for the three supernet edges (docs/method.md section 8).
 
 Counts, each storage once, what one training forward (logits and cross-entropy) of the
 search supernet keeps for backward, parameters and buffers excluded
@@ -25,7 +25,7 @@ from adarts_kernels.backend import IMPLS, resolve  # noqa: E402
 from adarts_kernels.profiling import saved_activation_bytes  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet  # noqa: E402
 
-PCDARTS_SPEC_MB = 39.9   # SPEC section 8, PC-DARTS official code
+PCDARTS_SPEC_MB = 39.9   # docs/method.md section 8, PC-DARTS official code
 
 
 def commit() -> str:
@@ -77,7 +77,7 @@ def main(argv=None):
         print(f"| {e} | " + " | ".join(f"{r['mb_per_sample']:.2f} MB" for r in rs) + f" | {ratio} |")
     if pc and (a.C, a.layers, a.size, a.k) == (16, 8, 32, 4):
         worst = max(abs(v - PCDARTS_SPEC_MB) / PCDARTS_SPEC_MB for v in pc.values())
-        print(f"PC-DARTS vs SPEC section 8 ({PCDARTS_SPEC_MB} MB): off by at most {100 * worst:.2f}%")
+        print(f"PC-DARTS vs docs/method.md section 8 ({PCDARTS_SPEC_MB} MB): off by at most {100 * worst:.2f}%")
     if a.json:
         meta = {"date": datetime.date.today().isoformat(), "device": "cpu", "machine": platform.machine(),
                 "torch": torch.__version__, "commit": commit()}

@@ -2,7 +2,7 @@
 """Retrain driver: train the network of a genotype from scratch and report test accuracy.
 
     python python/retrain.py --genotype runs/search-digits-adarts/genotype.json
-    python python/retrain.py --dataset cifar10 --data ~/data --genotype ADARTS_V1   # SPEC section 1
+    python python/retrain.py --dataset cifar10 --data ~/data --genotype ADARTS_V1   # docs/method.md section 1
 """
 import argparse
 import os
@@ -14,35 +14,53 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
 from adarts_kernels.nas.config import RETRAIN_PRESETS, RetrainConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_retrain  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RetrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--genotype", default=d.genotype,
+                   help=f"a published cell ({', '.join(sorted(PUBLISHED))}) or the path of a genotype.json")
+    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"],
+                   help="digits: embedded (scikit-learn), no download; cifar10/cifar100: read from --data")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="CIFAR only: root holding cifar-10-batches-py / cifar-100-python (default: none; "
+                        "refused with digits)")
+    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data if missing")
+    p.add_argument("--out", default=None, help="run directory (default: runs/retrain-<dataset>)")
+    p.add_argument("--preset", default=None, choices=sorted(RETRAIN_PRESETS),
+                   help="darts: C=36, 20 cells, batch 96, lr 0.025, 600 epochs, auxiliary, drop-path 0.3, "
+                        "cutout 16; digits: C=16, 6 cells, batch 64, lr 0.05, 30 epochs, auxiliary, drop-path "
+                        "0.1, cutout 4, for the embedded data set (default: digits for digits, darts for CIFAR)")
+    p.add_argument("--C", type=int, default=None, help="initial channels (default: the preset's)")
+    p.add_argument("--layers", type=int, default=None, help="cells (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial lr, cosine-annealed to 0 (default: the preset's, scaled linearly with the "
+                        "batch size)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--auxiliary", dest="auxiliary", action="store_true", default=None,
+                   help=f"auxiliary classifier, loss weight {d.auxiliary_weight} (default: the preset's, on for "
+                        "both)")
+    p.add_argument("--no-auxiliary", dest="auxiliary", action="store_false",
+                   help="no auxiliary classifier (default: the preset's)")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="final drop-path probability, ramped linearly from 0 over the epochs (default: the "
+                        "preset's)")
+    p.add_argument("--cutout", type=int, default=None, help="cutout length, 0: off (default: the preset's)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the batch order")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use at most N images of each split, for quick smoke runs (default: all)")
+    p.add_argument("--device", default=d.device, help="auto (the first GPU, else the CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint; the settings must be the same")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
 
 
 def main(argv=None):
-    d = RetrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--genotype", default=d.genotype,
-                   help=f"a published cell ({', '.join(sorted(PUBLISHED))}) or the path of a genotype.json")
-    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"])
-    p.add_argument("--data", default=None, metavar="DIR")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--out", default=None, help="run directory (default runs/retrain-<dataset>)")
-    p.add_argument("--preset", default=None, choices=sorted(RETRAIN_PRESETS),
-                   help="darts: C=36, 20 cells, 600 epochs, auxiliary, drop-path 0.3, cutout 16; "
-                        "digits: the small default for the embedded data set")
-    p.add_argument("--C", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--auxiliary", dest="auxiliary", action="store_true", default=None)
-    p.add_argument("--no-auxiliary", dest="auxiliary", action="store_false")
-    p.add_argument("--drop-path", type=float, default=None)
-    p.add_argument("--cutout", type=int, default=None, help="cutout length (0: off)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use at most N images of each split (quick smoke runs)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p = build_parser()
     a = p.parse_args(argv)
     cfg = RetrainConfig(
         genotype=a.genotype, dataset=a.dataset, data=a.data, download=a.download,

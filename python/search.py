@@ -2,7 +2,7 @@
 """Architecture search driver: ADARTS (default), PC-DARTS or DARTS.
 
     python python/search.py                                   # digits, embedded, no download
-    python python/search.py --dataset cifar10 --data ~/data   # SPEC section 4 defaults
+    python python/search.py --dataset cifar10 --data ~/data   # docs/method.md section 4 defaults
     python python/search.py --dataset cifar10 --data ~/data --preset pcdarts --edge pcdarts
     python python/search.py ... --resume                      # continue an interrupted run
     python python/search.py --dataset cifar10 --data ~/data --batch-size auto --recompute edge   # GPU
@@ -23,6 +23,7 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_search  # noqa: E402
 from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter  # noqa: E402
 
 
 def _batch_size(text: str):
@@ -46,44 +47,56 @@ def _kernels(text: str):
     return text
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"])
-    p.add_argument("--data", default=None, metavar="DIR", help="root holding cifar-10-batches-py / cifar-100-python")
-    p.add_argument("--download", action="store_true", help="download CIFAR into --data if missing")
-    p.add_argument("--out", default=None, help="run directory (default runs/search-<dataset>-<edge>)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"],
+                   help="digits: embedded (scikit-learn), no download; cifar10/cifar100: read from --data")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="CIFAR only: root holding cifar-10-batches-py / cifar-100-python (default: none; "
+                        "refused with digits)")
+    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data if missing")
+    p.add_argument("--out", default=None, help="run directory (default: runs/search-<dataset>-<edge>)")
     p.add_argument("--preset", default=None, choices=sorted(SEARCH_PRESETS),
-                   help="adarts: SPEC defaults (batch 64, lr 0.025, 80 epochs); pcdarts: batch 256, lr 0.1, "
-                        "50 epochs; digits: the small default for the embedded data set")
-    p.add_argument("--edge", default=d.edge, choices=["adarts", "pcdarts", "darts"])
+                   help="adarts: the authors' defaults (batch 64, lr 0.025, 80 epochs, 15 warm-up); pcdarts: "
+                        "batch 256, lr 0.1, 50 epochs; digits: C=8, 5 cells, batch 64, lr 0.05, 10 epochs, 3 "
+                        "warm-up, for the embedded data set (default: digits for digits, adarts for CIFAR)")
+    p.add_argument("--edge", default=d.edge, choices=["adarts", "pcdarts", "darts"],
+                   help="edge of the supernet: ADARTS or one of the baselines")
     p.add_argument("--k", type=int, default=d.k, help="1/k of the channels go through the candidates")
     p.add_argument("--kernels", default=d.kernels, type=_kernels, metavar="{" + ",".join(KERNELS) + "}",
-                   help="auto (default): the fused kernels for the adarts edge, the plain-PyTorch modules "
-                        "otherwise")
+                   help="auto: the fused kernels for the adarts edge, the plain-PyTorch modules otherwise; "
+                        "fused; modules")
     p.add_argument("--impl", default=None, choices=list(IMPLS),
                    help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto: cuda > triton > "
                         "reference on GPU, cpp > reference on CPU); an explicit one that cannot run is an error")
     p.add_argument("--recompute", default=d.recompute, choices=["none", "edge"],
                    help="edge: keep only each edge's input and recompute the edge in backward")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (default float32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
-    p.add_argument("--C", type=int, default=None, help="initial channels")
-    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (float32 without it)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU only)")
+    p.add_argument("--C", type=int, default=None, help="initial channels (default: the preset's)")
+    p.add_argument("--layers", type=int, default=None, help="cells (default: the preset's)")
     p.add_argument("--batch-size", type=_batch_size, default=None,
                    help="an integer, or 'auto': the largest batch that fits the GPU (probed with real steps, "
-                        "10%% margin), with the lr scaled linearly")
+                        "10%% margin), with the lr scaled linearly (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="weight lr (default: the preset's, scaled linearly "
                                                           "with the batch size)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs without architecture updates")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="first epochs without architecture updates (default: the preset's)")
     p.add_argument("--unrolled", action="store_true", help="second-order architecture gradient")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the batch order")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use at most N images of each split (quick smoke runs)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+                   help="use at most N images of each split, for quick smoke runs (default: all)")
+    p.add_argument("--device", default=d.device, help="auto (the first GPU, else the CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint; the settings must be the same")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     cfg = SearchConfig(
         dataset=a.dataset, data=a.data, download=a.download,

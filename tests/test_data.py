@@ -581,3 +581,38 @@ def test_load_dataset_cifar_and_digits(tmp_path, digits):
     assert set(g) == {"train", "val", "test"}
     assert torch.equal(g["val"].images, digits["val"].images)
     assert load_dataset("digits", size=12)["train"].images.shape == (1000, 3, 12, 12)
+
+
+# ----------------------------------------------------------------------------- drivers: split sizes, --data
+@pytest.mark.parametrize("limit", [1])
+def test_search_on_too_few_cifar_images_says_so(tmp_path, limit):
+    from adarts_kernels.nas.config import SearchConfig
+    from adarts_kernels.nas.loops import run_search
+    make_fake_cifar10(tmp_path / "data")
+    cfg = SearchConfig(dataset="cifar10", data=str(tmp_path / "data"), limit=limit, out=str(tmp_path / "o"),
+                       C=4, layers=3, batch_size=2, epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"too few images in cifar10 \(--limit 1\): the weights split is "
+                                         r"empty; a search needs at least 2 training images"):
+        run_search(cfg)
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_retrain_on_an_empty_split_says_so(tmp_path, monkeypatch):
+    from adarts_kernels.nas import loops
+    from adarts_kernels.nas.config import RetrainConfig
+    make_fake_cifar10(tmp_path / "data")
+    real = loops._load
+    monkeypatch.setattr(loops, "_load", lambda cfg: {**real(cfg), "test": real(cfg)["test"].subset(range(0))})
+    cfg = RetrainConfig(dataset="cifar10", data=str(tmp_path / "data"), out=str(tmp_path / "o"), C=4, layers=3,
+                        batch_size=2, epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="the test and monitoring splits are empty"):
+        loops.run_retrain(cfg)
+
+
+@pytest.mark.parametrize("kind", ["search", "retrain"])
+@pytest.mark.parametrize("extra", [dict(data="MISSING"), dict(download=True)], ids=["data", "download"])
+def test_digits_with_data_or_download_is_refused(kind, extra):
+    from adarts_kernels.nas.config import RetrainConfig, SearchConfig
+    make = SearchConfig if kind == "search" else RetrainConfig
+    with pytest.raises(ValueError, match="digits data set is embedded"):
+        make(dataset="digits", **extra).resolved()

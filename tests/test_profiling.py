@@ -116,6 +116,13 @@ def test_cli_writes_table_plot_and_json(tmp_path):
     assert main(["--C", "10", "--k", "4"]) == 2
 
 
+def test_cli_writes_no_plot_unless_asked(tmp_path, monkeypatch, capsys):
+    from adarts_kernels.profiling.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["--C", "8", "--layers", "3", "--size", "16", "--batch", "2", "--variants", "pcdarts"]) == 0
+    assert os.listdir(tmp_path) == [] and "plot:" not in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_saved_bytes_agree_with_rss_growth():
     """Honest accounting: what saved_activation_bytes counts is what stays resident after

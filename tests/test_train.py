@@ -150,7 +150,7 @@ def retrain_pc_darts(tmp_path_factory):
 @pytest.mark.parametrize("edge", ["adarts", "pcdarts", "darts"])
 def test_one_epoch_search_writes_outputs_and_moves_arch(search_runs, edge):
     out = search_runs(edge=edge)
-    assert sorted(os.listdir(out)) == ["cells.png", "checkpoint.pt", "genotype.json", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["cells.png", "checkpoint.pt", "genotype.json", "log.jsonl", "run.lock"]
 
     # log.jsonl: one record per epoch
     recs = search_log(out)
@@ -472,7 +472,7 @@ def test_checkpoint_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatc
 
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl", "run.lock"]  # no temporary left behind
     assert len(search_log(tmp_path)) == 1  # the log matches the checkpoint
 
     run_search(dataclasses.replace(cfg, resume=True))
@@ -723,7 +723,7 @@ def test_batch_size_auto_search_end_to_end_and_resume(tmp_path, capsys):
         run_search(cfg, on_epoch_end=interrupt_after(0), batch_trial=trial)
     assert seen == [16, 32, 64, 48, 40]          # doubling, then bisection down to 8
 
-    assert sorted(os.listdir(tmp_path)) == ["auto_batch.json", "checkpoint.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["auto_batch.json", "checkpoint.pt", "log.jsonl", "run.lock"]
     auto = json.loads((tmp_path / "auto_batch.json").read_text())
     assert auto == {"max_fit": 40, "batch_size": 32, "margin": 0.9, "lr": 0.05 * 32 / 64,
                     "lr_rule": "0.05 x 32/64", "device": "cpu",
@@ -878,3 +878,213 @@ def test_kernels_reference_is_now_called_modules(capsys):
     with pytest.raises(SystemExit):
         search.main(["--kernels", "reference"])
     assert "now called 'modules'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 8. guards
+
+def _nan_search_step(monkeypatch, at_call: int):
+    """Make the ``at_call``-th search step (1-based, over the whole run) start from a NaN weight."""
+    real = loops.search_step
+    calls = {"n": 0}
+
+    def step(model, architect, w_opt, weights, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            with torch.no_grad():
+                weights[0].view(-1)[0] = float("nan")
+        return real(model, architect, w_opt, weights, *args, **kw)
+    monkeypatch.setattr(loops, "search_step", step)
+
+
+@pytest.mark.parametrize("warmup, what", [(2, "train loss"), (0, "architecture loss")])
+def test_search_nan_stops_with_last_good_checkpoint_and_no_genotype(tmp_path, monkeypatch, warmup, what):
+    # 32 images, batch 16: 2 steps per epoch; the 3rd step is the first of epoch 2
+    _nan_search_step(monkeypatch, at_call=3)
+    with pytest.raises(loops.NonFiniteError) as info:
+        run_search(search_cfg(tmp_path, epochs=3, warmup_epochs=warmup))
+    err = info.value
+    assert (err.what, err.epoch, err.step) == (what, 2, 1), str(err)
+    assert "epoch 2, step 1" in str(err) and what in str(err) and "last good epoch (1)" in str(err)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and len(ckpt["history"]) == 1      # epoch 1, the last good one
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "genotype.json").exists()
+    assert len(search_log(tmp_path)) == 1
+
+
+def test_search_nan_through_the_cli_is_exit_code_2(search_cli, tmp_path, monkeypatch, capsys):
+    _nan_search_step(monkeypatch, at_call=1)
+    out = tmp_path / "run"
+    rc = search_cli.main(["--dataset", "digits", "--out", str(out), "--limit", "32", "--C", "4", "--layers", "3",
+                          "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "1", "--no-progress",
+                          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite train loss at epoch 1, step 1" in err and "no checkpoint" in err
+    assert not (out / "checkpoint.pt").exists() and not (out / "genotype.json").exists()
+
+
+def test_nan_found_between_progress_reads(tmp_path, monkeypatch):
+    """With more steps than READ_EVERY the flag read every READ_EVERY steps stops the epoch early."""
+    monkeypatch.setattr(loops, "READ_EVERY", 1)
+    _nan_search_step(monkeypatch, at_call=1)
+    seen = []
+    real_read = loops._read
+    monkeypatch.setattr(loops, "_read", lambda *a: seen.append(1) or real_read(*a))
+    with pytest.raises(loops.NonFiniteError, match="step 1"):
+        run_search(search_cfg(tmp_path, epochs=1, warmup_epochs=1))
+    assert len(seen) == 1    # stopped at the first read, step 1 of 2
+
+
+def test_retrain_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    class NaNOnThirdStep(loops.EvalNetwork):
+        calls = 0
+
+        def forward(self, x):
+            if self.training:
+                NaNOnThirdStep.calls += 1
+                if NaNOnThirdStep.calls == 3:
+                    with torch.no_grad():
+                        next(self.parameters()).view(-1)[0] = float("inf")
+            return super().forward(x)
+    monkeypatch.setattr(loops, "EvalNetwork", NaNOnThirdStep)
+    with pytest.raises(loops.NonFiniteError) as info:
+        run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS", epochs=3))
+    assert (info.value.what, info.value.epoch, info.value.step) == ("train loss", 2, 1)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 0
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_finite_guard_makes_no_host_read():
+    guard = loops.FiniteGuard(torch.device("cpu"))
+    guard.check(torch.tensor(1.0), 0, 1)
+    guard.check(torch.tensor(float("nan")), 1, 2)
+    guard.check(torch.tensor(float("inf")), 2, 1)   # not the first: ignored
+    assert [v.item() for v in guard.values()] == [1.0, 2.0]
+    with pytest.raises(loops.NonFiniteError, match="architecture loss at epoch 4, step 2"):
+        guard.raise_if_bad(1, 2, 3, "somewhere")
+
+
+@pytest.mark.parametrize("ckpt, match", [
+    ({}, "entries missing: kind, epoch"),
+    ([1, 2], "holds a list"),
+    ("history", "missing: history"),
+    ("kind", "'retrain' checkpoint, this is a search run"),
+    ("epoch", "epoch 99 is outside this run's 2 epochs"),
+    ("short_history", "history should be a list of 2"),
+    ("model", "'model' state does not fit"),
+], ids=["empty", "list", "no-history", "kind", "epoch", "short-history", "model"])
+def test_resume_refuses_a_malformed_checkpoint_naming_the_file(tmp_path, two_epoch_search, ckpt, match):
+    good = load_checkpoint(two_epoch_search / "checkpoint.pt")
+    if ckpt == "history":
+        ckpt = {k: v for k, v in good.items() if k != "history"}
+    elif ckpt == "kind":
+        ckpt = {**good, "kind": "retrain"}
+    elif ckpt == "epoch":
+        ckpt = {**good, "epoch": 99}
+    elif ckpt == "short_history":
+        ckpt = {**good, "history": good["history"][:1]}
+    elif ckpt == "model":
+        ckpt = {**good, "model": {"nope": torch.zeros(1)}}
+    io_mod.atomic_torch_save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(io_mod.CheckpointError, match=match) as info:
+        run_search(search_cfg(tmp_path, epochs=2, resume=True))
+    assert str(tmp_path / "checkpoint.pt") in str(info.value)
+
+
+def test_resume_refuses_a_flipped_bit(tmp_path, two_epoch_search):
+    data = bytearray((two_epoch_search / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(io_mod.CheckpointError, match="corrupt: its sha256"):
+        run_search(search_cfg(tmp_path, epochs=2, resume=True))
+
+
+def test_run_removes_stale_temporary_files(tmp_path, two_epoch_search, capsys):
+    shutil.copy(two_epoch_search / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    stale = tmp_path / ".checkpoint.pt.tmp-999999-3"
+    stale.write_bytes(b"half a checkpoint")
+    keep = tmp_path / "notes.tmp-1-2"       # not one of ours (no leading dot)
+    keep.write_text("mine")
+    run_search(search_cfg(tmp_path, epochs=2, resume=True))
+    assert not stale.exists() and keep.exists()
+    assert "removed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, keys", [
+    (dict(kernels="modules"), ["kernels"]),
+    (dict(recompute="edge"), ["recompute"]),
+    (dict(amp=True), ["amp"]),
+    (dict(warmup_epochs=1), ["warmup_epochs"]),
+    (dict(impl="reference"), ["impl"]),
+    (dict(lr=0.5), ["lr"]),
+    (dict(lr=0.5, momentum=0.5), ["lr", "momentum"]),
+], ids=["kernels", "recompute", "amp", "warmup", "impl", "lr", "lr-momentum"])
+def test_resume_refuses_changed_settings_naming_them(tmp_path, two_epoch_search, change, keys):
+    shutil.copy(two_epoch_search / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="cannot resume") as info:
+        run_search(search_cfg(tmp_path, epochs=2, resume=True, **change))
+    msg = str(info.value)
+    for k in keys:
+        assert f"{k}: checkpoint" in msg, msg
+    assert msg.count(": checkpoint") == len(keys), msg
+
+
+def test_retrain_resume_refuses_a_changed_lr(tmp_path, retrain_pc_darts):
+    out, _ = retrain_pc_darts
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.0125 vs now 0\.3"):
+        run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS", lr=0.3, resume=True))
+    with pytest.raises(ValueError, match="drop_path"):
+        run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS", drop_path=0.5, resume=True))
+
+
+_HOLD_LOCK = """
+import sys, time
+from adarts_kernels.nas.checkpoint import lock_run
+with lock_run(sys.argv[1]):
+    print("LOCKED", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_second_run_into_the_same_directory_is_refused(tmp_path, search_cli, capsys):
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid} on .+, started "):
+            run_search(search_cfg(tmp_path))
+        rc = search_cli.main(["--out", str(tmp_path), "--limit", "32", "--no-progress", "--device", "cpu"])
+        assert rc == 2 and f"pid {holder.pid}" in capsys.readouterr().err
+        assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "log.jsonl").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    run_search(search_cfg(tmp_path))       # the holder is gone: the lock is free again
+    assert (tmp_path / "genotype.json").exists()
+
+
+def test_progress_shows_labelled_loss_and_validation_bars_without_warnings(tmp_path, monkeypatch, capsys):
+    import warnings
+    monkeypatch.setattr(loops, "READ_EVERY", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_retrain(retrain_cfg(tmp_path / "r", genotype="PC_DARTS", auxiliary=True, progress=True))
+        run_search(search_cfg(tmp_path / "s", progress=True))
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    err = capsys.readouterr().err
+    assert "last_loss=" in err and "(step 2)" in err
+    assert "retrain 1/1 valid" in err and "search 1/1 valid" in err and "test" in err
+
+
+def test_check_finite_parameters_names_the_bad_ones():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    loops.check_finite_parameters(net, 0, "out")          # all finite: nothing
+    with torch.no_grad():
+        net[1].bias[1] = float("-inf")
+    with pytest.raises(loops.NonFiniteError, match=r"non-finite parameters at epoch 3: 1\.bias;") as info:
+        loops.check_finite_parameters(net, 2, "out")
+    assert info.value.step is None and "last good epoch (2)" in str(info.value)

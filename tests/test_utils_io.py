@@ -341,3 +341,39 @@ def test_progress_without_tqdm(monkeypatch):
     items = (1, 2)
     assert progress(items, desc="x") is items
     set_postfix(items, a=1)
+
+
+# ----------------------------------------------------------------------------- checksum, stale temporaries
+def test_checkpoint_checksum_detects_a_flipped_bit(tmp_path):
+    path = tmp_path / "c.pt"
+    atomic_torch_save(_state(1), path)
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and b"#adarts-checkpoint sha256=" in data[-100:]
+    _assert_state(torch.load(path, weights_only=False), 1)   # plain torch.load ignores the footer
+    for where in (10, len(data) // 2, len(data) - 200):
+        bad = bytearray(data)
+        bad[where] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(CheckpointError, match=r"c\.pt.*corrupt: its sha256") as info:
+            load_checkpoint(path)
+        assert info.value.path == str(path)
+
+
+def test_checkpoint_without_footer_still_loads(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(_state(2), path)       # written by plain torch.save: no checksum to check
+    _assert_state(load_checkpoint(path), 2)
+
+
+def test_remove_stale_tmp_removes_only_leftover_temporaries(tmp_path):
+    from adarts_kernels.utils.io import remove_stale_tmp
+    stale = [tmp_path / ".checkpoint.pt.tmp-123-0", tmp_path / ".result.json.tmp-9-17"]
+    keep = [tmp_path / "checkpoint.pt", tmp_path / "x.tmp-1-2", tmp_path / ".hidden", tmp_path / ".a.tmp-x-1"]
+    for p in stale + keep:
+        p.write_bytes(b"x")
+    (tmp_path / ".dir.tmp-1-1").mkdir()
+    removed = remove_stale_tmp(tmp_path)
+    assert sorted(removed) == sorted(str(p) for p in stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert (tmp_path / ".dir.tmp-1-1").is_dir()
+    assert remove_stale_tmp(tmp_path / "missing") == []

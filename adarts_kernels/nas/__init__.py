@@ -6,14 +6,14 @@ directories, checkpoints, resume) and ``loops`` (:func:`run_search`, :func:`run_
 """
 from . import genotypes
 from .architect import Architect
-from .checkpoint import epoch_records
+from .checkpoint import RunLockedError, epoch_records, lock_run
 from .config import RETRAIN_PRESETS, SEARCH_PRESETS, RetrainConfig, SearchConfig, resolve_device
 from .eval_model import EvalNetwork, count_parameters
 from .genotypes import PRIMITIVES, Genotype
-from .loops import auto_batch, evaluate, run_retrain, run_search, search_step, step_pair_trial
+from .loops import NonFiniteError, auto_batch, evaluate, run_retrain, run_search, search_step, step_pair_trial
 from .search_model import SearchNetwork, normalized_betas
 
 __all__ = ["genotypes", "Architect", "EvalNetwork", "count_parameters", "PRIMITIVES", "Genotype",
            "SearchNetwork", "normalized_betas", "SEARCH_PRESETS", "RETRAIN_PRESETS", "SearchConfig",
            "RetrainConfig", "resolve_device", "run_search", "run_retrain", "search_step", "auto_batch",
-           "step_pair_trial", "evaluate", "epoch_records"]
+           "step_pair_trial", "evaluate", "epoch_records", "NonFiniteError", "RunLockedError", "lock_run"]

@@ -1,4 +1,4 @@
-"""Architecture updates (SPEC section 4): first order (default) and second order (DARTS).
+"""Architecture updates (docs/method.md section 4): first order (default) and second order (DARTS).
 
 First order: ``alpha <- Adam step on dL_val/dalpha`` at the current weights.
 

@@ -4,20 +4,72 @@ The checkpoint written after every epoch holds the model, the optimizers, the sc
 the global RNG states and the log so far (and, for a search, the log's header record), so
 a resumed run continues exactly where the interrupted one stopped; ``log.jsonl`` is
 rewritten from the checkpoint on resume, so it always matches it.
+
+One run per directory: :func:`lock_run` takes an exclusive ``flock`` on ``<out>/run.lock``
+for the whole run (the file names the holder: pid, host, start time); a second run into the
+same directory stops with a message naming it.  A checkpoint is checked before it is used
+(:func:`validate`): its kind, epoch, history and state entries, each problem reported with
+the file's path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import socket
 import sys
-from typing import Iterable, List, Optional, Tuple
+import time
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..utils.io import JsonlLogger, load_checkpoint
+from ..utils.io import CheckpointError, JsonlLogger, load_checkpoint, remove_stale_tmp
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+LOCK = "run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock_run(out: str) -> Iterator[str]:
+    """Hold an exclusive lock on the run directory ``out`` (created if missing) while the
+    ``with`` body runs; the lock file ``<out>/run.lock`` records the holder (pid, host, start
+    time).  Raises :class:`RunLockedError` naming the holder when another process has it.
+    Temporary files left in ``out`` by a killed write are removed once the lock is held."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    try:
+        import fcntl
+    except ImportError:      # no flock (Windows): run unlocked, say so
+        print(f"[run] no file locking on this platform: nothing stops a second run into {out}", file=sys.stderr)
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                info = json.loads(holder)
+                who = f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+            except (OSError, ValueError, AttributeError):
+                who = "another process (no holder recorded)"
+            raise RunLockedError(f"{out} is in use by another run ({who}); wait for it to finish or choose "
+                                 f"another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode() + b"\n", 0)
+        for p in remove_stale_tmp(out):
+            print(f"[run] removed {p}, left by an interrupted write", file=sys.stderr)
+        yield path
+    finally:
+        os.close(fd)    # releases the lock; the file stays (its content is the last holder)
 
 
 def rng_state() -> dict:
@@ -42,7 +94,7 @@ def prepare_out(out: str, resume: bool) -> Optional[dict]:
         if not resume:
             raise FileExistsError(f"{out} already holds a run ({path}); pass --resume to continue it "
                                   f"or choose another --out")
-        return load_checkpoint(path)
+        return load_checkpoint(path)   # validated by restore(), which knows the run
     if resume:
         print(f"[resume] no checkpoint at {path}: starting from scratch", file=sys.stderr)
     return None
@@ -57,6 +109,45 @@ def check_same_run(saved: dict, now: dict, keys: Iterable[str]) -> None:
         raise ValueError(f"cannot resume: the checkpoint was made with other settings ({detail})")
 
 
+#: config keys a resumed run may change: where things are read and written, and the display
+DIFFERENT_OK = frozenset({"out", "resume", "progress", "device", "data", "download"})
+
+
+def resume_keys(cfg, ignore: Iterable[str] = ()) -> List[str]:
+    """Every config key of ``cfg`` that a resumed run must keep: all but :data:`DIFFERENT_OK`
+    and ``ignore``."""
+    skip = DIFFERENT_OK | set(ignore)
+    return [f.name for f in dataclasses.fields(cfg) if f.name not in skip]
+
+
+def validate(ckpt, kind: str, cfg, objects: Iterable[str], path: str) -> None:
+    """Refuse a checkpoint ``ckpt`` (loaded from ``path``) that a ``kind`` run with config
+    ``cfg`` cannot continue from: not a dict, another kind, an epoch outside the run, a
+    history that does not match it, missing state entries. Raises :class:`CheckpointError`
+    naming ``path``."""
+    def bad(why: str):
+        return CheckpointError(path, f"cannot resume from {path}: {why}")
+    if not isinstance(ckpt, dict):
+        raise bad(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
+    missing = [k for k in ("kind", "epoch", "config", "rng", "history", *objects) if k not in ckpt]
+    if missing:
+        raise bad(f"entries missing: {', '.join(missing)}")
+    if ckpt["kind"] != kind:
+        raise bad(f"it is a {ckpt['kind']!r} checkpoint, this is a {kind} run")
+    epoch = ckpt["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < cfg.epochs:
+        raise bad(f"epoch {epoch!r} is outside this run's {cfg.epochs} epochs (0-based, "
+                  f"0..{cfg.epochs - 1})")
+    if not isinstance(ckpt["config"], dict):
+        raise bad("its config is not a dict")
+    hist = ckpt["history"]
+    if not isinstance(hist, list) or len(hist) != epoch + 1 or not all(isinstance(r, dict) for r in hist):
+        raise bad(f"its history should be a list of {epoch + 1} epoch records, got "
+                  f"{len(hist) if isinstance(hist, list) else type(hist).__name__}")
+    if not isinstance(ckpt["rng"], dict) or "torch" not in ckpt["rng"]:
+        raise bad("its RNG state is missing or malformed")
+
+
 def restore(ckpt: Optional[dict], cfg, run_keys, objects: dict,
             header: Optional[dict] = None) -> Tuple[List[dict], int, JsonlLogger, Optional[dict]]:
     """Load ``objects`` (name -> thing with ``load_state_dict``) and the RNG state from
@@ -69,15 +160,20 @@ def restore(ckpt: Optional[dict], cfg, run_keys, objects: dict,
     history: List[dict] = []
     start_epoch = 0
     if ckpt is not None:
+        path = os.path.join(cfg.out, CHECKPOINT)
         check_same_run(ckpt["config"], dataclasses.asdict(cfg), run_keys)
         for key, obj in objects.items():
-            obj.load_state_dict(ckpt[key])
+            try:
+                obj.load_state_dict(ckpt[key])
+            except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+                raise CheckpointError(path, f"cannot resume from {path}: its {key!r} state does not fit "
+                                            f"this run ({type(e).__name__}: {e})") from e
         history = ckpt["history"]
         start_epoch = ckpt["epoch"] + 1
         set_rng_state(ckpt["rng"])
         if header is not None and ckpt.get("header") is not None:
             header = ckpt["header"]
-        print(f"[resume] {cfg.out}: continuing after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+        print(f"[resume] {cfg.out}: {start_epoch} of {cfg.epochs} epochs done, continuing", file=sys.stderr)
     logger = JsonlLogger(os.path.join(cfg.out, LOG), append=False)
     if header is not None:
         logger.log(header)

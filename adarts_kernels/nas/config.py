@@ -1,4 +1,4 @@
-"""Run configurations of the search and retrain loops (SPEC sections 1 and 4): presets,
+"""Run configurations of the search and retrain loops (docs/method.md sections 1 and 4): presets,
 :class:`SearchConfig`, :class:`RetrainConfig`, their checks, and the device choice.
 
 The drivers in ``python/`` only parse arguments into one of these and call
@@ -16,7 +16,7 @@ from .. import backend
 from . import genotypes as G
 from .search_model import check_impl_name, resolve_kernels
 
-#: Search presets. ``adarts``: the authors' public defaults (SPEC section 4); ``pcdarts``:
+#: Search presets. ``adarts``: the authors' public defaults (docs/method.md section 4); ``pcdarts``:
 #: PC-DARTS's large-batch setting; ``digits``: small enough that the embedded digits
 #: search finishes in a couple of minutes on 2 CPU cores.
 SEARCH_PRESETS: Dict[str, dict] = {
@@ -25,7 +25,7 @@ SEARCH_PRESETS: Dict[str, dict] = {
     "digits": dict(C=8, layers=5, batch_size=64, lr=0.05, epochs=10, warmup_epochs=3),
 }
 
-#: Retrain presets. ``darts``: SPEC section 1 with DARTS's defaults; ``digits``: a small
+#: Retrain presets. ``darts``: docs/method.md section 1 with DARTS's defaults; ``digits``: a small
 #: network for the embedded data set.
 RETRAIN_PRESETS: Dict[str, dict] = {
     "darts": dict(C=36, layers=20, batch_size=96, lr=0.025, epochs=600, auxiliary=True,
@@ -147,7 +147,7 @@ def check_impl(cfg: SearchConfig, device: torch.device) -> None:
 
 def _apply_preset(c, preset: dict, scale_lr: bool = True):
     """Fill ``c``'s unset fields from ``preset``; an unset lr follows the linear scaling rule
-    (SPEC section 4): the preset's lr times batch size over the preset's batch size.
+    (docs/method.md section 4): the preset's lr times batch size over the preset's batch size.
     ``scale_lr=False`` (batch size ``"auto"``, not known yet) leaves both for later."""
     for key, value in preset.items():
         if key != "lr" and getattr(c, key) is None:
@@ -161,13 +161,16 @@ def _apply_preset(c, preset: dict, scale_lr: bool = True):
 
 
 def scaled_lr(preset: dict, batch_size: int) -> float:
-    """The linear scaling rule (SPEC section 4): ``preset lr * batch_size / preset batch``."""
+    """The linear scaling rule (docs/method.md section 4): ``preset lr * batch_size / preset batch``."""
     return preset["lr"] * batch_size / preset["batch_size"]
 
 
 def _check_common(c) -> None:
     if c.dataset not in ("digits", "cifar10", "cifar100"):
         raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10 or cifar100")
+    if c.dataset == "digits" and (c.data is not None or c.download):
+        raise ValueError("--data/--download are for CIFAR: the digits data set is embedded (scikit-learn); "
+                         "drop them, or pass --dataset cifar10/cifar100")
     for key in ("batch_size", "epochs", "C", "layers"):
         if key == "batch_size" and c.batch_size == "auto":
             continue

@@ -1,4 +1,4 @@
-"""The retrain network built from a genotype (SPEC section 1), DARTS's NetworkCIFAR.
+"""The retrain network built from a genotype (docs/method.md section 1), DARTS's NetworkCIFAR.
 
 ``EvalNetwork(C=36, num_classes=10, layers=20, auxiliary=True, genotype=genotypes.PC_DARTS)``:
 input ``(B, 3, H, W)`` with H, W divisible by 4; ``forward`` returns

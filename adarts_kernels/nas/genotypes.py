@@ -54,7 +54,7 @@ ADARTS_V2 = Genotype(
     reduce_concat=list(_CONCAT),
 )
 
-#: Published cells by name (SPEC section 6).
+#: Published cells by name (docs/method.md section 6).
 PUBLISHED: Dict[str, Genotype] = {
     "DARTS_V2": DARTS_V2,
     "PC_DARTS": PC_DARTS,
@@ -140,7 +140,7 @@ def count_skips(cell: List[Tuple[str, int]]) -> int:
 
 
 def derive(edge_weights, steps: int = 4) -> List[Tuple[str, int]]:
-    """Derive one cell from its edge weights (SPEC section 3).
+    """Derive one cell from its edge weights (docs/method.md section 3).
 
     ``edge_weights: (num_edges, 8)``: softmax(alpha) times the normalised beta (or plain
     softmax(alpha) without beta). For each node keep the 2 incoming edges with the largest

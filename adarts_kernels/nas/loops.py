@@ -1,4 +1,4 @@
-"""Search and retrain loops (SPEC sections 1 and 4), with atomic checkpoints and resume.
+"""Search and retrain loops (docs/method.md sections 1 and 4), with atomic checkpoints and resume.
 
 The drivers in ``python/`` only parse arguments into a
 :class:`~adarts_kernels.nas.config.SearchConfig` or
@@ -8,6 +8,12 @@ The drivers in ``python/`` only parse arguments into a
 Reproducibility: the batches of epoch ``e`` are a pure function of ``(seed, e)``
 (:class:`~adarts_kernels.data.BatchLoader`), and the checkpoint written after every epoch
 holds everything a resumed run needs to continue exactly (``nas/checkpoint.py``).
+
+Non-finite values stop a run: every step folds ``isfinite(loss)`` into a flag on the device
+(:class:`FiniteGuard`, no host read in the step), read together with the progress bar's
+loss every 10 steps and at each epoch's end, where the parameters are checked too. A bad
+value raises :class:`NonFiniteError` before that epoch's checkpoint is written, so the
+checkpoint keeps the last good epoch, and no genotype is derived from non-finite parameters.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from ..profiling.max_batch import find_max_batch, safe_batch
 from ..utils.io import atomic_torch_save, atomic_write_text, progress, set_postfix
 from . import genotypes as G
 from .architect import Architect
-from .checkpoint import CHECKPOINT, payload, prepare_out, restore
+from .checkpoint import CHECKPOINT, lock_run, payload, prepare_out, restore, resume_keys, validate
 from .config import (SEARCH_PRESETS, RetrainConfig, SearchConfig, check_impl, resolve_device,
                      scaled_lr)
 from .eval_model import EvalNetwork, count_parameters
@@ -42,6 +48,68 @@ AUTO_BATCH_MARGIN = 0.9
 BatchTrial = Callable[[int], None]
 EpochHook = Callable[[int, dict], None]
 
+#: the loop reads the device (progress-bar loss, non-finite flag) once every this many steps
+READ_EVERY = 10
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or a parameter became NaN or infinite; the run stopped before checkpointing it.
+
+    ``epoch`` and ``step`` are 1-based (``step`` is ``None`` when found at the epoch's end),
+    ``what`` names the value (``"train loss"``, ``"architecture loss"``, ``"valid loss"``,
+    ``"parameters"``)."""
+
+    def __init__(self, what: str, epoch: int, step: Optional[int], out: str, detail: str = ""):
+        self.what, self.epoch, self.step, self.out = what, epoch, step, out
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+        kept = (f"{os.path.join(out, CHECKPOINT)} keeps the last good epoch ({epoch - 1})" if epoch > 1
+                else "no checkpoint was written")
+        super().__init__(f"non-finite {what} at {where}{': ' + detail if detail else ''}; the run stopped, "
+                         f"{kept}, nothing was derived from it (lower the lr, or check the data)")
+
+
+class FiniteGuard:
+    """Device-side record of the first non-finite loss of an epoch: :meth:`check` makes no
+    host read; :meth:`values` gives the step (-1: none) and the loss's code, for one read."""
+
+    WHAT = {1: "train loss", 2: "architecture loss"}
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.code = torch.zeros((), dtype=torch.int64, device=device)
+
+    def check(self, loss: torch.Tensor, step: int, code: int) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.step < 0)
+        self.step = torch.where(new, step, self.step)
+        self.code = torch.where(new, code, self.code)
+
+    def values(self) -> List[torch.Tensor]:
+        return [self.step.double(), self.code.double()]
+
+    def raise_if_bad(self, bad_step: float, code: float, epoch: int, out: str) -> None:
+        if bad_step >= 0:
+            raise NonFiniteError(self.WHAT.get(int(code), "loss"), epoch + 1, int(bad_step) + 1, out)
+
+
+def _read(loss: Optional[torch.Tensor], guard: FiniteGuard) -> Tuple[Optional[float], float, float]:
+    """One host read: the loss (if given), the guard's step and code."""
+    vals = ([loss.detach().double().reshape(())] if loss is not None else []) + guard.values()
+    got = torch.stack(vals).tolist()     # one device-to-host copy
+    return (got[0] if loss is not None else None), got[-2], got[-1]
+
+
+def check_finite_parameters(model: nn.Module, epoch: int, out: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter that holds a NaN or infinity
+    (one host read for all of them)."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    if not params:
+        return
+    ok = torch.stack([torch.isfinite(p.detach()).all().to(params[0][1].device) for _, p in params]).tolist()
+    bad = [n for (n, _), good in zip(params, ok) if not good]
+    if bad:
+        raise NonFiniteError("parameters", epoch + 1, None, out,
+                             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+
 
 def _load(cfg) -> dict:
     data = load_dataset(cfg.dataset, root=cfg.data, download=cfg.download,
@@ -51,15 +119,25 @@ def _load(cfg) -> dict:
     return data
 
 
+def _check_sizes(cfg, parts: dict, need: str) -> None:
+    """Refuse empty splits with a message saying what is too small, before any work."""
+    empty = [name for name, part in parts.items() if part is None or len(part) == 0]
+    if empty:
+        limit = f" (--limit {cfg.limit})" if cfg.limit is not None else ""
+        which = f"the {empty[0]} split is" if len(empty) == 1 else f"the {' and '.join(empty)} splits are"
+        raise ValueError(f"too few images in {cfg.dataset}{limit}: {which} empty; {need}")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> Tuple[float, float]:
-    """Mean loss and accuracy (%) of ``model`` over ``loader`` (eval mode, no augmentation)."""
+def evaluate(model: nn.Module, loader: BatchLoader, desc: str = "", bar: bool = False) -> Tuple[float, float]:
+    """Mean loss and accuracy (%) of ``model`` over ``loader`` (eval mode, no augmentation);
+    ``bar``: a progress bar labelled ``desc``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     n = 0
-    for x, y in loader:
+    for x, y in progress(loader, total=len(loader), desc=desc, enable=bar):
         out = model(x)
         logits = out[0] if isinstance(out, tuple) else out
         loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double().cpu()
@@ -114,7 +192,7 @@ def _search_model(cfg: SearchConfig, num_classes: int, device: torch.device) -> 
 def search_step(model: SearchNetwork, architect: Architect, w_opt: torch.optim.Optimizer, weights: List[torch.Tensor],
                 x: torch.Tensor, y: torch.Tensor, xv: Optional[torch.Tensor], yv: Optional[torch.Tensor],
                 lr: float, grad_clip: float, channels_last: bool = False):
-    """One search step (SPEC section 4): an architecture step on ``(xv, yv)`` when given,
+    """One search step (docs/method.md section 4): an architecture step on ``(xv, yv)`` when given,
     then a weight step on ``(x, y)`` with gradient-norm clipping.
 
     Returns ``(loss, logits, arch_loss)`` as device tensors (``arch_loss`` is ``None``
@@ -225,21 +303,34 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
                          "convolutions in channels_last where it pays, and torch's CPU channels_last "
                          "convolution backward can corrupt memory on the strided views the plain-PyTorch "
                          "FactorizedReduce makes (seen with torch 2.13)")
+    with lock_run(cfg.out):
+        return _run_search(cfg, device, on_epoch_end, batch_trial)
+
+
+def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[EpochHook],
+                batch_trial: Optional[BatchTrial]) -> dict:
     ckpt = prepare_out(cfg.out, cfg.resume)
+    if ckpt is not None:
+        validate(ckpt, "search", cfg, ("model", "w_opt", "a_opt", "sched"), os.path.join(cfg.out, CHECKPOINT))
 
     data = _load(cfg)
     if data["val"] is not None:      # digits: fixed train / val split
         w_set, a_set = data["train"], data["val"]
     else:                            # CIFAR: first half weights, last half architecture
         w_set, a_set = search_split(data["train"])
+    _check_sizes(cfg, {"weights": w_set, "architecture": a_set},
+                 "a search needs at least 2 training images: the first half trains the weights, the last "
+                 "half the architecture")
     pad = 4 if w_set.images.shape[-1] >= 32 else 2
 
     torch.manual_seed(cfg.seed)
     model = _search_model(cfg, w_set.num_classes, device)
     auto = None
     if cfg.batch_size == "auto":
-        if ckpt is not None:         # resume: the batch the run was started with
-            cfg.batch_size, cfg.lr = ckpt["config"]["batch_size"], ckpt["config"]["lr"]
+        if ckpt is not None:         # resume: the batch (and lr, unless given) the run was started with
+            cfg.batch_size = ckpt["config"].get("batch_size")
+            if cfg.lr is None:
+                cfg.lr = ckpt["config"].get("lr")
         else:
             auto = auto_batch(cfg, model, device, w_set.num_classes, w_set.images.shape[-1], trial=batch_trial)
             atomic_write_text(json.dumps(auto, indent=1), os.path.join(cfg.out, AUTO_BATCH))
@@ -254,8 +345,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.lr_min)
     architect = Architect(model, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay, unrolled=cfg.unrolled)
 
-    run_keys = ("dataset", "edge", "k", "C", "layers", "batch_size", "epochs", "seed", "unrolled", "image_size",
-                "limit")
+    run_keys = resume_keys(cfg)
     history, start_epoch, logger, header = restore(ckpt, cfg, run_keys, {
         "model": model, "w_opt": w_opt, "a_opt": architect, "sched": sched},
         header=search_header(cfg, model, device, auto))
@@ -280,6 +370,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
         arch_loader.set_epoch(epoch)
         model.train()
         meter, arch_meter = Meter(device), Meter(device)
+        guard = FiniteGuard(device)
         arch_iter, arch_pass = iter(arch_loader), 0
         bar = progress(train_loader, total=len(train_loader), desc=f"search {epoch + 1}/{cfg.epochs}",
                        enable=cfg.progress)
@@ -298,12 +389,23 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
             if vloss is not None:
                 arch_meter.loss += vloss.double() * yv.shape[0]
                 arch_meter.n += yv.shape[0]
+                guard.check(vloss, step, 2)
+            guard.check(loss, step, 1)
             meter.update(loss, logits, y)
-            if cfg.progress and step % 10 == 0:    # the loop's only host read, outside the step
-                set_postfix(bar, loss=f"{float(loss):.3f}")
+            if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
+                shown, bad_step, code = _read(loss if cfg.progress else None, guard)
+                guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+                if shown is not None:
+                    set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
+        _, bad_step, code = _read(None, guard)
+        guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+        check_finite_parameters(model, epoch, cfg.out)
         sched.step()
         train_loss, train_acc = meter.read()
-        valid_loss, valid_acc = evaluate(model, eval_loader)
+        valid_loss, valid_acc = evaluate(model, eval_loader, f"search {epoch + 1}/{cfg.epochs} valid",
+                                         cfg.progress)
+        if valid_loss != valid_loss or abs(valid_loss) == float("inf"):
+            raise NonFiniteError("valid loss", epoch + 1, None, cfg.out)
         geno = model.genotype()
         rec = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -324,6 +426,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
         if on_epoch_end is not None:
             on_epoch_end(epoch, rec)
 
+    check_finite_parameters(model, cfg.epochs - 1, cfg.out)
     geno = model.genotype()
     G.save(geno, os.path.join(cfg.out, "genotype.json"))
     _plot(geno, os.path.join(cfg.out, "cells.png"), f"{cfg.edge} search on {cfg.dataset}")
@@ -351,12 +454,21 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
     ``result.json``, ``cells.png``."""
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
+    with lock_run(cfg.out):
+        return _run_retrain(cfg, device, on_epoch_end)
+
+
+def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optional[EpochHook]) -> dict:
     ckpt = prepare_out(cfg.out, cfg.resume)
+    if ckpt is not None:
+        validate(ckpt, "retrain", cfg, ("model", "opt", "sched"), os.path.join(cfg.out, CHECKPOINT))
     genotype = G.load(cfg.genotype)
 
     data = _load(cfg)
     train_set, test_set = data["train"], data["test"]
     monitor_set = data["val"] if data["val"] is not None else test_set
+    _check_sizes(cfg, {"training": train_set, "test": test_set, "monitoring": monitor_set},
+                 "a retrain needs at least one training and one test image")
     size = train_set.images.shape[-1]
     pad = 4 if size >= 32 else 2
     train_loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
@@ -370,7 +482,7 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
 
-    run_keys = ("dataset", "C", "layers", "batch_size", "epochs", "seed", "auxiliary", "image_size", "limit")
+    run_keys = resume_keys(cfg, ignore=("genotype",))   # the genotype itself is compared below
     if ckpt is not None and ckpt.get("genotype") != G.to_dict(genotype):
         raise ValueError(f"cannot resume {cfg.out}: the checkpoint was trained with another genotype")
     history, start_epoch, logger, _ = restore(ckpt, cfg, run_keys, {"model": model, "opt": opt, "sched": sched})
@@ -388,6 +500,7 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
         train_loader.set_epoch(epoch)
         model.train()
         meter = Meter(device)
+        guard = FiniteGuard(device)
         bar = progress(train_loader, total=len(train_loader), desc=f"retrain {epoch + 1}/{cfg.epochs}",
                        enable=cfg.progress)
         for step, (x, y) in enumerate(bar):
@@ -399,12 +512,22 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            guard.check(loss, step, 1)
             meter.update(loss, logits, y)
-            if cfg.progress and step % 10 == 0:    # the loop's only host read, outside the step
-                set_postfix(bar, loss=f"{float(loss):.3f}")
+            if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
+                shown, bad_step, code = _read(loss if cfg.progress else None, guard)
+                guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+                if shown is not None:
+                    set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
+        _, bad_step, code = _read(None, guard)
+        guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+        check_finite_parameters(model, epoch, cfg.out)
         sched.step()
         train_loss, train_acc = meter.read()
-        valid_loss, valid_acc = evaluate(model, monitor_loader)
+        valid_loss, valid_acc = evaluate(model, monitor_loader, f"retrain {epoch + 1}/{cfg.epochs} valid",
+                                         cfg.progress)
+        if valid_loss != valid_loss or abs(valid_loss) == float("inf"):
+            raise NonFiniteError("valid loss", epoch + 1, None, cfg.out)
         rec = {"epoch": epoch + 1, "lr": lr, "drop_path": model.drop_path_prob, "train_loss": train_loss,
                "train_acc": train_acc, "valid_loss": valid_loss, "valid_acc": valid_acc,
                "seconds": time.time() - t0}
@@ -418,7 +541,8 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
         if on_epoch_end is not None:
             on_epoch_end(epoch, rec)
 
-    test_loss, test_acc = evaluate(model, test_loader)
+    check_finite_parameters(model, cfg.epochs - 1, cfg.out)
+    test_loss, test_acc = evaluate(model, test_loader, "test", cfg.progress)
     result = {"genotype": G.to_dict(genotype), "params": n_params, "test_loss": test_loss,
               "test_acc": test_acc, "epochs": cfg.epochs, "out": cfg.out}
     atomic_write_text(json.dumps(result, indent=1), os.path.join(cfg.out, "result.json"))

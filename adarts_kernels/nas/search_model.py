@@ -1,4 +1,4 @@
-"""The search supernet (SPEC sections 1, 3 and 5) for the three edge kinds.
+"""The search supernet (docs/method.md sections 1, 3 and 5) for the three edge kinds.
 
 ``SearchNetwork(C=16, num_classes=10, layers=8, edge="adarts", k=4)``:
 input ``(B, 3, H, W)`` (H, W divisible by 4 so that both reductions halve evenly),
@@ -261,7 +261,7 @@ class SearchNetwork(nn.Module):
         return w
 
     def genotype(self) -> Genotype:
-        """Derive the discrete cell (SPEC section 3)."""
+        """Derive the discrete cell (docs/method.md section 3)."""
         from .genotypes import derive
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
         return Genotype(

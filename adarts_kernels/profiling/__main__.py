@@ -3,7 +3,8 @@
 Prints, for a supernet configuration, the bytes saved for backward per sample by DARTS,
 PC-DARTS, ADARTS on the plain-PyTorch modules, ADARTS fused and fused + edge recomputation
 (the fused ops on the backend ``--impl``), the largest
-batch each could fit in ``--gib`` GiB, and writes a plot of memory against batch size.
+batch each could fit in ``--gib`` GiB, and with ``--plot PATH`` a plot of memory against
+batch size.
 """
 from __future__ import annotations
 
@@ -14,26 +15,33 @@ import sys
 import torch
 
 from ..backend import IMPLS, resolve
+from ..utils.cli import HelpFormatter
 from .report import VARIANTS, format_report, memory_report, plot_memory, rss_crosscheck
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adarts_kernels.profiling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--C", type=int, default=16, help="initial channels (default 16)")
-    p.add_argument("--layers", type=int, default=8, help="cells (default 8)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--C", type=int, default=16, help="initial channels")
+    p.add_argument("--layers", type=int, default=8, help="cells")
     p.add_argument("--k", type=int, default=4, help="1/k of the channels through the candidates")
-    p.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
-    p.add_argument("--batch", type=int, default=4, help="batch of the measuring forward (default 4)")
-    p.add_argument("--gib", type=float, default=11.0, help="memory budget for the largest-batch column")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.add_argument("--batch", type=int, default=4, help="batch of the measuring forward")
+    p.add_argument("--gib", type=float, default=11.0, help="memory budget, GiB, for the largest-batch column")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="the supernets to measure")
     p.add_argument("--impl", default=None, choices=list(IMPLS),
                    help="backend of the fused ops (default: $ADARTS_KERNELS_IMPL, else auto)")
-    p.add_argument("--plot", default="memory_vs_batch.png", help="PNG path ('' for none)")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write a plot of memory against batch size here (default: no plot)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows here (default: not written)")
     p.add_argument("--rss-check", type=int, default=0, metavar="BATCH",
-                   help="also compare with RSS growth at this batch (fused variants; Linux)")
-    a = p.parse_args(argv)
+                   help="also compare with RSS growth at this batch (fused variants; Linux; default 0: off)")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     if a.C % a.k or a.size % 4:
         print(f"error: C must be divisible by k and size by 4, got C={a.C}, k={a.k}, size={a.size}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Deterministic memory accounting: bytes an autograd graph keeps for backward (SPEC section 8)."""
+"""Deterministic memory accounting: bytes an autograd graph keeps for backward (docs/method.md section 8)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple

@@ -7,6 +7,7 @@ from .io import (
     load_checkpoint,
     progress,
     read_jsonl,
+    remove_stale_tmp,
     set_postfix,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "load_checkpoint",
     "progress",
     "read_jsonl",
+    "remove_stale_tmp",
     "set_postfix",
 ]

@@ -5,13 +5,21 @@ file in the destination's directory, which is flushed and ``fsync``-ed and then 
 over the destination with :func:`os.replace`.  A reader (or a run resumed after a crash
 or a ``SIGKILL``) therefore sees either the previous complete file or the new complete
 file, never a half-written one.  A process killed mid-write can leave its temporary
-file (``.<name>.tmp-<pid>-<n>``) behind; it is never at the destination path.
+file (``.<name>.tmp-<pid>-<n>``) behind; it is never at the destination path, and
+:func:`remove_stale_tmp` deletes such leftovers.
+
+A checkpoint written by :func:`atomic_torch_save` ends with a one-line footer holding the
+sha256 of the bytes before it (``torch.load`` ignores it); :func:`load_checkpoint` checks
+it, so a flipped bit is reported, not loaded.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -22,6 +30,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "load_checkpoint",
+    "remove_stale_tmp",
     "JsonlLogger",
     "read_jsonl",
     "progress",
@@ -79,12 +88,57 @@ def atomic_write(path: "str | os.PathLike", mode: str, write: Callable[[Any], No
     return path
 
 
+_FOOTER_PREFIX = b"\n#adarts-checkpoint sha256="
+_FOOTER_LEN = len(_FOOTER_PREFIX) + 64 + 1
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+-\d+$")
+
+
+def _footer(digest: str) -> bytes:
+    return _FOOTER_PREFIX + digest.encode("ascii") + b"\n"
+
+
+def _save_with_checksum(obj: Any, f) -> None:
+    torch.save(obj, f)
+    f.flush()
+    # hash what reached the file (read back), then append the footer
+    h = hashlib.sha256()
+    with open(f.name, "rb") as r:
+        for block in iter(lambda: r.read(1 << 20), b""):
+            h.update(block)
+    f.seek(0, os.SEEK_END)
+    f.write(_footer(h.hexdigest()))
+
+
 def atomic_torch_save(obj: Any, path: "str | os.PathLike") -> str:
     """``torch.save(obj, path)``, atomically: ``path`` holds the old or the new file, never a part.
 
-    Returns ``path``.  On any error the temporary file is removed and the error re-raised.
+    The file ends with a footer line holding the sha256 of the serialized bytes (checked by
+    :func:`load_checkpoint`; ``torch.load`` ignores it).  Returns ``path``.  On any error the
+    temporary file is removed and the error re-raised.
     """
-    return atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    return atomic_write(path, "wb", lambda f: _save_with_checksum(obj, f))
+
+
+def remove_stale_tmp(directory: "str | os.PathLike") -> List[str]:
+    """Delete the temporary files (``.<name>.tmp-<pid>-<n>``) that a write killed mid-way left
+    in ``directory``; returns their paths.  Call it only while no other process writes there
+    (a run holds its directory's lock, :func:`adarts_kernels.nas.checkpoint.lock_run`)."""
+    directory = os.fspath(directory)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if _TMP_RE.match(name):
+            p = os.path.join(directory, name)
+            try:
+                if os.path.isfile(p):
+                    os.remove(p)
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_text(text: str, path: "str | os.PathLike", encoding: str = "utf-8") -> str:
@@ -96,17 +150,29 @@ def load_checkpoint(path: "str | os.PathLike", map_location: Any = "cpu") -> Any
     """Load a checkpoint written by :func:`atomic_torch_save` (or ``torch.save``).
 
     Raises ``FileNotFoundError`` if ``path`` does not exist and :class:`CheckpointError`
-    (a ``RuntimeError``) naming ``path`` if it exists but cannot be loaded.
+    (a ``RuntimeError``) naming ``path`` if it exists but cannot be loaded or its checksum
+    footer does not match its contents.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(2, "checkpoint file not found", path)
     if os.path.isdir(path):
         raise CheckpointError(path, f"checkpoint {path!r} is a directory, not a file")
+    with open(path, "rb") as f:
+        data = f.read()
+    tail = data[-_FOOTER_LEN:]
+    if len(data) >= _FOOTER_LEN and tail.startswith(_FOOTER_PREFIX) and tail.endswith(b"\n"):
+        body = data[:-_FOOTER_LEN]
+        stored = tail[len(_FOOTER_PREFIX):-1].decode("ascii", "replace")
+        actual = hashlib.sha256(body).hexdigest()
+        if actual != stored:
+            raise CheckpointError(
+                path, f"checkpoint {path!r} is corrupt: its sha256 is {actual}, the file says {stored} "
+                      f"(changed on disk after it was written); not loaded")
+        data = body
+    # no footer: a plain torch.save file (or one cut short, which torch.load then rejects)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (FileNotFoundError, PermissionError):
-        raise
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as e:  # truncated/corrupt files raise EOFError, RuntimeError, OSError, UnpicklingError...
         raise CheckpointError(
             path,
