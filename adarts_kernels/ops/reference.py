@@ -153,9 +153,10 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
     1) or ``maxpool2x2(x)`` (stride 2), ``dx = beta * a * grad`` routed through the pooling
     (first maximum of each 2x2 window). Selected channels: ``dy[b, j] = beta * grad[b, idx[j]]``,
     ``dx = da = 0`` exactly, and they add nothing to ``dbeta``: the bypass terms are
-    selected (``torch.where``), not multiplied by a 0/1 mask, so a NaN or an infinity in
-    ``x``, ``a`` or ``grad`` on an overwritten channel stays out of ``da`` and ``dbeta``
-    (``0 * NaN`` would be NaN), as in the kernels, which never read those values.
+    selected (``torch.where``), not multiplied by a 0/1 mask (``0 * NaN`` would be NaN), so
+    a NaN or an infinity in ``x`` or ``a`` on an overwritten channel reaches no gradient, and
+    one in ``grad`` there only ``dy`` and ``dbeta`` (through ``y``), as in the kernels, which
+    never read those values.
     """
     B, C = x.shape[:2]
     g = _acc(grad)
