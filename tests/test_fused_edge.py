@@ -260,3 +260,56 @@ def test_replay_is_an_explicit_argument(train):
     kept = saved_activation_bytes(lambda: edge(xin * 1.0, w, replay=True), module=edge)
     lean = saved_activation_bytes(lambda: edge(xin * 1.0, w), module=edge)
     assert kept > lean
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("stride,hw", [(1, 1), (2, 2)])
+def test_one_value_per_channel_in_training_raises_like_the_reference(impl, stride, hw):
+    """B = 1 and a 1x1 output in training: the reference edge's first BatchNorm raises
+    torch's "Expected more than 1 value per channel when training"; the fused edge raises the
+    same error from its forward, before any state changes (running statistics, counters,
+    ``last_idx``), instead of driving ``running_var`` toward 0. Eval mode runs on both."""
+    ref, fused = pair(8, stride, 4, impl, seed=20 + stride)
+    x = torch.randn(1, 8, hw, hw)
+    w = F.softmax(torch.randn(8), 0)
+    with pytest.raises(ValueError) as ref_err:
+        ref(x, w, torch.tensor(0.5))
+    before = {n: b.clone() for n, b in fused.named_buffers()}
+    with pytest.raises(ValueError) as fused_err:
+        fused(x, w, torch.tensor(0.5))
+    assert str(fused_err.value) == str(ref_err.value)
+    assert "Expected more than 1 value per channel when training" in str(fused_err.value)
+    assert fused.last_idx is None
+    for n, b in fused.named_buffers():
+        assert torch.equal(b, before[n]), n
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-6)
+    fused.train()
+    assert fused(torch.randn(2, 8, hw, hw), w).shape == (2, 8, 1, 1)     # two values per channel: fine
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_edge_weight_as_number_or_one_element_tensor(impl):
+    """The reference edge multiplies by ``edge_weight``, so it takes a Python number or a
+    ``(1,)`` tensor; the fused edge takes both too, with the same output, and a ``(1,)``
+    weight gets its gradient in its own shape."""
+    ref, fused = pair(8, 1, 4, impl, seed=24)
+    ref.eval(), fused.eval()
+    x = torch.randn(3, 8, 5, 4)
+    w = F.softmax(torch.randn(8), 0)
+    for ew in (0.7, 2, torch.tensor(0.7)):
+        torch.testing.assert_close(fused(x, w, ew), ref(x, w, ew), rtol=1e-5, atol=1e-6)
+    ews = [torch.tensor([0.3], requires_grad=True) for _ in range(2)]
+    outs = [m(x, w, e) for m, e in zip((ref, fused), ews)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    g = torch.randn(outs[0].shape)
+    for o in outs:
+        o.backward(g)
+    assert ews[1].grad.shape == (1,)
+    torch.testing.assert_close(ews[1].grad, ews[0].grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="edge_weight must be a 0-dim or one-element tensor"):
+        fused(x, w, torch.ones(2))
+    with pytest.raises(TypeError, match="edge_weight must be None, a number or a one-element tensor"):
+        fused(x, w, "0.5")

@@ -232,3 +232,20 @@ def test_fused_supernet_on_each_cpu_backend_matches_the_modules(impl):
     l_net.backward()
     for (n, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("edge,kernels", [("darts", "modules"), ("adarts", "modules"), ("adarts", "fused")])
+def test_search_network_logits_keep_the_network_dtype(edge, kernels):
+    """A float64 network gives float64 logits (no silent cast to float32), the same function
+    as the float32 one; under autocast (``autocast_dtype``) the logits come back float32."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=5, layers=3, edge=edge, kernels=kernels)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    logits32 = net(x)
+    assert logits32.dtype == torch.float32
+    logits64 = net.double()(x.double())
+    assert logits64.dtype == torch.float64
+    torch.testing.assert_close(logits64.float(), logits32, rtol=1e-4, atol=1e-5)
+    net.float().autocast_dtype = torch.bfloat16
+    assert net(x).dtype == torch.float32

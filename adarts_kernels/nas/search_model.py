@@ -167,7 +167,8 @@ class SearchNetwork(nn.Module):
         self._steps, self._multiplier = steps, multiplier
         self.edge, self.k, self.kernels, self.recompute, self.impl = edge, k, kernels, recompute, impl
         #: ``None`` (float32, the default) or a dtype (``torch.bfloat16``) the forward runs
-        #: under autocast with; logits and loss stay float32.
+        #: under autocast with; logits and loss are then float32 (without autocast the
+        #: logits have the network's dtype).
         self.autocast_dtype: Optional[torch.dtype] = None
 
         C_curr = stem_multiplier * C
@@ -244,10 +245,12 @@ class SearchNetwork(nn.Module):
                     s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
             out = self.global_pooling(s1)
             logits = self.classifier(out.flatten(1))
-        return logits.float()
+        # under autocast the classifier gives half-precision logits: float32 for the loss;
+        # otherwise the logits keep the network's dtype (float64 stays float64)
+        return logits.float() if amp is not None else logits
 
     def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of ``self(x)`` against ``target: (B,)`` int64 (float32)."""
+        """Mean cross-entropy of ``self(x)`` against ``target: (B,)`` int64 (in the logits' dtype)."""
         return F.cross_entropy(self(x), target)
 
     # -- derivation ---------------------------------------------------------------------

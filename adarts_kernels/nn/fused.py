@@ -158,7 +158,8 @@ class FusedAttentionMixedOp(ReplayableEdge):
     """The ADARTS edge (SPEC section 2) computed with the fused ops.
 
     ``x: (B, C, H, W)``, ``weights: (len(primitives),)`` (softmax of the edge's alpha row),
-    optional ``edge_weight`` (0-dim, the normalised beta) -> ``(B, C, H/stride, W/stride)``.
+    optional ``edge_weight`` (the normalised beta: a 0-dim or one-element tensor, or a Python
+    number, as the reference edge takes) -> ``(B, C, H/stride, W/stride)``.
     ``impl`` picks the backend of the fused ops (default: ``ADARTS_KERNELS_IMPL`` / auto).
     ``replay=True``: a re-run inside backward (:func:`~adarts_kernels.nn.recompute.recompute_edge`):
     BatchNorm running statistics stay put and the units keep their intermediates.
@@ -178,6 +179,9 @@ class FusedAttentionMixedOp(ReplayableEdge):
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *, replay: bool = False):
         check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
+        ew = _edge_weight(edge_weight, x)
+        if batchnorm_mode(self.roles.bns[0])[0]:
+            _check_bn_values(x, self.C // self.k, self.stride)
         mlp = self.attention.mlp
         # Under autocast the states may be bfloat16/float16 while weights, alpha and beta stay
         # float32: the fused ops take one dtype, the state's (a no-op in plain float32).
@@ -187,7 +191,7 @@ class FusedAttentionMixedOp(ReplayableEdge):
         # idx comes straight from attention_score: distinct and in range by construction
         x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=False)
         y = self._mixed(x_sel, weights.to(dt), replay)
-        ew = None if edge_weight is None else edge_weight.to(dt)
+        ew = None if ew is None else ew.to(dt)
         return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl, validate_idx=False)
 
     def _mixed(self, xs: torch.Tensor, weights: torch.Tensor, replay: bool) -> torch.Tensor:
@@ -215,6 +219,35 @@ class FusedAttentionMixedOp(ReplayableEdge):
 
     def extra_repr(self) -> str:
         return f"C={self.C}, stride={self.stride}, k={self.k}, impl={self.impl}"
+
+
+def _edge_weight(edge_weight, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The edge weight as the 0-dim tensor ``adarts::attention_writeback`` takes. The reference
+    edge multiplies its output by ``edge_weight``, so it takes a Python number or a one-element
+    tensor (``(1,)``...) too: those become 0-dim here (a tensor through ``reshape``, so its
+    gradient flows back in its own shape)."""
+    if edge_weight is None:
+        return None
+    if isinstance(edge_weight, torch.Tensor):
+        if edge_weight.numel() != 1 or edge_weight.dim() > 4:
+            raise ValueError("FusedAttentionMixedOp: edge_weight must be a 0-dim or one-element tensor "
+                             f"(the edge's normalised beta), got shape {tuple(edge_weight.shape)}")
+        return edge_weight.reshape(())
+    if isinstance(edge_weight, (int, float)) and not isinstance(edge_weight, bool):
+        return torch.tensor(float(edge_weight), dtype=x.dtype, device=x.device)
+    raise TypeError("FusedAttentionMixedOp: edge_weight must be None, a number or a one-element tensor, "
+                    f"got {type(edge_weight).__name__}")
+
+
+def _check_bn_values(x: torch.Tensor, n: int, stride: int) -> None:
+    """Training BatchNorm needs more than one value per channel. The candidates' BNs see
+    ``(B, n, H/stride, W/stride)``; with ``B * H/stride * W/stride == 1`` the reference edge's
+    first BN raises torch's error, so the fused edge raises the same, before any state changes
+    (the folded BNs would otherwise drive ``running_var`` toward 0 without a word)."""
+    B, _, H, W = x.shape
+    if B * (H // stride) * (W // stride) == 1:
+        size = torch.Size((B, n, H // stride, W // stride))
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def _bn(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:

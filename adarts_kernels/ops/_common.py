@@ -13,11 +13,12 @@ def check(cond: bool, op: str, msg: str, exc=ValueError) -> None:
         raise exc(f"adarts {op}: {msg}")
 
 
-def check_float(op: str, **tensors) -> None:
-    """Floating dtype, one dtype and one device for every named tensor."""
+def check_float(op: str, *, optional=(), **tensors) -> None:
+    """Floating dtype, one dtype and one device for every named tensor. ``None`` is refused
+    (``TypeError`` naming the op and the argument) except for the names in ``optional``."""
     first = None
     for name, t in tensors.items():
-        if t is None:
+        if t is None and name in optional:
             continue
         check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
         check(t.dtype in FLOATS, op, f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}", TypeError)
@@ -63,3 +64,21 @@ def contiguous(*ts):
             return [u.contiguous() for u in t]
         return t
     return [one(t) for t in ts]
+
+
+def no_double_backward(backward_op, op: str) -> None:
+    """Give the registered backward op ``adarts::_<op>_backward`` an autograd formula that
+    refuses: a gradient of the gradient (``create_graph=True``, then backward through the
+    result) raises a ``RuntimeError`` naming ``op``, instead of torch's generic "no autograd
+    formula was registered". First-order gradients are unaffected (the backward op runs
+    without a graph unless ``create_graph=True``, and the formula runs only when the
+    gradient's own gradient is asked for)."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"adarts {op}: double backward is not supported (the backward kernels have no "
+                           "gradient of their own); use the plain-PyTorch edge (AttentionMixedOp) or the "
+                           "functions of adarts_kernels.ops.reference for higher-order gradients")
+
+    backward_op.register_autograd(backward, setup_context=setup_context)

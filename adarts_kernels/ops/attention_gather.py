@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous
+from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
 
 
 @torch.library.custom_op("adarts::attention_gather", mutates_args=())
@@ -88,6 +88,7 @@ def _backward(ctx, grad):
 
 
 _attention_gather.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_attention_gather_backward, "attention_gather")
 
 
 def attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: Optional[str] = None, *,

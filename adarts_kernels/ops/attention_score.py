@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, contiguous
+from ._common import check, check_float, contiguous, no_double_backward
 
 
 @torch.library.custom_op("adarts::attention_score", mutates_args=())
@@ -92,6 +92,7 @@ def _backward(ctx, grad_a, grad_idx):
 
 
 _attention_score.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_attention_score_backward, "attention_score")
 
 
 def attention_score(x: Tensor, w1: Tensor, w2: Tensor, n_select: int,
@@ -109,7 +110,7 @@ def attention_score(x: Tensor, w1: Tensor, w2: Tensor, n_select: int,
     w2 = w2.flatten(1) if w2.dim() == 4 else w2
     check(w1.dim() == 2 and w1.shape[1] == C and w2.dim() == 2 and w2.shape == (C, w1.shape[0]), op,
           f"expected w1 (hidden, C={C}) and w2 (C={C}, hidden), got {tuple(w1.shape)} and {tuple(w2.shape)}")
-    check(isinstance(n_select, int) and 1 <= n_select <= C, op,
+    check(isinstance(n_select, int) and not isinstance(n_select, bool) and 1 <= n_select <= C, op,
           f"n_select must be an integer in [1, C={C}], got {n_select!r}")
     check(x.numel() > 0, op, f"x is empty: {tuple(x.shape)}")
     return _attention_score(x, w1, w2, n_select, resolve(impl, x.device))

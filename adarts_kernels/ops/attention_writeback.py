@@ -8,6 +8,12 @@ Forward (SPEC section 2, steps 7-8), ``x: (B, C, H, W)``, ``a: (B, C)``, ``idx: 
 
 so that a node is a plain sum of its edges. ``x * a`` is never formed in memory.
 
+The attention must be positive, ``a > 0``: the stride-2 identity ``maxpool2x2(x * a) =
+a * maxpool2x2(x)`` holds only then (a negative ``a`` turns the maximum into a minimum, a
+zero ``a`` routes the gradient elsewhere). The ``a`` of :func:`attention_score` is a
+sigmoid, always ``> 0``. The op does not check it: that would read device data (a host
+synchronisation on every call).
+
 Backward to ``x, a, y, beta``; the edge output is not kept: the beta gradient
 ``sum(grad * out) / beta`` is recomputed from ``x, a, idx, y``. Saved for backward: ``x``
 (the edge input), ``a: (B, C)``, ``idx``, ``y`` (the mixed-op output, ``|x| / k`` at stride 1)
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous
+from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
 
 
 def _bwd_outputs(dx, da, dy, dbeta, x):
@@ -103,11 +109,16 @@ def _backward(ctx, grad):
 
 
 _attention_writeback.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_attention_writeback_backward, "attention_writeback")
 
 
 def attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Optional[Tensor] = None,
                         stride: int = 1, impl: Optional[str] = None, *, validate_idx: bool = True) -> Tensor:
     """``beta * out`` of an ADARTS edge: ``(B, C, H/stride, W/stride)``. See the module docstring.
+
+    ``a`` must be positive (``a > 0``, as the sigmoid from :func:`attention_score` is): at
+    stride 2 the op computes ``a * maxpool2x2(x)`` for ``maxpool2x2(x * a)``, equal only for
+    ``a > 0``. Not checked (a check would read device data).
 
     ``validate_idx``: check that ``idx``'s values are distinct and in ``[0, C)`` (on CUDA a
     sort and asynchronous device asserts; on CPU a host read). Pass ``False`` only for an
@@ -115,10 +126,10 @@ def attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Opti
     range by construction); the shape, dtype and device checks run either way.
     """
     op = "attention_writeback"
-    check_float(op, x=x, a=a, y=y, beta=beta)
+    check_float(op, x=x, a=a, y=y, beta=beta, optional=("beta",))
     check(x.dim() == 4, op, f"expected x of shape (B, C, H, W), got {tuple(x.shape)}")
     B, C, H, W = x.shape
-    check(stride in (1, 2), op, f"stride must be 1 or 2, got {stride!r}")
+    check(stride in (1, 2) and not isinstance(stride, bool), op, f"stride must be 1 or 2, got {stride!r}")
     check(stride == 1 or (H % 2 == 0 and W % 2 == 0), op, f"stride 2 needs even H and W, got {tuple(x.shape)}")
     check(a.shape == (B, C), op, f"expected a of shape (B, C)={(B, C)}, got {tuple(a.shape)}")
     check_idx_meta(op, idx, x, C)

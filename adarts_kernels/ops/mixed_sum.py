@@ -13,9 +13,12 @@ tensor or ``None`` (stride 1 only), stride ``s``::
     y = sum_q v_q * (u_q - mean_q) * rsqrt(var_q + eps)  (+ identity_weight * x)
 
 summed in q order, the identity last. Training (no running statistics given): batch
-statistics over ``(B, H', W')``; eval: the running ones. Returns ``(y, mean, var)``,
-``mean, var: (Q, n)`` the statistics used, rows ``[maxpool, avgpool, z_0, ..., z_{P-1}]``
-(for the caller's running-statistics update; not differentiable).
+statistics over ``(B, H', W')`` (a batch mean is ``sum / N`` on every backend: ``+-inf``
+where a channel's values hold infinities of one sign, NaN with both signs or a NaN);
+eval: the running ones. Returns ``(y, mean, var)``, ``mean, var: (Q, n)`` the statistics
+used, in x's accumulation dtype (float32 for half precision, else x's dtype; in eval mode
+whatever the running buffers' dtype), rows ``[maxpool, avgpool, z_0, ..., z_{P-1}]`` (for
+the caller's running-statistics update; not differentiable).
 
 Backward: every ``dz_q`` including the BN statistics' contributions, ``dx`` (through the
 pooling terms and the identity), ``dz_weights``, ``dpool_weights`` and ``didentity_weight``.
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, contiguous
+from ._common import check, check_float, contiguous, no_double_backward
 
 #: The most BN-ended inputs ``z`` one call takes (the CUDA and Triton kernels hold the
 #: ``z`` pointers in fixed arrays of this size).
@@ -130,6 +133,7 @@ def _backward(ctx, grad, _gmean, _gvar):
 
 
 _mixed_sum.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_mixed_sum_backward, "mixed_sum")
 
 
 def mixed_sum(z: Sequence[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tensor,
@@ -154,9 +158,10 @@ def mixed_sum(z: Sequence[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
     check(stride == 1 or identity_weight is None, op,
           "identity_weight must be None at stride 2 (the identity term exists at stride 1 only)")
     check_float(op, x=x, z_weights=z_weights, pool_weights=pool_weights, identity_weight=identity_weight,
-                **{f"z[{i}]": t for i, t in enumerate(z)})
+                optional=("identity_weight",), **{f"z[{i}]": t for i, t in enumerate(z)})
     check(x.dim() == 4, op, f"expected x of shape (B, n, H, W), got {tuple(x.shape)}")
     B, n, H, W = x.shape
+    check(H > 0 and W > 0, op, f"x must have non-empty planes (H, W > 0), got {tuple(x.shape)}")
     check(stride == 1 or (H % 2 == 0 and W % 2 == 0), op, f"stride 2 needs even H and W, got {tuple(x.shape)}")
     want = (B, n, H // stride, W // stride)
     for i, t in enumerate(z):

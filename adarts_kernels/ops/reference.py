@@ -152,29 +152,34 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
     Non-selected channels ``c``: ``da[b, c] = beta * sum(grad * m)`` with ``m = x`` (stride
     1) or ``maxpool2x2(x)`` (stride 2), ``dx = beta * a * grad`` routed through the pooling
     (first maximum of each 2x2 window). Selected channels: ``dy[b, j] = beta * grad[b, idx[j]]``,
-    ``dx = da = 0``.
+    ``dx = da = 0`` exactly, and they add nothing to ``dbeta``: the bypass terms are
+    selected (``torch.where``), not multiplied by a 0/1 mask (``0 * NaN`` would be NaN), so
+    a NaN or an infinity in ``x`` or ``a`` on an overwritten channel reaches no gradient, and
+    one in ``grad`` there only ``dy`` and ``dbeta`` (through ``y``), as in the kernels, which
+    never read those values.
     """
     B, C = x.shape[:2]
     g = _acc(grad)
     bf = _acc(beta) if beta is not None else torch.ones((), dtype=g.dtype, device=g.device)
-    keep = torch.ones(C, dtype=g.dtype, device=g.device).index_fill(0, idx, 0.0)   # 1 on bypass channels
-    g_keep = g * keep[None, :, None, None]
+    keep = torch.ones(C, dtype=torch.bool, device=g.device).index_fill(0, idx, False)[None, :, None, None]
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
     xf, af = _acc(x), _acc(a)
+    dm = torch.where(keep, g * af[:, :, None, None] * bf, zero)      # d(bypass value), bypass channels only
     if stride == 1:
         m = xf
-        dx = g_keep * af[:, :, None, None] * bf
+        dx = dm
     else:
         m, arg = F.max_pool2d(xf, 2, 2, return_indices=True)
-        dm = g_keep * af[:, :, None, None] * bf
         dx = torch.zeros(xf.shape, dtype=g.dtype, device=g.device).flatten(2)
         dx.scatter_(2, arg.flatten(2), dm.flatten(2))
         dx = dx.view(xf.shape)
-    da = (g_keep * m).sum(dim=(2, 3)) * bf
+    gm = torch.where(keep, g * m, zero)
+    da = gm.sum(dim=(2, 3)) * bf
     g_sel = g.index_select(1, idx)
     dy = g_sel * bf
     dbeta = None
     if beta is not None:
-        dbeta = (g_keep * m * af[:, :, None, None]).sum() + (g_sel * _acc(y)).sum()
+        dbeta = torch.where(keep, gm * af[:, :, None, None], zero).sum() + (g_sel * _acc(y)).sum()
         dbeta = dbeta.reshape(beta.shape).to(beta.dtype)
     return dx.to(x.dtype), da.to(a.dtype), dy.to(y.dtype), dbeta
 
@@ -203,7 +208,10 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
         y = sum_q v_q * BN_q(u_q)  (+ identity_weight * x)   summed in q order, identity last
 
     Training (``run_mean is None``): ``mean_q, var_q`` are the batch statistics over
-    ``(B, H', W')`` (biased variance); eval: the given running ones. Returns
+    ``(B, H', W')`` (biased variance); eval: the given running ones. Non-finite inputs, the
+    rule of every backend: ``mean_q = sum / N``, so ``+inf`` / ``-inf`` where the channel's
+    values hold infinities of one sign (a window of infinities through the pools), NaN where
+    they hold both signs or a NaN; ``var_q`` is then NaN. Returns
     ``y: (B, n, H/s, W/s)`` (dtype of x) and ``mean, var: (Q, n)`` (accumulation dtype), the
     statistics used, for the caller's running-statistics update.
     """
@@ -213,6 +221,9 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
         vm = [torch.var_mean(u, dim=(0, 2, 3), unbiased=False) for u in us]
         var = torch.stack([v for v, _ in vm])
         mean = torch.stack([m for _, m in vm])
+        # the kernels' rule for non-finite inputs: mean = sum / N (torch.var_mean gives NaN
+        # for any infinity); only non-finite entries are replaced, finite ones keep their bits
+        mean = torch.where(torch.isfinite(mean), mean, torch.stack([u.mean(dim=(0, 2, 3)) for u in us]))
     else:
         acc = acc_dtype(x.dtype)    # the statistics' dtype follows x, whatever the buffers' dtype
         mean, var = run_mean.to(acc).clone(), run_var.to(acc).clone()

@@ -21,6 +21,8 @@ triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
 
+INT32_MAX = 2 ** 31 - 1
+
 
 @triton.jit
 def _attention_score_fwd_kernel(x_ptr, avg_ptr, mx_ptr, arg_ptr, C, HW, stride_xb, stride_xc,
@@ -97,6 +99,9 @@ def _check_inputs(op: str, x: Tensor, w1: Tensor, w2: Tensor) -> None:
     B, C, H, W = x.shape
     if H * W == 0:
         raise ValueError(f"adarts {op}: x must have H*W > 0, got {tuple(x.shape)}")
+    if H * W > INT32_MAX:   # arg and the "no NaN" sentinel HW are int32 flat positions in the kernels
+        raise ValueError(f"adarts {op}: planes H*W must have fewer than 2^31 elements (32-bit argmax "
+                         f"positions), got x of shape {tuple(x.shape)}")
     if w1.dim() != 2 or w1.shape[1] != C:
         raise ValueError(f"adarts {op}: w1 must be (hidden, C={C}), got {tuple(w1.shape)}")
     if w2.dim() != 2 or tuple(w2.shape) != (C, w1.shape[0]):

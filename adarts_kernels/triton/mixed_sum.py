@@ -83,11 +83,15 @@ def _pool_3x3(x_base, oh, ow, H, W, mask, STRIDE: tl.constexpr, ACC_DTYPE: tl.co
 @triton.jit
 def _welford_step(cnt, mean, m2, v, mask):
     """One element per lane into the per-lane running ``(cnt, mean, m2)`` (lanes off
-    ``mask`` unchanged)."""
+    ``mask`` unchanged). A non-finite running mean moves as a sum would (``mean + v``: an
+    infinity stays, the other sign or a NaN gives NaN), so that the plane mean follows the
+    rule of every backend, ``mean = sum / N`` (Welford's ``inf + (v - inf) / cnt`` would give
+    NaN for a finite ``v``); finite means update exactly as before."""
     v = tl.where(mask, v, 0.0)
     cnt_new = cnt + tl.where(mask, 1.0, 0.0)
     delta = v - mean
-    mean_new = mean + tl.where(mask, delta / tl.maximum(cnt_new, 1.0), 0.0)
+    finite = (mean - mean) == 0.0
+    mean_new = mean + tl.where(mask, tl.where(finite, delta / tl.maximum(cnt_new, 1.0), v), 0.0)
     m2_new = m2 + tl.where(mask, delta * (v - mean_new), 0.0)
     return cnt_new, mean_new, m2_new
 
@@ -450,6 +454,8 @@ def _check(op: str, z, x: Tensor, z_weights: Tensor, pool_weights: Tensor, ident
     if x.dim() != 4:
         raise ValueError(f"adarts {op}: x must be (B, n, H, W), got {tuple(x.shape)}")
     B, n, H, W = x.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"adarts {op}: x must have non-empty planes (H, W > 0), got {tuple(x.shape)}")
     if stride == 2 and (H % 2 or W % 2):
         raise ValueError(f"adarts {op}: stride 2 needs even H and W, got {tuple(x.shape)}")
     if not isinstance(z, (list, tuple)) or len(z) > MAX_Z:
@@ -468,11 +474,6 @@ def _check(op: str, z, x: Tensor, z_weights: Tensor, pool_weights: Tensor, ident
         if identity_weight.dim() != 0:
             raise ValueError(f"adarts {op}: identity_weight must be 0-dim, got {tuple(identity_weight.shape)}")
     return H // stride, W // stride
-
-
-def _acc_stats(t: Tensor) -> Tensor:
-    """The reference's ``_acc``: float32 for half precision, unchanged otherwise."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _z_ptrs(z: List[Tensor], filler: Tensor) -> List[Tensor]:
@@ -498,8 +499,9 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
     ``u = [maxpool3x3(x), avgpool3x3(x)] + z``, ``v = [pool_weights, z_weights]``.
     ``x: (B, n, H, W)``, ``z``: ``P <= 5`` tensors ``(B, n, H/s, W/s)``, ``z_weights: (P,)``,
     ``pool_weights: (2,)``, ``identity_weight``: 0-dim or ``None`` -> ``y`` (dtype of x),
-    ``mean, var: (Q, n)`` (float32 for half inputs): the batch statistics (``run_mean is
-    None``, biased variance) or copies of ``run_mean, run_var``. Statistics by
+    ``mean, var: (Q, n)`` in x's accumulation dtype (float32, float64 for float64 x): the
+    batch statistics (``run_mean is None``, biased variance) or copies of ``run_mean,
+    run_var`` in that dtype, whatever the buffers' dtype. Statistics by
     :func:`_mixed_sum_stats_kernel` plus a torch merge over the batch, ``y`` by
     :func:`_mixed_sum_fwd_kernel`."""
     op = "mixed_sum_fwd"
@@ -529,7 +531,8 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
         if tuple(run_mean.shape) != (Q, n) or tuple(run_var.shape) != (Q, n):
             raise ValueError(f"adarts {op}: run_mean and run_var must be (Q, n)={(Q, n)}, "
                              f"got {tuple(run_mean.shape)} and {tuple(run_var.shape)}")
-        mean, var = _acc_stats(run_mean).clone(), _acc_stats(run_var).clone()
+        # the statistics' dtype follows x (acc), whatever the buffers' dtype (as the reference)
+        mean, var = run_mean.to(acc, copy=True), run_var.to(acc, copy=True)
     y = empty((B, n, HO, WO), x.dtype, x.device)
     if B * n * HWO == 0:
         return y, mean, var

@@ -328,6 +328,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
   const Dims d = validate_mixed_sum(kOp, z, x, z_weights, pool_weights, identity_weight, stride, kCPU);
   validate_mixed_sum_eps(kOp, eps);
   validate_mixed_sum_bwd(kOp, grad, mean, var, x, d, kCPU);
+  // The int32 positions are r * W + column < H * W (pool_plane's rw, rw0 and arg), so H*W <= INT32_MAX
+  // covers every offset formed.
   ADARTS_CHECK(d.H * d.W <= INT32_MAX, kOp, "planes H*W must have fewer than 2^31 elements (32-bit max-pool ",
                "positions), got x of sizes ", x.sizes());
   const int64_t H = d.H, W = d.W, Ho = d.Ho, Wo = d.Wo, s = d.stride;

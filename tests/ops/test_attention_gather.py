@@ -251,3 +251,28 @@ def test_triton_multi_tile_all_channels(impl):
     x, a = randn((1, 3, 40, 30), g, device=dev), attention_values(1, 3, g, device=dev)
     check_entry(impl, x, a, torch.tensor([2, 0, 1], device=dev), randn((1, 3, 40, 30), g, device=dev),
                 torch.float32)
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+def test_missing_tensors_named():
+    g = gen(37)
+    x, a, idx = randn((2, 8, 4, 4), g), attention_values(2, 8, g), torch.tensor([5, 1])
+    with pytest.raises(TypeError, match="adarts attention_gather: x must be a tensor, got NoneType"):
+        attention_gather(None, a, idx)
+    with pytest.raises(TypeError, match="adarts attention_gather: a must be a tensor, got NoneType"):
+        attention_gather(x, None, idx)
+    with pytest.raises(TypeError, match="adarts attention_gather: idx must be an int64 tensor, got NoneType"):
+        attention_gather(x, a, None)
+
+
+@pytest.mark.parametrize("impl", backend_params())
+def test_double_backward_refused_by_name(impl):
+    dev, g = device_of(impl), gen(38)
+    x = randn((2, 4, 3, 3), g, torch.float64, dev).requires_grad_()
+    a = attention_values(2, 4, g, torch.float64, dev).requires_grad_()
+    out = attention_gather(x, a, rand_idx(4, 2, g, dev), impl=impl)
+    ga = torch.autograd.grad((out * out).sum(), a, create_graph=True)[0]
+    assert ga.shape == a.shape and torch.isfinite(ga).all()
+    with pytest.raises(RuntimeError, match="adarts attention_gather: double backward is not supported"):
+        ga.sum().backward()

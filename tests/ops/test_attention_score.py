@@ -428,3 +428,47 @@ def test_triton_pools_first_max_across_chunks_and_nan(impl):
     assert arg.tolist() == arg_r.tolist() == [[6, 20, 0, 3, 0]]
     torch.testing.assert_close(mx, mx_r, equal_nan=True)
     torch.testing.assert_close(avg, avg_r, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+def test_missing_tensors_and_bool_n_select_named():
+    g = gen(34)
+    x = randn((2, 8, 4, 4), g)
+    w1, w2 = score_weights(8, g)
+    for name, args in (("x", (None, w1, w2)), ("w1", (x, None, w2)), ("w2", (x, w1, None))):
+        with pytest.raises(TypeError, match=f"adarts attention_score: {name} must be a tensor, got NoneType"):
+            attention_score(*args, 2)
+    for n in (True, False):      # a bool is no channel count (True would have been taken as 1)
+        with pytest.raises(ValueError, match="adarts attention_score: n_select must be an integer"):
+            attention_score(x, w1, w2, n)
+
+
+@pytest.mark.parametrize("impl", backend_params(("triton",)))
+def test_triton_refuses_planes_past_int32_positions(impl):
+    """The Triton pools keep the argmax (and the "no NaN" sentinel H*W) as int32 flat
+    positions: planes of 2^31 elements or more are refused by the launchers. An empty batch
+    carries the plane size without memory; the check runs before any launch."""
+    from adarts_kernels.triton.attention_score import attention_score_bwd, attention_score_fwd
+    dev = device_of(impl)
+    w1, w2 = score_weights(2, gen(35), device=dev)
+    x = torch.empty(0, 2, 2 ** 16, 2 ** 15, device=dev)
+    with pytest.raises(ValueError, match=r"adarts attention_score_fwd: planes H\*W must have fewer than 2\^31"):
+        attention_score_fwd(x, w1, w2, 1)
+    a = torch.empty(0, 2, device=dev)
+    with pytest.raises(ValueError, match=r"adarts attention_score_bwd: planes H\*W must have fewer than 2\^31"):
+        attention_score_bwd(a, x, w1, w2, a)
+    small = torch.empty(0, 2, 1, 2 ** 31 - 1, device=dev)    # 2^31 - 1 elements per plane: accepted
+    assert attention_score_fwd(small, w1, w2, 1)[0].shape == (0, 2)
+
+
+@pytest.mark.parametrize("impl", backend_params())
+def test_double_backward_refused_by_name(impl):
+    dev, g = device_of(impl), gen(36)
+    x = randn((2, 4, 3, 3), g, torch.float64, dev).requires_grad_()
+    w1, w2 = (w.requires_grad_() for w in score_weights(4, g, torch.float64, dev))
+    a, _ = attention_score(x, w1, w2, 2, impl=impl)
+    gx = torch.autograd.grad((a * a).sum(), x, create_graph=True)[0]
+    assert gx.shape == x.shape and torch.isfinite(gx).all()
+    with pytest.raises(RuntimeError, match="adarts attention_score: double backward is not supported"):
+        gx.sum().backward()

@@ -131,9 +131,8 @@ def test_bwd_is_gradient_of_fwd(impl, stride):
 def test_window_ties_and_nan(impl, dtype):
     """Stride 2. Equal values inside 2x2 windows: the gradient goes to the first maximum in
     row-major order, as the reference routes it. A NaN in a window is its maximum (the last
-    NaN of the window, like F.max_pool2d). NaN only on bypass channels: the reference's
-    masked products (0 * NaN) would turn da and dbeta of a *selected* NaN channel into NaN,
-    where the kernels give 0 and skip it."""
+    NaN of the window, like F.max_pool2d). NaN here on bypass channels; on selected
+    channels see test_nonfinite_on_overwritten_channels_stays_out."""
     dev, g = device_of(impl), gen(13)
     B, C, H, W = 2, 6, 8, 12
     idx = torch.tensor([5, 2], device=dev)
@@ -388,3 +387,64 @@ def test_cuda_planes_and_alignment(impl, dtype, stride, shape, with_beta, layout
     g = gen(7 * stride + 31 * H + W)
     x, a, idx, y, beta, grad = inputs(B, C, H, W, n, stride, dtype, "cuda", g, with_beta)
     check_entry(impl, x, a, idx, y, beta, grad, stride, dtype, layout)
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's masked lanes
+@pytest.mark.parametrize("impl", backend_params())
+@pytest.mark.parametrize("stride", (1, 2))
+def test_nonfinite_on_overwritten_channels_stays_out(impl, stride):
+    """NaN and infinities in ``x`` and ``a`` on the channels the output overwrites (``idx``):
+    they reach neither the output nor any gradient. The reference selects the bypass terms
+    (``torch.where``, not a product with a 0/1 mask, where ``0 * NaN`` is NaN), so ``dx`` and
+    ``da`` are exactly 0 there and ``dbeta`` stays finite, as on every backend; the values
+    equal those computed with the non-finite entries replaced by finite ones."""
+    dev = device_of(impl)
+    x, a, idx, y, beta, grad = inputs(2, 6, 4, 6, 2, stride, torch.float64, dev, gen(31))
+    s0, s1 = idx.tolist()
+    xb, ab = x.clone(), a.clone()
+    xb[:, s0] = float("nan")
+    xb[0, s1, 1, 1], xb[1, s1, 0, 0] = float("inf"), float("-inf")
+    ab[0, s0], ab[1, s1] = float("nan"), float("inf")
+    fwd, bwd = entry(impl, "attention_writeback_fwd"), entry(impl, "attention_writeback_bwd")
+    out = fwd(xb, ab, idx, y, beta, stride)
+    grads = bwd(grad, xb, ab, idx, y, beta, stride)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
+    dx, da = grads[0], grads[1]
+    assert (dx[:, [s0, s1]] == 0).all() and (da[:, [s0, s1]] == 0).all()
+    close(out, R.attention_writeback_fwd(x, a, idx, y, beta, stride), torch.float64, "out")
+    for i, (o, r) in enumerate(zip(grads, R.attention_writeback_bwd(grad, x, a, idx, y, beta, stride))):
+        close(o, r, torch.float64, f"grad[{i}]", scale=10.0)
+
+
+def test_positive_attention_is_documented():
+    """``a > 0`` (the stride-2 identity maxpool(x * a) = a * maxpool(x)) is a documented
+    precondition, not a check: a check would read device data on every call."""
+    import adarts_kernels.ops.attention_writeback as module
+    for doc in (module.__doc__, attention_writeback.__doc__):
+        assert "a > 0" in doc and "sigmoid" in doc and "device data" in doc
+
+
+def test_missing_tensors_and_bool_stride_named():
+    x, a, idx, y, beta, _ = inputs(2, 8, 4, 4, 2, 1, torch.float32, "cpu", gen(32))
+    for name, args in (("x", (None, a, idx, y)), ("a", (x, None, idx, y)), ("y", (x, a, idx, None))):
+        with pytest.raises(TypeError, match=f"adarts attention_writeback: {name} must be a tensor, got NoneType"):
+            attention_writeback(*args)
+    with pytest.raises(TypeError, match="adarts attention_writeback: idx must be an int64 tensor, got NoneType"):
+        attention_writeback(x, a, None, y)
+    with pytest.raises(ValueError, match="adarts attention_writeback: stride must be 1 or 2, got True"):
+        attention_writeback(x, a, idx, y, beta, True)
+    attention_writeback(x, a, idx, y, None)             # beta may be None (= 1)
+
+
+@pytest.mark.parametrize("impl", backend_params())
+def test_double_backward_refused_by_name(impl):
+    dev = device_of(impl)
+    x, a, idx, y, beta, _ = inputs(2, 4, 4, 4, 2, 1, torch.float64, dev, gen(33))
+    x, a, y = (t.requires_grad_() for t in (x, a, y))
+    out = attention_writeback(x, a, idx, y, beta, 1, impl=impl)
+    gx = torch.autograd.grad((out * out).sum(), x, create_graph=True)[0]
+    assert gx.shape == x.shape and torch.isfinite(gx).all()
+    with pytest.raises(RuntimeError, match="adarts attention_writeback: double backward is not supported"):
+        gx.sum().backward()

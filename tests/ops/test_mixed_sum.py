@@ -587,3 +587,115 @@ def test_triton_shape_errors_name_the_op(impl):
     with pytest.raises(ValueError, match="mixed_sum_bwd"):
         mixed_sum_bwd(z2[0], z2, x5, torch.ones(5, device=dev), pw, None, torch.zeros(7, 3, device=dev),
                       torch.ones(7, 3, device=dev), 2, EPS, True)
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eval_statistics_in_the_accumulation_dtype_of_x(impl):
+    """Eval mode with running buffers of another dtype than x: ``mean, var`` come back in x's
+    accumulation dtype (float32 for float32 and half x, float64 for float64 x), as the
+    reference and the fake say, on every backend; opcheck's fake-tensor test agrees."""
+    dev = device_of(impl)
+    for dtype, buffers in ((torch.float32, torch.float64), (torch.float64, torch.float32),
+                           (torch.bfloat16, torch.float64)):
+        c = Case(2, 2, 4, 4, dtype=dtype, device=dev, seed=41)
+        rm, rv = c.run_mean.to(buffers), c.run_var.to(buffers)
+        y, mean, var = mixed_sum(c.z, c.x, *c.weights(), 1, EPS, rm, rv, impl=impl)
+        ref = R.mixed_sum_fwd(c.z, c.x, *c.weights(), 1, EPS, rm, rv)
+        assert y.dtype == dtype and mean.dtype == var.dtype == stats_dtype(dtype) == ref[1].dtype
+        torch.testing.assert_close(mean, ref[1], rtol=0, atol=0)
+        torch.testing.assert_close(var, ref[2], rtol=0, atol=0)
+        if dtype in LOW:
+            assert_low_precision((y,), (ref[0],), (R.mixed_sum_fwd(*upcast([c.z, c.x, *c.weights()]), 1, EPS,
+                                                                   rm, rv)[0],), dtype, "y")
+        else:
+            close(y, ref[0], dtype, "y")
+        ins = _leaves(c)
+        z, x, zw, pw, iw = _split(c, ins)
+        torch.library.opcheck(_mixed_sum, (z, x, zw, pw, iw, 1, EPS, rm, rv, impl))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # inf - inf in the interpreter
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("stride", (1, 2))
+def test_training_statistics_of_infinities_follow_sum_over_n(impl, stride):
+    """Training statistics of BN inputs holding infinities: ``mean = sum / N`` on every
+    backend (the reference included; ``torch.var_mean`` alone gives NaN): ``-inf`` for a
+    window of ``-inf`` through both pools, ``+inf`` for one ``+inf``, NaN for infinities
+    of both signs or a NaN; ``var`` NaN there, finite values on a clean channel. The planes
+    hold more than 1024 outputs, so a Triton lane meets an infinity and then finite values."""
+    dev = device_of(impl)
+    H = W = 36 * stride
+    x = torch.randn(1, 4, H, W, generator=gen(43), dtype=torch.float64)
+    x[0, 0, 10:13, 10:13] = float("-inf")        # a window of -inf: both pools give -inf
+    x[0, 1, 0, 0] = float("inf")                 # first window: +inf, the rest finite
+    x[0, 2, 5, 5], x[0, 2, 20, 20] = float("inf"), float("-inf")
+    c = Case(1, 4, H, W, stride=stride, P=2, identity=False, dtype=torch.float64, device=dev, seed=43, x=x)
+    c.z[0][0, 0, 0, 0] = float("inf")
+    c.z[0][0, 1, 0, 1] = float("-inf")
+    c.z[1][0, 2, 3, 3] = float("nan")
+    args = (c.z, c.x, *c.weights(), stride, EPS, None, None)
+    us = list(R.mixed_sum_pools(c.x.cpu(), stride)) + [t.cpu() for t in c.z]
+    expected = torch.stack([u.sum(dim=(0, 2, 3)) / (u.numel() // u.shape[1]) for u in us])
+    assert torch.isposinf(expected).any() and torch.isneginf(expected).any() and torch.isnan(expected).any()
+    ref = R.mixed_sum_fwd(*args)
+    torch.testing.assert_close(ref[1].cpu(), expected, rtol=1e-12, atol=0, equal_nan=True)
+    y, mean, var = kernel_fwd(impl)(*args)
+    torch.testing.assert_close(mean.cpu(), expected, rtol=1e-12, atol=0, equal_nan=True)
+    assert torch.isnan(var[~torch.isfinite(mean)]).all()
+    assert torch.isfinite(mean[:, 3]).all() and torch.isfinite(var[:, 3]).all()
+    close(var, ref[2], torch.float64, "var", equal_nan=True)
+    close(y, ref[0], torch.float64, "y", scale=10.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_missing_tensors_and_empty_planes_named(impl):
+    """``None`` for x or inside z: a TypeError naming the op and the argument (not an
+    AttributeError from inside); H = 0 or W = 0: the op's own message on every backend."""
+    c = Case(2, 2, 4, 4, device=device_of(impl), seed=44)
+    z, x, (zw, pw, iw) = c.z, c.x, c.weights()
+    with pytest.raises(TypeError, match=r"adarts mixed_sum: x must be a tensor, got NoneType"):
+        mixed_sum(z, None, zw, pw, iw, 1, impl=impl)
+    with pytest.raises(TypeError, match=r"adarts mixed_sum: z\[2\] must be a tensor, got NoneType"):
+        mixed_sum([z[0], z[1], None, z[3]], x, zw, pw, iw, 1, impl=impl)
+    with pytest.raises(TypeError, match=r"adarts mixed_sum: pool_weights must be a tensor, got NoneType"):
+        mixed_sum(z, x, zw, None, iw, 1, impl=impl)
+    with pytest.raises(TypeError, match=r"adarts mixed_sum: z_weights must be a tensor, got NoneType"):
+        mixed_sum(z, x, None, pw, iw, 1, impl=impl)
+    for sl in ((slice(None), slice(0, 0)), (slice(0, 0), slice(None))):
+        with pytest.raises(ValueError, match=r"adarts mixed_sum: x must have non-empty planes"):
+            mixed_sum([t[:, :, sl[0], sl[1]] for t in z], x[:, :, sl[0], sl[1]], zw, pw, iw, 1, impl=impl)
+
+
+@pytest.mark.parametrize("impl", backend_params(("triton",)))
+def test_triton_refuses_empty_planes(impl):
+    from adarts_kernels.triton.mixed_sum import mixed_sum_fwd
+    c = Case(2, 2, 4, 4, device=device_of(impl), seed=45)
+    with pytest.raises(ValueError, match="adarts mixed_sum_fwd: x must have non-empty planes"):
+        mixed_sum_fwd([t[:, :, :0] for t in c.z], c.x[:, :, :0], *c.weights(), 1, EPS, None, None)
+
+
+@pytest.mark.parametrize("impl", backend_params(("cpp",)))
+def test_cpu_backward_refuses_planes_past_int32_positions(impl):
+    """The C++ backward keeps max-pool positions ``r * W + column < H * W`` as int32: a
+    plane of 2^31 elements is refused with a clear error. An empty batch (B = 0) carries
+    the plane size without memory; the check runs before anything is allocated or read."""
+    shape = (0, 1, 2 ** 16, 2 ** 15)
+    args = (torch.empty(shape), [], torch.empty(shape), torch.empty(0), torch.ones(2), None, torch.zeros(2, 1),
+            torch.ones(2, 1), 1, EPS, True)
+    with pytest.raises(RuntimeError, match=r"adarts mixed_sum: planes H\*W must have fewer than 2\^31"):
+        torch.ops.adarts_C.mixed_sum_bwd(*args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_refused_by_name(impl):
+    """A gradient of the gradient through the fused op raises naming the op (first-order
+    gradients with ``create_graph=True`` still come out)."""
+    c = Case(2, 2, 4, 4, dtype=torch.float64, device=device_of(impl), seed=46)
+    ins = _leaves(c)
+    y, _, _ = mixed_sum(*_split(c, ins), 1, impl=impl)
+    gx = torch.autograd.grad((y * y).sum(), ins[c.P], create_graph=True)[0]
+    assert gx.shape == c.x.shape and torch.isfinite(gx).all()
+    with pytest.raises(RuntimeError, match="adarts mixed_sum: double backward is not supported"):
+        gx.sum().backward()
