@@ -1,4 +1,4 @@
-"""Edge semantics on small hand-checked cases (SPEC sections 2 and 5)."""
+"""Edge semantics on small hand-checked cases (docs/method.md sections 2 and 5)."""
 import pytest
 import torch
 import torch.nn as nn

@@ -77,7 +77,7 @@ def test_fused_supernet_matches_reference_and_saves_less():
     assert b_fused < 0.9 * b_ref, (b_fused, b_ref)
 
 
-PCDARTS_MB = 39.91   # measured below at the same configuration; SPEC section 8 says 39.9
+PCDARTS_MB = 39.91   # measured below at the same configuration; docs/method.md section 8 says 39.9
 
 
 def _per_sample_mb(**kw):
@@ -88,7 +88,7 @@ def _per_sample_mb(**kw):
 
 
 def test_fused_supernet_saved_bytes_per_sample_targets():
-    """C=16, 8 cells, 32x32, float32 (SPEC supernet). Targets: fused at most 0.45x PC-DARTS,
+    """C=16, 8 cells, 32x32, float32 (the supernet of docs/method.md). Targets: fused at most 0.45x PC-DARTS,
     fused + edge recomputation at most 0.10x (measured 11.38 and 3.14 MB vs 39.91 MB)."""
     pc = _per_sample_mb(edge="pcdarts")
     assert abs(pc - PCDARTS_MB) < 0.05, pc

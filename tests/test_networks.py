@@ -163,7 +163,7 @@ def test_darts_genotype_without_beta():
 
 @pytest.mark.parametrize("edge,mb", [("pcdarts", 39.9), ("darts", 125.5)])
 def test_saved_bytes_per_sample_match_spec(edge, mb):
-    """SPEC section 8: bytes saved for backward per sample, C=16, 8 cells, 32x32, float32."""
+    """docs/method.md section 8: bytes saved for backward per sample, C=16, 8 cells, 32x32, float32."""
     torch.manual_seed(0)
     net = SearchNetwork(C=16, num_classes=10, layers=8, edge=edge)
     B = 4

@@ -1,12 +1,12 @@
 """The three supernet edges: DARTS ``MixedOp``, PC-DARTS ``PartialMixedOp`` and the
-ADARTS reference ``AttentionMixedOp`` (SPEC sections 2 and 5).
+ADARTS reference ``AttentionMixedOp`` (docs/method.md sections 2 and 5).
 
 All three share one call signature, ``edge(x, weights, edge_weight=None)``:
 
 - ``x``: ``(B, C, H, W)``, the edge input;
 - ``weights``: ``(8,)``, the softmax of this edge's row of alpha, in ``PRIMITIVES`` order;
 - ``edge_weight``: optional 0-dim tensor, the edge's normalised beta; when given, the
-  edge returns ``edge_weight * out`` (edge normalisation, SPEC step 8).
+  edge returns ``edge_weight * out`` (edge normalisation, docs/method.md section 2, step 8).
 
 The output is ``(B, C, H, W)`` at stride 1 and ``(B, C, H/2, W/2)`` at stride 2.
 """
@@ -138,7 +138,7 @@ def select_channels(score: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class AttentionMixedOp(nn.Module):
-    """The reference ADARTS edge (SPEC section 2), plain PyTorch.
+    """The reference ADARTS edge (docs/method.md section 2), plain PyTorch.
 
     ``x: (B, C, H, W)``, ``weights: (8,)``, optional ``edge_weight`` (0-dim).
 

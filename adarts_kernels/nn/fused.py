@@ -155,7 +155,7 @@ def _final_bn(m: nn.Module) -> nn.BatchNorm2d:
 
 
 class FusedAttentionMixedOp(ReplayableEdge):
-    """The ADARTS edge (SPEC section 2) computed with the fused ops.
+    """The ADARTS edge (docs/method.md section 2) computed with the fused ops.
 
     ``x: (B, C, H, W)``, ``weights: (len(primitives),)`` (softmax of the edge's alpha row),
     optional ``edge_weight`` (the normalised beta: a 0-dim or one-element tensor, or a Python

@@ -1,7 +1,7 @@
 """The DARTS candidate operations and the building blocks of cells.
 
 Every module here is the plain-PyTorch definition used by DARTS, PC-DARTS and ADARTS
-(SPEC section 1). Shapes: inputs ``(B, C_in, H, W)``; a stride-2 op returns
+(docs/method.md section 1). Shapes: inputs ``(B, C_in, H, W)``; a stride-2 op returns
 ``(B, C_out, ceil(H/2), ceil(W/2))`` (``FactorizedReduce``: ``H/2``, needs even H, W).
 
 ``affine=False`` everywhere in the search supernet; the retrain network uses
@@ -14,7 +14,7 @@ from typing import Callable, Dict, NamedTuple
 import torch
 import torch.nn as nn
 
-#: The candidate operations, in the column order of alpha (SPEC section 1).
+#: The candidate operations, in the column order of alpha (docs/method.md section 1).
 PRIMITIVES = (
     "none",
     "max_pool_3x3",
@@ -104,7 +104,7 @@ class SepConvLayers(NamedTuple):
 
 class PoolBN(nn.Sequential):
     """A pooling candidate of the search supernet: the pooling, then ``BatchNorm2d(C,
-    affine=False)`` (SPEC section 1). A ``Sequential`` (keys ``0.*``, ``1.*``) with the two
+    affine=False)`` (docs/method.md section 1). A ``Sequential`` (keys ``0.*``, ``1.*``) with the two
     layers by name."""
 
     def __init__(self, pool: nn.Module, bn: nn.BatchNorm2d):
@@ -183,7 +183,7 @@ def make_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
 
 def make_search_op(name: str, C: int, stride: int) -> nn.Module:
     """A candidate as the search supernet holds it: affine-free, pooling followed by
-    ``BatchNorm2d(C, affine=False)`` (SPEC section 1)."""
+    ``BatchNorm2d(C, affine=False)`` (docs/method.md section 1)."""
     op = make_op(name, C, stride, affine=False)
     if "pool" in name:
         op = PoolBN(op, nn.BatchNorm2d(C, affine=False))

@@ -1,6 +1,6 @@
 """``adarts::attention_score``: CBAM channel attention and top-k channel selection.
 
-Forward (SPEC section 2, steps 1, 3, 4), ``x: (B, C, H, W)``, ``w1: (C/2, C)``,
+Forward (docs/method.md section 2, steps 1, 3, 4), ``x: (B, C, H, W)``, ``w1: (C/2, C)``,
 ``w2: (C, C/2)`` (the two 1x1 convolutions of the shared MLP, flattened)::
 
     avg, mx = mean_hw(x), max_hw(x)                          # one pass over x

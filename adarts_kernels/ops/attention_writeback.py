@@ -1,6 +1,6 @@
 """``adarts::attention_writeback``: the edge output with edge normalisation, ``beta * out``.
 
-Forward (SPEC section 2, steps 7-8), ``x: (B, C, H, W)``, ``a: (B, C)``, ``idx: (n,)``,
+Forward (docs/method.md section 2, steps 7-8), ``x: (B, C, H, W)``, ``a: (B, C)``, ``idx: (n,)``,
 ``y: (B, n, H/s, W/s)``, ``beta``: 0-dim or ``None`` (= 1), stride ``s`` in {1, 2}::
 
     base = x * a                   (s = 1)      base = a * maxpool2x2(x) = maxpool2x2(x * a)   (s = 2)

@@ -1,5 +1,5 @@
 """``adarts::mixed_sum``: a weighted sum of BatchNorm-ended inputs with the affine-free
-BatchNorms folded in (SPEC section 2, step 6). The op knows nothing of the search space:
+BatchNorms folded in (docs/method.md section 2, step 6). The op knows nothing of the search space:
 the caller names the weight of every term.
 
 Forward, ``x: (B, n, H, W)`` (the selected channels ``x_sel``), ``z``: a list of ``P``
