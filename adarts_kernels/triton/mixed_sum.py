@@ -41,7 +41,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
-from ._common import acc_dtype, acc_torch, block_hw, empty, import_triton, num_warps, require
+from ._common import (acc_dtype, acc_torch, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
+                      plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
 
@@ -614,3 +615,28 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
         num_warps=num_warps(block))
     return (dz, dx, dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True),
             did.to(id_dtype))
+
+
+def compile_configs():
+    """Every distinct ``(kernel, signature, constexprs, num_warps)`` the launchers above can
+    launch: they run on meta tensors over every dtype, stride, number of ``z`` inputs
+    (0..MAX_Z), with and without the identity (stride 1), training and eval, and plane sizes
+    reaching every block."""
+    require("mixed_sum compile_configs")
+    B, n = 2, 3
+    with recording_launches(globals()) as configs:
+        for dtype in float_dtypes():
+            for stride in (1, 2):
+                for H, W in plane_sizes(stride):
+                    x = meta_tensor((B, n, H, W), dtype)
+                    grad = meta_tensor((B, n, H // stride, W // stride), dtype)
+                    for nz in range(MAX_Z + 1):
+                        z = [meta_tensor(grad.shape, dtype) for _ in range(nz)]
+                        zw, pw = meta_tensor((nz,), dtype), meta_tensor((2,), dtype)
+                        running = meta_tensor((nz + 2, n), dtype)
+                        for identity in ((None, meta_tensor((), dtype)) if stride == 1 else (None,)):
+                            for training in (True, False):
+                                rm, rv = (None, None) if training else (running, running)
+                                _, mean, var = mixed_sum_fwd(z, x, zw, pw, identity, stride, 1e-5, rm, rv)
+                                mixed_sum_bwd(grad, z, x, zw, pw, identity, mean, var, stride, 1e-5, training)
+    return configs
