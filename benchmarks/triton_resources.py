@@ -251,7 +251,9 @@ def markdown(results) -> str:
     lines += ["", f"Spills ({len(spills)}):", ""] + [f"- {p}" for p in spills]
     lines += ["", "| kernel | config | " + " | ".join(f"{t} {a}" for t, a in cols) + " |",
               "|---|---|" + "---|" * len(cols)]
-    for (kernel, config), row in sorted(cells.items()):
+    def natural(item):       # BLOCK=64 before BLOCK=256
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", " ".join(item[0]))]
+    for (kernel, config), row in sorted(cells.items(), key=natural):
         lines.append(f"| {kernel} | {config} | " + " | ".join(row.get(c, "-") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
