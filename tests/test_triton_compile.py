@@ -11,7 +11,7 @@ Two Triton versions: the venv's, and Triton 3.6 (what the GPU machines run) inst
 ``ADARTS_TRITON36``), put first on ``PYTHONPATH`` of a subprocess only. Each half skips where
 its Triton is missing, unless ``ADARTS_REQUIRE_TRITON=1`` (the venv's) or
 ``ADARTS_REQUIRE_TRITON36=1`` (3.6) makes that a failure, as in CI (``.ci/run``).
-The compiles run once per session, in a process pool, out of the test process (which runs
+The compiles run once per pytest run, in a process pool, out of the test process (which runs
 Triton interpreted).
 """
 import importlib.util
