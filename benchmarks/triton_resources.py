@@ -2,8 +2,9 @@
 sm_80 and sm_90 (no GPU needed: ``triton.compile`` with a ``GPUTarget`` gives PTX and a cubin).
 
 What is compiled comes from the launchers: each ``adarts_kernels.triton.<op>`` module's
-``compile_configs()`` gives every distinct ``(kernel, signature, constexprs, num_warps)``
-its launchers can launch (2784 of them). Compiling them all takes hours on two cores (the
+``compile_configs()`` gives every distinct ``(kernel, signature, constexprs, num_warps,
+options)`` its launchers can launch (2784 of them; ``options``: further compile options such
+as ``maxnreg``). Compiling them all takes hours on two cores (the
 ``mixed_sum`` dx kernel alone needs 6-20 s a compile), so the default is a *cover*: per
 kernel, its heaviest configuration (widest dtype, largest block, every flag on) plus the
 fewest further ones that give every value of every choice (dtype, BLOCK, num_warps and each
@@ -49,7 +50,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DEFAULT_TRITON36 = ROOT / ".venv" / "triton36"
 _DTYPE_RANK = {"*fp16": 0, "*bf16": 1, "*fp32": 2, "*fp64": 3}
 
-_CONFIGS = []     # (module, kernel, signature, constexprs, num_warps), set before the workers fork
+_CONFIGS = []     # (module, kernel, signature, constexprs, num_warps, options), set before the workers fork
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -71,7 +72,7 @@ def dtype_of(signature) -> str:
 
 def choices(cfg):
     """The ``(name, value)`` choices a configuration makes (ACC_DTYPE follows the dtype)."""
-    _, _, signature, constexprs, num_warps = cfg
+    _, _, signature, constexprs, num_warps, _ = cfg
     out = {("dtype", dtype_of(signature)), ("num_warps", num_warps)}
     out |= {(k, int(v)) for k, v in constexprs.items() if k != "ACC_DTYPE"}
     return out
@@ -79,7 +80,7 @@ def choices(cfg):
 
 def weight(cfg):
     """Heavier first: dtype width, then BLOCK, then the other constexprs' values."""
-    _, _, signature, constexprs, num_warps = cfg
+    _, _, signature, constexprs, num_warps, _ = cfg
     rest = sorted((k, int(v)) for k, v in constexprs.items() if k not in ("ACC_DTYPE", "BLOCK", "BLOCK_HW"))
     block = constexprs.get("BLOCK", constexprs.get("BLOCK_HW", 0))
     return (_DTYPE_RANK[dtype_of(signature)], block, num_warps, sum(v for _, v in rest), tuple(v for _, v in rest))
@@ -124,11 +125,12 @@ def coverage(configs, picked) -> dict:
 
 
 def describe(cfg) -> str:
-    """``fp32 BLOCK=256 NZ=5 ... w4``: dtype, constexprs (without ACC_DTYPE) and num_warps."""
-    _, _, signature, constexprs, num_warps = cfg
+    """``fp32 BLOCK=256 NZ=5 ... w4``: dtype, constexprs (without ACC_DTYPE), num_warps and
+    the further compile options (``maxnreg=255``)."""
+    _, _, signature, constexprs, num_warps, options = cfg
     parts = [dtype_of(signature)[1:]]
     parts += [f"{k}={int(v)}" for k, v in sorted(constexprs.items()) if k != "ACC_DTYPE"]
-    return " ".join(parts) + f" w{num_warps}"
+    return " ".join(parts + [f"w{num_warps}"] + [f"{k}={v}" for k, v in sorted(options.items())])
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -164,10 +166,10 @@ def _compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
     warnings.simplefilter("ignore")
-    module, kernel, signature, constexprs, num_warps = _CONFIGS[index]
+    module, kernel, signature, constexprs, num_warps, options = _CONFIGS[index]
     t0 = time.perf_counter()
     compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
     seconds = time.perf_counter() - t0
     regs, local_bytes = _resource_usage(compiled.asm["cubin"])
     return {"module": module, "kernel": kernel.__name__, "config": describe(_CONFIGS[index]),

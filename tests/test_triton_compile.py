@@ -18,7 +18,6 @@ import importlib.util
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,6 @@ import triton_resources as tr  # noqa: E402
 sys.path.remove(str(ROOT / "benchmarks"))
 
 FULL = os.environ.get("ADARTS_TRITON_COMPILE") == "full"
-#: kernels known to spill registers in some configurations (the launchers' widest blocks in
-#: float64, and a few narrower ones; see benchmarks/results/triton_resources.md): their
-#: spills are reported as warnings, not failures, until the kernels or their launch
-#: parameters change. Any other kernel that spills fails.
-KNOWN_SPILLS = {"_mixed_sum_bwd_dx_kernel", "_mixed_sum_bwd_reduce_kernel", "_mixed_sum_stats_kernel"}
 TIMEOUT_S = 3600 * 12 if FULL else 900
 
 
@@ -95,11 +89,8 @@ def _check(res):
     blocks = {v for c in cov.values() for k, v in c["choices"] if k in ("BLOCK", "BLOCK_HW")}
     assert blocks == {16, 32, 64, 128, 256, 512, 1024}
     assert {v for c in cov.values() for k, v in c["choices"] if k == "dtype"} == {"*fp16", "*bf16", "*fp32", "*fp64"}
+    # no spill (local memory) in any kernel, shared memory within the limit
     bad = tr.problems(res["rows"])
-    known = [p for p in bad if p.split(" ", 1)[0] in KNOWN_SPILLS and "local memory" in p]
-    if known:
-        warnings.warn(f"known register spills (triton {res['triton']}):\n" + "\n".join(known), stacklevel=2)
-    bad = [p for p in bad if p not in known]
     assert not bad, "\n".join(bad)
 
 

@@ -112,7 +112,8 @@ def inverse_map(idx, C: int):
 # ----------------------------------------------------------------------------- compile configurations
 #
 # Each launcher module has ``compile_configs()``: every distinct ``(kernel, signature,
-# constexprs, num_warps)`` its launchers can launch, for ahead-of-time compilation without a
+# constexprs, num_warps, options)`` its launchers can launch (``options``: the other compile
+# options a launch passes, those in LAUNCH_OPTIONS), for ahead-of-time compilation without a
 # GPU (tests/test_triton_compile.py, benchmarks/triton_resources.py). The launchers themselves
 # choose: they run on "meta" tensors (shapes and dtypes, no data) while their kernels record
 # each launch instead of running.
@@ -120,6 +121,8 @@ def inverse_map(idx, C: int):
 #: torch dtype -> Triton signature type of a tensor argument (a pointer)
 _POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64",
                   "int32": "*i32", "int64": "*i64"}
+#: compile options besides ``num_warps`` that a launch may pass (recorded, not kernel arguments)
+LAUNCH_OPTIONS = ("maxnreg",)
 
 
 def float_dtypes():
@@ -162,7 +165,8 @@ def _arg_type(value) -> str:
 
 class _LaunchRecorder:
     """Stands in for one ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` records the
-    launch's ``(kernel, signature, constexprs, num_warps)`` into ``seen`` instead of running."""
+    launch's ``(kernel, signature, constexprs, num_warps, options)`` into ``seen`` instead of
+    running (``options``: the launch's LAUNCH_OPTIONS, a dict)."""
 
     def __init__(self, kernel, seen: dict):
         self.kernel, self.seen = kernel, seen
@@ -173,6 +177,7 @@ class _LaunchRecorder:
     def _launch(self, *args, **meta):
         meta = dict(meta)
         num_warps = meta.pop("num_warps", 4)           # Triton's default
+        options = {k: meta.pop(k) for k in LAUNCH_OPTIONS if k in meta}
         names = list(self.kernel.arg_names)
         if len(args) + len(meta) != len(names) or set(meta) != set(names[len(args):]):
             raise TypeError(f"{self.kernel.__name__}: launch does not bind every argument once")
@@ -180,8 +185,8 @@ class _LaunchRecorder:
         signature.update({name: "constexpr" for name in meta})
         signature = {name: signature[name] for name in names}
         key = (self.kernel.__name__, tuple(signature.items()),
-               tuple(sorted((k, str(v)) for k, v in meta.items())), num_warps)
-        self.seen.setdefault(key, (self.kernel, signature, meta, num_warps))
+               tuple(sorted((k, str(v)) for k, v in meta.items())), num_warps, tuple(sorted(options.items())))
+        self.seen.setdefault(key, (self.kernel, signature, meta, num_warps, options))
 
 
 class recording_launches:

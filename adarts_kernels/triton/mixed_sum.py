@@ -49,6 +49,21 @@ triton, tl, _ = import_triton()
 Tensor = torch.Tensor
 
 
+def _pool_launch(block: int, per_thread: int) -> dict:
+    """Launch options of the kernels that recompute the 3x3 pools (stats and reduce:
+    ``per_thread=2``; dx, which recomputes nine windows per element: ``per_thread=1``).
+
+    ``num_warps``: at most ``per_thread`` elements of the block per thread (between 1 and 16
+    warps); each element keeps many values live (the window's loads, the running maximum,
+    sum and count, the accumulators; two registers each in float64), and more elements per
+    thread spill registers. ``maxnreg``: the architecture's limit for that many threads
+    (65536 registers per block, at most 255 per thread), given explicitly because without it
+    ptxas aims at a lower count of its own and spills a few words (the loop-carried
+    accumulators' initial values) rather than use the registers there are."""
+    warps = max(1, min(16, block // (32 * per_thread)))
+    return {"num_warps": warps, "maxnreg": min(255, 65536 // (32 * warps))}
+
+
 # ----------------------------------------------------------------------------- helpers
 
 @triton.jit
@@ -523,7 +538,7 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
         block = block_hw(HWO)
         _mixed_sum_stats_kernel[(n, B)](
             x, *_z_ptrs(z, x), pmean, pm2, n, B, H, W, HO, WO,
-            STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block, num_warps=num_warps(block))
+            STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block, **_pool_launch(block, 2))
         mean = pmean.mean(dim=2)
         var = (pm2.sum(dim=2) + HWO * (pmean - mean[:, :, None]).square().sum(dim=2)) / (B * HWO)
     else:
@@ -593,7 +608,7 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     zp = _z_ptrs(z, x)
     _mixed_sum_bwd_reduce_kernel[(n, B)](
         grad, x, *zp, mean_a, part, n, B, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, num_warps=num_warps(block))
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, **_pool_launch(block, 2))
     sums = part.sum(dim=2)                          # (rows, n)
     s_gu = sums[1:Q + 1] * rstd                     # (Q, n): per-channel sum(g * uh_q)
     dv = s_gu.sum(dim=1)                            # (Q,): the gradients of v
@@ -612,7 +627,7 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     _mixed_sum_bwd_dx_kernel[(B * n, triton.cdiv(H * W, block))](
         grad, x, prm, gm, _identity_arg(identity_weight, acc, prm), dx, n, H, W, HO, WO,
         STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
-        num_warps=num_warps(block))
+        **_pool_launch(block, 1))
     return (dz, dx, dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True),
             did.to(id_dtype))
 
