@@ -17,7 +17,8 @@ from typing import Tuple
 
 import torch
 
-from ._common import acc_dtype, block_hw, check_x_a_idx, empty, import_triton, inverse_map, num_warps, require
+from ._common import (acc_dtype, block_hw, check_x_a_idx, empty, float_dtypes, import_triton, inverse_map, meta_tensor,
+                      num_warps, plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
 
@@ -133,3 +134,17 @@ def attention_gather_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor) -> Tup
         a.stride(0), dx.stride(0), dx.stride(1), da.stride(0),
         ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return dx, da
+
+
+def compile_configs():
+    """Every distinct ``(kernel, signature, constexprs, num_warps)`` the launchers above can
+    launch: they run on meta tensors over every dtype and plane sizes reaching every block."""
+    require("attention_gather compile_configs")
+    with recording_launches(globals()) as configs:
+        for dtype in float_dtypes():
+            for H, W in plane_sizes(1):
+                x, a = meta_tensor((2, 3, H, W), dtype), meta_tensor((2, 3), dtype)
+                idx = torch.arange(2, device="meta")
+                attention_gather_fwd(x, a, idx)
+                attention_gather_bwd(meta_tensor((2, 2, H, W), dtype), x, a, idx)
+    return configs

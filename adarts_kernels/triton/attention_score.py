@@ -15,7 +15,8 @@ from typing import Tuple
 import torch
 
 from ..ops.reference import attention_mlp_bwd, attention_mlp_fwd
-from ._common import acc_dtype, acc_torch, block_hw, empty, import_triton, num_warps, require
+from ._common import (acc_dtype, acc_torch, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
+                      plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
 
@@ -180,3 +181,17 @@ def attention_score_bwd(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Te
             dx, g_avg, g_mx, arg, C, H * W, dx.stride(0), dx.stride(1),
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_HW=block, num_warps=num_warps(block))
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
+
+
+def compile_configs():
+    """Every distinct ``(kernel, signature, constexprs, num_warps)`` the launchers above can
+    launch: they run on meta tensors over every dtype and plane sizes reaching every block."""
+    require("attention_score compile_configs")
+    with recording_launches(globals()) as configs:
+        for dtype in float_dtypes():
+            for H, W in plane_sizes(1):
+                x = meta_tensor((2, 4, H, W), dtype)
+                w1, w2 = meta_tensor((2, 4), dtype), meta_tensor((4, 2), dtype)
+                a, _ = attention_score_fwd(x, w1, w2, 2)
+                attention_score_bwd(meta_tensor((2, 4), dtype), x, w1, w2, a)
+    return configs

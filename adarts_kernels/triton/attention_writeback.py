@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import (acc_dtype, acc_torch, block_hw, check_x_a_idx, empty, import_triton, inverse_map, num_warps,
-                      require)
+from ._common import (acc_dtype, acc_torch, block_hw, check_x_a_idx, empty, float_dtypes, import_triton, inverse_map,
+                      meta_tensor, num_warps, plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
 
@@ -264,3 +264,22 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
     if has_beta:
         dbeta = part.sum().reshape(beta.shape).to(beta.dtype)
     return dx, da, dy, dbeta
+
+
+def compile_configs():
+    """Every distinct ``(kernel, signature, constexprs, num_warps)`` the launchers above can
+    launch: they run on meta tensors over every dtype, stride, with and without ``beta`` and
+    plane sizes reaching every block and (stride 2) every odd H / W tail."""
+    require("attention_writeback compile_configs")
+    with recording_launches(globals()) as configs:
+        for dtype in float_dtypes():
+            for stride in (1, 2):
+                for H, W in plane_sizes(stride, odd=True):
+                    x, a = meta_tensor((2, 3, H, W), dtype), meta_tensor((2, 3), dtype)
+                    idx = torch.arange(2, device="meta")
+                    y = meta_tensor((2, 2, H // stride, W // stride), dtype)
+                    grad = meta_tensor((2, 3, H // stride, W // stride), dtype)
+                    for beta in (None, meta_tensor((), dtype)):
+                        attention_writeback_fwd(x, a, idx, y, beta, stride)
+                        attention_writeback_bwd(grad, x, a, idx, y, beta, stride)
+    return configs

@@ -41,11 +41,27 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
-from ._common import acc_dtype, acc_torch, block_hw, empty, import_triton, num_warps, require
+from ._common import (acc_dtype, acc_torch, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
+                      plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
 
 Tensor = torch.Tensor
+
+
+def _pool_launch(block: int, per_thread: int) -> dict:
+    """Launch options of the kernels that recompute the 3x3 pools (stats and reduce:
+    ``per_thread=2``; dx, which recomputes nine windows per element: ``per_thread=1``).
+
+    ``num_warps``: at most ``per_thread`` elements of the block per thread (between 1 and 16
+    warps); each element keeps many values live (the window's loads, the running maximum,
+    sum and count, the accumulators; two registers each in float64), and more elements per
+    thread spill registers. ``maxnreg``: the architecture's limit for that many threads
+    (65536 registers per block, at most 255 per thread), given explicitly because without it
+    ptxas aims at a lower count of its own and spills a few words (the loop-carried
+    accumulators' initial values) rather than use the registers there are."""
+    warps = max(1, min(16, block // (32 * per_thread)))
+    return {"num_warps": warps, "maxnreg": min(255, 65536 // (32 * warps))}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -524,7 +540,7 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
         block = block_hw(HWO)
         _mixed_sum_stats_kernel[(n, B)](
             x, *_z_ptrs(z, x), pmean, pm2, n, B, H, W, HO, WO,
-            STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block, num_warps=num_warps(block))
+            STRIDE=stride, NZ=len(z), ACC_DTYPE=acc_dtype(x.dtype), BLOCK=block, **_pool_launch(block, 2))
         mean = pmean.mean(dim=2)
         var = (pm2.sum(dim=2) + HWO * (pmean - mean[:, :, None]).square().sum(dim=2)) / (B * HWO)
     else:
@@ -595,7 +611,7 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     zp = _z_ptrs(z, x)
     _mixed_sum_bwd_reduce_kernel[(n, B)](
         grad, x, *zp, mean_a, part, n, B, H, W, HO, WO,
-        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, num_warps=num_warps(block))
+        STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, ACC_DTYPE=acc_tl, BLOCK=block, **_pool_launch(block, 2))
     sums = part.sum(dim=2)                          # (rows, n)
     s_gu = sums[1:Q + 1] * rstd                     # (Q, n): per-channel sum(g * uh_q)
     dv = s_gu.sum(dim=1)                            # (Q,): the gradients of v
@@ -614,6 +630,31 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
     _mixed_sum_bwd_dx_kernel[(B * n, triton.cdiv(H * W, block))](
         grad, x, prm, gm, _identity_arg(identity_weight, acc, prm), dx, n, H, W, HO, WO,
         STRIDE=stride, NZ=len(z), HAS_IDENTITY=has_id, TRAINING=bool(training), ACC_DTYPE=acc_tl, BLOCK=block,
-        num_warps=num_warps(block))
+        **_pool_launch(block, 1))
     return (dz, dx, dv[2:].to(z_weights.dtype, copy=True), dv[:2].to(pool_weights.dtype, copy=True),
             did.to(id_dtype))
+
+
+def compile_configs():
+    """Every distinct ``(kernel, signature, constexprs, num_warps)`` the launchers above can
+    launch: they run on meta tensors over every dtype, stride, number of ``z`` inputs
+    (0..MAX_Z), with and without the identity (stride 1), training and eval, and plane sizes
+    reaching every block."""
+    require("mixed_sum compile_configs")
+    B, n = 2, 3
+    with recording_launches(globals()) as configs:
+        for dtype in float_dtypes():
+            for stride in (1, 2):
+                for H, W in plane_sizes(stride):
+                    x = meta_tensor((B, n, H, W), dtype)
+                    grad = meta_tensor((B, n, H // stride, W // stride), dtype)
+                    for nz in range(MAX_Z + 1):
+                        z = [meta_tensor(grad.shape, dtype) for _ in range(nz)]
+                        zw, pw = meta_tensor((nz,), dtype), meta_tensor((2,), dtype)
+                        running = meta_tensor((nz + 2, n), dtype)
+                        for identity in ((None, meta_tensor((), dtype)) if stride == 1 else (None,)):
+                            for training in (True, False):
+                                rm, rv = (None, None) if training else (running, running)
+                                _, mean, var = mixed_sum_fwd(z, x, zw, pw, identity, stride, 1e-5, rm, rv)
+                                mixed_sum_bwd(grad, z, x, zw, pw, identity, mean, var, stride, 1e-5, training)
+    return configs
