@@ -14,7 +14,7 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
 from adarts_kernels.nas.config import RETRAIN_PRESETS, RetrainConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_retrain  # noqa: E402
-from adarts_kernels.utils.cli import HelpFormatter  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter, add_run_options  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final drop-path probability, ramped linearly from 0 over the epochs (default: the "
                         "preset's)")
     p.add_argument("--cutout", type=int, default=None, help="cutout length, 0: off (default: the preset's)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the batch order")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use at most N images of each split, for quick smoke runs (default: all)")
-    p.add_argument("--device", default=d.device, help="auto (the first GPU, else the CPU), cpu, cuda, cuda:1 ...")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint; the settings must be the same")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, seed=d.seed, device=d.device)
     return p
 
 

@@ -23,7 +23,7 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_search  # noqa: E402
 from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
-from adarts_kernels.utils.cli import HelpFormatter  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter, add_run_options  # noqa: E402
 
 
 def _batch_size(text: str):
@@ -85,13 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="first epochs without architecture updates (default: the preset's)")
     p.add_argument("--unrolled", action="store_true", help="second-order architecture gradient")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the batch order")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use at most N images of each split, for quick smoke runs (default: all)")
-    p.add_argument("--device", default=d.device, help="auto (the first GPU, else the CPU), cpu, cuda, cuda:1 ...")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint; the settings must be the same")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, seed=d.seed, device=d.device)
     return p
 
 

@@ -98,6 +98,31 @@ def _read(loss: Optional[torch.Tensor], guard: FiniteGuard) -> Tuple[Optional[fl
     return (got[0] if loss is not None else None), got[-2], got[-1]
 
 
+def _periodic_read(loss: torch.Tensor, guard: FiniteGuard, bar, step: int, epoch: int, cfg) -> None:
+    """Every READ_EVERY steps: the non-finite flag (raises) and, with progress bars, the loss shown."""
+    shown, bad_step, code = _read(loss if cfg.progress else None, guard)
+    guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+    if shown is not None:
+        set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
+
+
+def _finish_epoch(model: nn.Module, guard: FiniteGuard, meter, sched, loader: BatchLoader, desc: str, epoch: int,
+                  cfg) -> Tuple[float, float, float, float]:
+    """The end of a training epoch, search or retrain: the guard's last read, every parameter
+    finite, the scheduler step, the train meters, and the validation pass; raises
+    :class:`NonFiniteError` on any non-finite value. Returns ``(train_loss, train_acc,
+    valid_loss, valid_acc)``."""
+    _, bad_step, code = _read(None, guard)
+    guard.raise_if_bad(bad_step, code, epoch, cfg.out)
+    check_finite_parameters(model, epoch, cfg.out)
+    sched.step()
+    train_loss, train_acc = meter.read()
+    valid_loss, valid_acc = evaluate(model, loader, desc, cfg.progress)
+    if valid_loss != valid_loss or abs(valid_loss) == float("inf"):
+        raise NonFiniteError("valid loss", epoch + 1, None, cfg.out)
+    return train_loss, train_acc, valid_loss, valid_acc
+
+
 def check_finite_parameters(model: nn.Module, epoch: int, out: str) -> None:
     """Raise :class:`NonFiniteError` naming the first parameter that holds a NaN or infinity
     (one host read for all of them)."""
@@ -393,19 +418,9 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
             guard.check(loss, step, 1)
             meter.update(loss, logits, y)
             if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
-                shown, bad_step, code = _read(loss if cfg.progress else None, guard)
-                guard.raise_if_bad(bad_step, code, epoch, cfg.out)
-                if shown is not None:
-                    set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
-        _, bad_step, code = _read(None, guard)
-        guard.raise_if_bad(bad_step, code, epoch, cfg.out)
-        check_finite_parameters(model, epoch, cfg.out)
-        sched.step()
-        train_loss, train_acc = meter.read()
-        valid_loss, valid_acc = evaluate(model, eval_loader, f"search {epoch + 1}/{cfg.epochs} valid",
-                                         cfg.progress)
-        if valid_loss != valid_loss or abs(valid_loss) == float("inf"):
-            raise NonFiniteError("valid loss", epoch + 1, None, cfg.out)
+                _periodic_read(loss, guard, bar, step, epoch, cfg)
+        train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
+            model, guard, meter, sched, eval_loader, f"search {epoch + 1}/{cfg.epochs} valid", epoch, cfg)
         geno = model.genotype()
         rec = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -515,19 +530,9 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
             guard.check(loss, step, 1)
             meter.update(loss, logits, y)
             if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
-                shown, bad_step, code = _read(loss if cfg.progress else None, guard)
-                guard.raise_if_bad(bad_step, code, epoch, cfg.out)
-                if shown is not None:
-                    set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
-        _, bad_step, code = _read(None, guard)
-        guard.raise_if_bad(bad_step, code, epoch, cfg.out)
-        check_finite_parameters(model, epoch, cfg.out)
-        sched.step()
-        train_loss, train_acc = meter.read()
-        valid_loss, valid_acc = evaluate(model, monitor_loader, f"retrain {epoch + 1}/{cfg.epochs} valid",
-                                         cfg.progress)
-        if valid_loss != valid_loss or abs(valid_loss) == float("inf"):
-            raise NonFiniteError("valid loss", epoch + 1, None, cfg.out)
+                _periodic_read(loss, guard, bar, step, epoch, cfg)
+        train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
+            model, guard, meter, sched, monitor_loader, f"retrain {epoch + 1}/{cfg.epochs} valid", epoch, cfg)
         rec = {"epoch": epoch + 1, "lr": lr, "drop_path": model.drop_path_prob, "train_loss": train_loss,
                "train_acc": train_acc, "valid_loss": valid_loss, "valid_acc": valid_acc,
                "seconds": time.time() - t0}

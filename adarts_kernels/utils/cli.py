@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["HelpFormatter"]
+__all__ = ["HelpFormatter", "add_run_options"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -19,3 +19,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             on = isinstance(action, argparse._StoreFalseAction)
             return f"{text} (default: {'on' if on else 'off'})"
         return f"{text} (default: %(default)s)"
+
+
+def add_run_options(p: argparse.ArgumentParser, seed: int, device: str) -> None:
+    """The options every training driver shares: ``--seed``, ``--limit``, ``--device``,
+    ``--resume``, ``--no-progress``."""
+    p.add_argument("--seed", type=int, default=seed, help="seed of the weights and of the batch order")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use at most N images of each split, for quick smoke runs (default: all)")
+    p.add_argument("--device", default=device, help="auto (the first GPU, else the CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint; the settings must be the same")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
