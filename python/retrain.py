@@ -14,7 +14,7 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
 from adarts_kernels.nas.config import RETRAIN_PRESETS, RetrainConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_retrain  # noqa: E402
-from adarts_kernels.utils.cli import HelpFormatter, add_run_options  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter, add_data_options, add_run_options  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--genotype", default=d.genotype,
                    help=f"a published cell ({', '.join(sorted(PUBLISHED))}) or the path of a genotype.json")
-    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"],
-                   help="digits: embedded (scikit-learn), no download; cifar10/cifar100: read from --data")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="CIFAR only: root holding cifar-10-batches-py / cifar-100-python (default: none; "
-                        "refused with digits)")
-    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data if missing")
+    add_data_options(p, dataset=d.dataset)
     p.add_argument("--out", default=None, help="run directory (default: runs/retrain-<dataset>)")
     p.add_argument("--preset", default=None, choices=sorted(RETRAIN_PRESETS),
                    help="darts: C=36, 20 cells, batch 96, lr 0.025, 600 epochs, auxiliary, drop-path 0.3, "

@@ -23,7 +23,7 @@ from adarts_kernels.data import DataError  # noqa: E402
 from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_search  # noqa: E402
 from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
-from adarts_kernels.utils.cli import HelpFormatter, add_run_options  # noqa: E402
+from adarts_kernels.utils.cli import HelpFormatter, add_data_options, add_run_options  # noqa: E402
 
 
 def _batch_size(text: str):
@@ -50,12 +50,7 @@ def _kernels(text: str):
 def build_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100"],
-                   help="digits: embedded (scikit-learn), no download; cifar10/cifar100: read from --data")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="CIFAR only: root holding cifar-10-batches-py / cifar-100-python (default: none; "
-                        "refused with digits)")
-    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data if missing")
+    add_data_options(p, dataset=d.dataset)
     p.add_argument("--out", default=None, help="run directory (default: runs/search-<dataset>-<edge>)")
     p.add_argument("--preset", default=None, choices=sorted(SEARCH_PRESETS),
                    help="adarts: the authors' defaults (batch 64, lr 0.025, 80 epochs, 15 warm-up); pcdarts: "

@@ -109,3 +109,35 @@ def test_loader_copies_asynchronously_on_cuda(monkeypatch, cuda):
     copies = [nb for nb in seen if nb]
     assert len(copies) == (2 * len(got) if cuda else 0)
     assert loader_mod._is_cuda(torch.device("cuda")) and not loader_mod._is_cuda(torch.device("cpu"))
+
+
+def test_idx_check_device_path_on_cpu(monkeypatch):
+    """The GPU branch of check_idx_values (async device asserts, no host read) with the device
+    check injected: a good idx passes, an out-of-range or repeated one trips the assert."""
+    from adarts_kernels.ops import _common
+    monkeypatch.setattr(_common, "on_host", lambda t: False)
+    _common.check_idx_values("attention_gather", torch.tensor([3, 0, 2]), 4)
+    for bad, words in ((torch.tensor([0, 4]), r"in \[0, 4\)"), (torch.tensor([1, 1]), "distinct")):
+        with pytest.raises(RuntimeError, match=words):
+            _common.check_idx_values("attention_gather", bad, 4)
+
+
+def test_fused_edge_gpu_layout_on_cpu(monkeypatch):
+    """The fused units' GPU layout (NCHW, no channels_last) computes the reference edge."""
+    import torch.nn.functional as F
+
+    from adarts_kernels import FusedAttentionMixedOp
+    from adarts_kernels.nn import AttentionMixedOp, units
+    calls = []
+    monkeypatch.setattr(units, "_channels_last_pays", lambda t: calls.append(t.shape) or False)
+    for stride in (1, 2):
+        torch.manual_seed(stride)
+        ref, fused = AttentionMixedOp(8, stride, 4), FusedAttentionMixedOp(8, stride, 4, impl="reference")
+        fused.load_state_dict(ref.state_dict())
+        xs = [torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(7)).requires_grad_() for _ in range(2)]
+        w = F.softmax(torch.randn(8), 0)
+        out, expect = fused(xs[0], w), ref(xs[1], w)
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+        out.sum().backward(), expect.sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    assert calls                      # the injected check was consulted

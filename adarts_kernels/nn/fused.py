@@ -126,9 +126,11 @@ class FusedCandidates:
             if isinstance(m, FactorizedReduce):
                 out += [m.conv_1.weight, m.conv_2.weight]
             elif isinstance(m, SepConv):
-                out += [m.layers().dw1.weight, m.layers().pw1.weight]
+                L = m.layers()
+                out += [L.dw1.weight, L.pw1.weight]
             else:
-                out += [m.layers().dw.weight, m.layers().pw.weight]
+                L = m.layers()
+                out += [L.dw.weight, L.pw.weight]
         return out
 
     def split(self, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -40,12 +40,18 @@ def check_idx_meta(op: str, idx: torch.Tensor, x: torch.Tensor, C: int) -> None:
     check(idx.device == x.device, op, f"device mismatch: x is on {x.device} but idx is on {idx.device}")
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """True for a CPU tensor, whose values can be read without a device synchronisation
+    (the one device check of :func:`check_idx_values`; tests replace it to run the device path)."""
+    return t.device.type == "cpu"
+
+
 def check_idx_values(op: str, idx: torch.Tensor, C: int) -> None:
-    """Indices in ``[0, C)`` and distinct. On CPU a plain check; on CUDA an asynchronous
+    """Indices in ``[0, C)`` and distinct. On CPU a plain check; on a GPU an asynchronous
     device-side assert (no host synchronisation)."""
     if idx.numel() == 0:
         return
-    if idx.device.type == "cpu":
+    if on_host(idx):
         check(bool(((idx >= 0) & (idx < C)).all()), op, f"idx values must lie in [0, {C}), got {idx.tolist()}")
         check(idx.unique().numel() == idx.numel(), op, f"idx values must be distinct, got {idx.tolist()}")
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["HelpFormatter", "add_run_options"]
+__all__ = ["HelpFormatter", "add_data_options", "add_run_options"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -31,3 +31,13 @@ def add_run_options(p: argparse.ArgumentParser, seed: int, device: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint; the settings must be the same")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_data_options(p: argparse.ArgumentParser, dataset: str) -> None:
+    """The data options every training driver shares: ``--dataset``, ``--data``, ``--download``."""
+    p.add_argument("--dataset", default=dataset, choices=["digits", "cifar10", "cifar100"],
+                   help="digits: embedded (scikit-learn), no download; cifar10/cifar100: read from --data")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="CIFAR only: root holding cifar-10-batches-py / cifar-100-python (default: none; "
+                        "refused with digits)")
+    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data if missing")

@@ -292,3 +292,11 @@ def scores(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The channel scores ``a.sum(0)`` the top-k ranks, in float64 on the CPU."""
     from adarts_kernels.ops import reference as R
     return R.attention_score_fwd(x.double().cpu(), w1.double().cpu(), w2.double().cpu(), x.shape[1])[0].sum(0)
+
+
+def assert_refused(exc, op: str, words: str, fn) -> None:
+    """``fn()`` raises ``exc`` whose message names ``op`` and contains ``words``."""
+    with pytest.raises(exc) as info:
+        fn()
+    msg = str(info.value)
+    assert op in msg and words in msg, msg
