@@ -67,12 +67,6 @@ def acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def acc_torch(dtype):
-    """The accumulation dtype as a torch dtype (``reference.acc_dtype``)."""
-    from ..ops.reference import acc_dtype as reference_acc_dtype   # float64 stays float64, every other float: float32
-    return reference_acc_dtype(dtype)
-
-
 def block_hw(n: int, lo: int = 16, hi: int = 1024) -> int:
     """Power-of-two block covering ``n`` elements, clamped to ``[lo, hi]``."""
     b = lo

@@ -15,7 +15,8 @@ from typing import Tuple
 import torch
 
 from ..ops.reference import attention_mlp_bwd, attention_mlp_fwd
-from ._common import (acc_dtype, acc_torch, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
+from ..ops.reference import acc_dtype as torch_acc_dtype
+from ._common import (acc_dtype, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
                       plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
@@ -113,7 +114,7 @@ def _pools(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``avg, mx: (B, C)`` (float32, float64 for float64 x) and ``arg: (B, C)`` int32."""
     B, C, H, W = x.shape
     HW = H * W
-    acc = acc_torch(x.dtype)
+    acc = torch_acc_dtype(x.dtype)
     avg = empty((B, C), acc, x.device)
     mx = empty((B, C), acc, x.device)
     arg = empty((B, C), torch.int32, x.device)

@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import (acc_dtype, acc_torch, block_hw, check_x_a_idx, empty, float_dtypes, import_triton, inverse_map,
+from ..ops.reference import acc_dtype as torch_acc_dtype
+from ._common import (acc_dtype, block_hw, check_x_a_idx, empty, float_dtypes, import_triton, inverse_map,
                       meta_tensor, num_warps, plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
@@ -247,7 +248,7 @@ def attention_writeback_bwd(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, y: 
     da = empty((B, C), a.dtype, a.device)
     dy = empty((B, n, HO, WO), y.dtype, y.device)
     has_beta = beta is not None
-    part = empty((B * C,), acc_torch(x.dtype), x.device) if has_beta else None
+    part = empty((B * C,), torch_acc_dtype(x.dtype), x.device) if has_beta else None
     if B * C > 0:
         inv = inverse_map(idx, C)
         block = block_hw(HO * WO)

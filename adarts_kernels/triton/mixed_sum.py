@@ -41,7 +41,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
-from ._common import (acc_dtype, acc_torch, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
+from ..ops.reference import acc_dtype as torch_acc_dtype
+from ._common import (acc_dtype, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
                       plane_sizes, recording_launches, require)
 
 triton, tl, _ = import_triton()
@@ -529,7 +530,7 @@ def mixed_sum_fwd(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: T
     z = [t.contiguous() for t in z]
     B, n, H, W = x.shape
     Q = len(z) + 2
-    acc = acc_torch(x.dtype)
+    acc = torch_acc_dtype(x.dtype)
     HWO = HO * WO
     if run_mean is None:
         if B * n * HWO == 0:      # empty batch statistics (NaN), nothing to launch for
@@ -591,7 +592,7 @@ def mixed_sum_bwd(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Tensor, p
                          f"got {tuple(mean.shape)} and {tuple(var.shape)}")
     grad, x = grad.contiguous(), x.contiguous()
     z = [t.contiguous() for t in z]
-    acc = acc_torch(x.dtype)
+    acc = torch_acc_dtype(x.dtype)
     HWO = HO * WO
     id_dtype = identity_weight.dtype if has_id else pool_weights.dtype
     dz = [empty(t.shape, t.dtype, t.device) for t in z]
