@@ -16,17 +16,29 @@ Every epoch draws from a fresh ``torch.Generator`` seeded with
 ``seed * 1_000_003 + e``; the global torch RNG is never touched.  An
 interrupted training run that calls ``set_epoch(e)`` after resuming therefore
 sees exactly the same batches as an uninterrupted one.
+
+Data-parallel training shards every *global* batch (``batch_size`` samples)
+over the ranks: with ``shard=(rank, world_size)`` each step still draws the
+order and the augmentation parameters of the whole global batch, in the same
+order as an unsharded loader, and then builds only this rank's contiguous
+slice of it.  Step ``i`` of rank ``r`` is therefore a pure function of
+``(seed, e, i, r, world_size)``, and concatenating the batches of ranks
+``0 .. world_size - 1`` of a step gives bitwise the batch an unsharded loader
+(``shard=(0, 1)``, the default) yields at that step, whatever the world size.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .transforms import cutout as _cutout
+from .transforms import apply_crop_flip as _apply_crop_flip
+from .transforms import apply_cutout as _apply_cutout
+from .transforms import crop_flip_params as _crop_flip_params
+from .transforms import cutout_params as _cutout_params
 from .transforms import normalize as _normalize
-from .transforms import random_crop_flip as _random_crop_flip
 
 __all__ = ["DataError", "ImageSet", "BatchLoader"]
 
@@ -156,8 +168,14 @@ class BatchLoader:
       ``(x / 255 - mean) / std`` with the data set's per-channel constants,
     * ``labels``: ``torch.int64`` tensor ``(B,)``,
 
-    both on ``device``.  ``B`` is ``batch_size`` except possibly for the last
-    batch (which is dropped if ``drop_last``).
+    both on ``device``.  Without a shard ``B`` is ``batch_size`` except
+    possibly for the last batch (which is dropped if ``drop_last``).  With
+    ``shard=(rank, world_size)``, step ``i`` yields only this rank's slice of
+    global batch ``i``: ``B = stop - start`` with
+    ``(start, stop) = shard_bounds(i)``, between
+    ``global_batch_size(i) // world_size`` and one more; ``B`` is 0 (tensors
+    ``(0, C, H, W)`` and ``(0,)``) when the global batch has fewer samples
+    than ranks.
 
     Args:
         dataset: the data set to iterate over (must not be empty).
@@ -177,6 +195,14 @@ class BatchLoader:
         device: where the batches are put.  Augmentation runs on that device
             (random numbers are still drawn on the CPU generator, so the result
             does not depend on the device).
+        shard: ``(rank, world_size)`` for data-parallel training, ints with
+            ``0 <= rank < world_size``.  ``batch_size`` stays the global batch;
+            global batch ``i`` is split like
+            ``torch.tensor_split(torch.arange(global_batch_size(i)), world_size)``
+            (contiguous slices in rank order, the first ranks get one extra
+            sample) and this loader yields slice ``rank``.  ``len()`` counts
+            global batches, the same on every rank.  ``(0, 1)`` (default) is
+            the unsharded loader.
 
     Call :meth:`set_epoch` before iterating each epoch; iterating twice
     without changing the epoch yields identical batches.
@@ -193,6 +219,7 @@ class BatchLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: Union[str, torch.device] = "cpu",
+        shard: Tuple[int, int] = (0, 1),
     ) -> None:
         if not isinstance(dataset, ImageSet):
             raise ValueError(f"BatchLoader needs an ImageSet, got {type(dataset).__name__}")
@@ -209,6 +236,7 @@ class BatchLoader:
                 f"BatchLoader: drop_last=True with batch_size={batch_size} larger than the "
                 f"data set ({len(dataset)} samples) would yield no batch"
             )
+        self.rank, self.world_size = self._check_shard(shard)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -220,15 +248,61 @@ class BatchLoader:
         self.device = torch.device(device)
         self.epoch = 0
 
+    @staticmethod
+    def _check_shard(shard) -> Tuple[int, int]:
+        try:
+            rank, world_size = shard
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"BatchLoader: shard must be a pair (rank, world_size), got {shard!r}"
+            ) from None
+        for name, v in (("rank", rank), ("world_size", world_size)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(
+                    f"BatchLoader: shard {name} must be an int, got {type(v).__name__} {v!r}"
+                )
+        rank, world_size = int(rank), int(world_size)
+        if world_size < 1:
+            raise ValueError(f"BatchLoader: shard world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"BatchLoader: shard rank must satisfy 0 <= rank < world_size={world_size}, "
+                f"got {rank}"
+            )
+        return rank, world_size
+
+    @property
+    def shard(self) -> Tuple[int, int]:
+        """``(rank, world_size)`` of this loader; ``(0, 1)`` when not sharded."""
+        return self.rank, self.world_size
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        """Number of global batches per epoch (the same on every rank)."""
         n = len(self.dataset)
         if self.drop_last:
             return n // self.batch_size
         return (n + self.batch_size - 1) // self.batch_size
+
+    def global_batch_size(self, i: int) -> int:
+        """Number of samples of global batch ``i`` (0-based, ``0 <= i < len(self)``)."""
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"BatchLoader: batch index {i} out of range for {len(self)} batches")
+        return min(self.batch_size, len(self.dataset) - i * self.batch_size)
+
+    def shard_bounds(self, i: int) -> Tuple[int, int]:
+        """This rank's slice ``[start, stop)`` of global batch ``i`` (positions within the batch).
+
+        The same split as ``torch.tensor_split(torch.arange(global_batch_size(i)),
+        world_size)[rank]``; ``start == stop`` when the slice is empty.
+        """
+        q, r = divmod(self.global_batch_size(i), self.world_size)
+        start = self.rank * q + min(self.rank, r)
+        return start, start + q + (1 if self.rank < r else 0)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -241,10 +315,17 @@ class BatchLoader:
             order: Optional[torch.Tensor] = torch.randperm(n, generator=gen)
         else:
             order = None
+        _, h, w = ds.image_shape
         non_blocking = _is_cuda(self.device)   # asynchronous host-to-device copies on CUDA
         for b in range(len(self)):
-            start = b * self.batch_size
-            stop = min(start + self.batch_size, n)
+            # Draw everything of the whole global batch, in the unsharded order
+            # (crop/flip, then cutout), then build only this rank's slice.
+            gb = self.global_batch_size(b)
+            crop = _crop_flip_params(gb, self.pad, gen) if self.augment else None
+            centres = _cutout_params(gb, h, w, gen) if self.cutout > 0 else None
+            lo, hi = self.shard_bounds(b)
+            start = b * self.batch_size + lo
+            stop = b * self.batch_size + hi
             if order is None:
                 images = ds.images[start:stop]
                 labels = ds.labels[start:stop]
@@ -254,16 +335,20 @@ class BatchLoader:
                 labels = ds.labels[idx]
             images = images.to(self.device, non_blocking=non_blocking)
             labels = labels.to(self.device, non_blocking=non_blocking)
-            if self.augment:
-                images = _random_crop_flip(images, self.pad, gen)
+            if crop is not None:
+                dy, dx, flip = crop
+                images = _apply_crop_flip(images, dy[lo:hi], dx[lo:hi], flip[lo:hi], self.pad)
             x = _normalize(images, ds.mean, ds.std)
-            if self.cutout > 0:
-                x = _cutout(x, self.cutout, gen)
+            if centres is not None:
+                cy, cx = centres
+                x = _apply_cutout(x, self.cutout, cy[lo:hi], cx[lo:hi])
             yield x, labels
 
     def __repr__(self) -> str:
         return (
             f"BatchLoader({self.dataset!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"augment={self.augment}, cutout={self.cutout}, pad={self.pad}, "
-            f"drop_last={self.drop_last}, seed={self.seed}, device={str(self.device)!r})"
+            f"drop_last={self.drop_last}, seed={self.seed}, device={str(self.device)!r}"
+            + (f", shard=({self.rank}, {self.world_size})" if self.world_size > 1 else "")
+            + ")"
         )
