@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adarts_kernels.data import DataError  # noqa: E402
+from adarts_kernels.distributed import explain_failure  # noqa: E402
 from adarts_kernels.nas.genotypes import PUBLISHED  # noqa: E402
 from adarts_kernels.nas.config import RETRAIN_PRESETS, RetrainConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_retrain  # noqa: E402
@@ -55,11 +56,12 @@ def main(argv=None):
         genotype=a.genotype, dataset=a.dataset, data=a.data, download=a.download,
         out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C, layers=a.layers,
         batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary, drop_path=a.drop_path,
-        cutout=a.cutout, limit=a.limit, seed=a.seed, device=a.device, progress=not a.no_progress, resume=a.resume)
+        cutout=a.cutout, limit=a.limit, seed=a.seed, device=a.device, progress=not a.no_progress, resume=a.resume,
+        dist_timeout=a.dist_timeout, check_every=a.check_every)
     try:
         run_retrain(cfg)
     except (DataError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain_failure(e, out=cfg.out, timeout_s=cfg.dist_timeout)}", file=sys.stderr)
         return 2
     return 0
 

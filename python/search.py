@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adarts_kernels.backend import IMPLS  # noqa: E402
 from adarts_kernels.data import DataError  # noqa: E402
+from adarts_kernels.distributed import explain_failure  # noqa: E402
 from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_search  # noqa: E402
 from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
@@ -93,11 +94,12 @@ def main(argv=None):
         kernels=a.kernels, impl=a.impl, recompute=a.recompute, amp=a.amp, channels_last=a.channels_last,
         C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
         warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, limit=a.limit, seed=a.seed, device=a.device,
-        progress=not a.no_progress, resume=a.resume)
+        progress=not a.no_progress, resume=a.resume,
+        dist_timeout=a.dist_timeout, check_every=a.check_every)
     try:
         result = run_search(cfg)
     except (DataError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain_failure(e, out=cfg.out, timeout_s=cfg.dist_timeout)}", file=sys.stderr)
         return 2
     print(f"genotype written to {os.path.join(result['out'], 'genotype.json')}")
     return 0

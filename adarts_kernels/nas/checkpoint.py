@@ -110,7 +110,9 @@ def check_same_run(saved: dict, now: dict, keys: Iterable[str]) -> None:
 
 
 #: config keys a resumed run may change: where things are read and written, and the display
-DIFFERENT_OK = frozenset({"out", "resume", "progress", "device", "data", "download"})
+#: (``dist_timeout`` and ``check_every`` guard a data-parallel run without changing its numbers)
+DIFFERENT_OK = frozenset({"out", "resume", "progress", "device", "data", "download", "dist_timeout",
+                          "check_every"})
 
 
 def resume_keys(cfg, ignore: Iterable[str] = ()) -> List[str]:
@@ -148,15 +150,25 @@ def validate(ckpt, kind: str, cfg, objects: Iterable[str], path: str) -> None:
         raise bad("its RNG state is missing or malformed")
 
 
+class _NoLog:
+    """The log of a rank that writes nothing (data parallelism: rank 0 writes)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+
 def restore(ckpt: Optional[dict], cfg, run_keys, objects: dict,
-            header: Optional[dict] = None) -> Tuple[List[dict], int, JsonlLogger, Optional[dict]]:
+            header: Optional[dict] = None, write: bool = True) -> Tuple[List[dict], int, JsonlLogger, Optional[dict]]:
     """Load ``objects`` (name -> thing with ``load_state_dict``) and the RNG state from
     ``ckpt``; return the epoch records so far, the first epoch to run, the log file rewritten
     to match the checkpoint exactly, and the header record.
 
     ``header`` (a dict, or ``None`` for no header) is the log's first record for a fresh
     run; a resumed run keeps the header its checkpoint holds (the run's start), or writes
-    ``header`` when the checkpoint has none."""
+    ``header`` when the checkpoint has none.
+
+    ``write=False`` (every data-parallel rank but rank 0): the same state is loaded, but the
+    log file is neither rewritten nor written (the logger returned ignores records)."""
     history: List[dict] = []
     start_epoch = 0
     if ckpt is not None:
@@ -173,7 +185,10 @@ def restore(ckpt: Optional[dict], cfg, run_keys, objects: dict,
         set_rng_state(ckpt["rng"])
         if header is not None and ckpt.get("header") is not None:
             header = ckpt["header"]
-        print(f"[resume] {cfg.out}: {start_epoch} of {cfg.epochs} epochs done, continuing", file=sys.stderr)
+        if write:
+            print(f"[resume] {cfg.out}: {start_epoch} of {cfg.epochs} epochs done, continuing", file=sys.stderr)
+    if not write:
+        return history, start_epoch, _NoLog(), header
     logger = JsonlLogger(os.path.join(cfg.out, LOG), append=False)
     if header is not None:
         logger.log(header)

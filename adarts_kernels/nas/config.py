@@ -76,6 +76,8 @@ class SearchConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    dist_timeout: float = 300.0  # torchrun: seconds a collective waits for the other ranks
+    check_every: int = 50        # torchrun: steps between two cross-rank checks of the weights (0: never)
 
     def resolved(self) -> "SearchConfig":
         """A copy with the preset applied, the kernels and backend named, and the learning
@@ -118,6 +120,8 @@ class RetrainConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    dist_timeout: float = 300.0  # torchrun: seconds a collective waits for the other ranks
+    check_every: int = 50        # torchrun: steps between two cross-rank checks of the weights (0: never)
 
     def resolved(self) -> "RetrainConfig":
         name = self.preset or ("digits" if self.dataset == "digits" else "darts")
@@ -180,6 +184,10 @@ def _check_common(c) -> None:
         raise ValueError(f"limit must be at least 1, got {c.limit}")
     if c.lr is not None and c.lr <= 0:
         raise ValueError(f"lr must be positive, got {c.lr}")
+    if not c.dist_timeout > 0:
+        raise ValueError(f"dist_timeout must be positive (seconds), got {c.dist_timeout}")
+    if c.check_every < 0:
+        raise ValueError(f"check_every must be >= 0 (0: never), got {c.check_every}")
 
 
 def resolve_device(name: str) -> torch.device:

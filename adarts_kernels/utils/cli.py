@@ -23,7 +23,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def add_run_options(p: argparse.ArgumentParser, seed: int, device: str) -> None:
     """The options every training driver shares: ``--seed``, ``--limit``, ``--device``,
-    ``--resume``, ``--no-progress``."""
+    ``--resume``, ``--no-progress``, and for data parallelism ``--dist-timeout``, ``--check-every``."""
     p.add_argument("--seed", type=int, default=seed, help="seed of the weights and of the batch order")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="use at most N images of each split, for quick smoke runs (default: all)")
@@ -31,6 +31,13 @@ def add_run_options(p: argparse.ArgumentParser, seed: int, device: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint; the settings must be the same")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("several GPUs or machines (under torchrun; ignored by a single process)")
+    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a collective waits this long for the other ranks; a rank that died or hung then ends "
+                        "the job with an error")
+    g.add_argument("--check-every", type=int, default=50, metavar="N",
+                   help="every N steps, compare checksums of alpha, beta and the weights across ranks; a "
+                        "mismatch stops the run (0: only at the end of each epoch)")
 
 
 def add_data_options(p: argparse.ArgumentParser, dataset: str) -> None:
