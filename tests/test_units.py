@@ -118,10 +118,11 @@ def test_recompute_edge_same_gradients_buffers_once_and_counts_inputs(stride):
         torch.testing.assert_close(q.grad, p.grad, msg=n)
     for (n, p), (_, q) in zip(e1.named_buffers(), e2.named_buffers()):
         torch.testing.assert_close(q, p, msg=n)        # running statistics moved once, not twice
-    # only the inputs are kept: x (non-leaf here), the weights row and beta
+    # only the inputs are kept: x (non-leaf here), the weights row and beta, and the
+    # forward's channels for the replay (C/k = 2 int64)
     xin = torch.randn(3, 8, 6, 6, requires_grad=True)
     nbytes = saved_activation_bytes(lambda: recompute_edge(e2, xin * 1.0, F.softmax(alpha, 0), beta), module=e2)
-    assert nbytes == xin.numel() * 4 + 8 * 4 + 4
+    assert nbytes == xin.numel() * 4 + 8 * 4 + 4 + 2 * 8
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -6,7 +6,8 @@ output logits ``(B, num_classes)``.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ from .. import backend
 from ..nn.edges import AttentionMixedOp, MixedOp, PartialMixedOp
 from ..nn.fused import FusedAttentionMixedOp, FusedFactorizedReduce, FusedReLUConvBN
 from ..nn.recompute import recompute_edge
+from ..nn.selection import ChannelSelectingEdge, ChannelSelector, selects_channels
 from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
 from .genotypes import Genotype
 
@@ -220,6 +222,35 @@ class SearchNetwork(nn.Module):
         dev = torch.device(device) if device is not None else self.stem[0].weight.device
         name = backend.resolve(self.impl, dev)
         return {op: name for op in FUSED_OPS}
+
+    # -- channel selection --------------------------------------------------------------
+    def selecting_edges(self) -> Iterator[Tuple[str, ChannelSelectingEdge]]:
+        """``(name, edge)`` for every channel-selecting edge (the ADARTS edges, any kernels),
+        in forward order (cell by cell, edge by edge); none for the baselines."""
+        for cell_i, cell in enumerate(self.cells):
+            for edge_i, edge in enumerate(cell._ops):
+                if selects_channels(edge):
+                    yield f"cells.{cell_i}._ops.{edge_i}", edge
+
+    def set_selector(self, selector: Optional[ChannelSelector]) -> None:
+        """Give every channel-selecting edge ``selector`` (``None``: the built-in top-k);
+        see :mod:`adarts_kernels.nn.selection`. A no-op for the baselines."""
+        for _, edge in self.selecting_edges():
+            edge.selector = selector
+
+    @contextlib.contextmanager
+    def selector_scope(self, selector: Optional[ChannelSelector]) -> Iterator[None]:
+        """:meth:`set_selector` for the ``with`` block; on exit (error or not) each edge gets
+        back the selector it had before."""
+        edges = [edge for _, edge in self.selecting_edges()]
+        before = [edge.selector for edge in edges]
+        try:
+            for edge in edges:
+                edge.selector = selector
+            yield
+        finally:
+            for edge, old in zip(edges, before):
+                edge.selector = old
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

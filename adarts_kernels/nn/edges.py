@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .operations import PRIMITIVES, make_search_op
+from .selection import ChannelSelectingEdge, ChannelSelector, select_channels
 
 
 def check_edge_input(name: str, x: torch.Tensor, weights: torch.Tensor, C: int, stride: int,
@@ -126,18 +127,7 @@ class ChannelAttention(nn.Module):
         return torch.sigmoid(self.mlp(avg) + self.mlp(mx)).flatten(1)
 
 
-def select_channels(score: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` highest scores, ordered by descending score.
-
-    Tie rule (every backend follows it): among equal scores the lower channel index comes
-    first. A stable descending sort gives exactly that, on the device, with no host
-    synchronisation. ``score: (C,) -> idx: (n,) int64``.
-    """
-    order = torch.sort(score, dim=0, descending=True, stable=True).indices
-    return order[:n]
-
-
-class AttentionMixedOp(nn.Module):
+class AttentionMixedOp(ChannelSelectingEdge):
     """The reference ADARTS edge (docs/method.md section 2), plain PyTorch.
 
     ``x: (B, C, H, W)``, ``weights: (8,)``, optional ``edge_weight`` (0-dim).
@@ -151,9 +141,15 @@ class AttentionMixedOp(nn.Module):
 
     The selection is recomputed at every forward, in train and eval mode, and stays on
     the device. ``last_idx`` holds the indices of the latest forward (for inspection).
+
+    ``selector`` (:mod:`~adarts_kernels.nn.selection`): ``None`` for step 4 as written, or a
+    callable ``selector(score, n) -> idx`` called once per forward on ``score =
+    a.detach().sum(0)`` (accumulation dtype), ``n = C/k``; its ``idx`` replaces step 4.
+    ``forward(..., idx=idx)`` uses the given channels and selects none (a re-run).
     """
 
-    def __init__(self, C: int, stride: int, k: int = 4, primitives: Sequence[str] = PRIMITIVES):
+    def __init__(self, C: int, stride: int, k: int = 4, primitives: Sequence[str] = PRIMITIVES,
+                 selector: Optional[ChannelSelector] = None):
         super().__init__()
         check_k("AttentionMixedOp", C, k)
         if stride not in (1, 2):
@@ -161,14 +157,16 @@ class AttentionMixedOp(nn.Module):
         self.C, self.stride, self.k = C, stride, k
         self.attention = ChannelAttention(C)
         self.cands = Candidates(C // k, stride, primitives)
+        self.selector = selector
         self.last_idx: Optional[torch.Tensor] = None
 
-    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None):
+    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *,
+                idx: Optional[torch.Tensor] = None):
         check_edge_input("AttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         a = self.attention(x)                                   # (B, C)
         xa = x * a[:, :, None, None]                            # (B, C, H, W)
-        idx = select_channels(a.detach().sum(dim=0), self.C // self.k)  # (C/k,)
-        self.last_idx = idx
+        n = self.C // self.k
+        idx = self._choose(a, n, idx, lambda: select_channels(a.detach().sum(dim=0), n))  # (C/k,)
         x_sel = xa.index_select(1, idx)                         # (B, C/k, H, W)
         y = self.cands.mixed(x_sel, weights)                    # (B, C/k, H', W')
         base = xa if self.stride == 1 else F.max_pool2d(xa, 2, 2)

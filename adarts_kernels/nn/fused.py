@@ -38,6 +38,7 @@ from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_st
 from .edges import Candidates, ChannelAttention, check_edge_input, check_k
 from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero
 from .recompute import ReplayableEdge
+from .selection import ChannelSelectingEdge, ChannelSelector
 from .units import SharedReluConvs, Spec, bn_relu_dw_pw, dwpw_spec
 
 
@@ -156,7 +157,7 @@ def _final_bn(m: nn.Module) -> nn.BatchNorm2d:
     return m.bn if isinstance(m, FactorizedReduce) else m.layers().bn2 if isinstance(m, SepConv) else m.layers().bn
 
 
-class FusedAttentionMixedOp(ReplayableEdge):
+class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
     """The ADARTS edge (docs/method.md section 2) computed with the fused ops.
 
     ``x: (B, C, H, W)``, ``weights: (len(primitives),)`` (softmax of the edge's alpha row),
@@ -165,10 +166,13 @@ class FusedAttentionMixedOp(ReplayableEdge):
     ``impl`` picks the backend of the fused ops (default: ``ADARTS_KERNELS_IMPL`` / auto).
     ``replay=True``: a re-run inside backward (:func:`~adarts_kernels.nn.recompute.recompute_edge`):
     BatchNorm running statistics stay put and the units keep their intermediates.
+    ``selector`` and ``idx``: as :class:`~adarts_kernels.nn.AttentionMixedOp`; without either,
+    the channels are the ``idx`` ``adarts::attention_score`` returns; with one, that ``idx`` is
+    ignored and the indices are checked by the gather and write-back (``validate_idx``).
     """
 
     def __init__(self, C: int, stride: int, k: int = 4, impl: Optional[str] = None,
-                 primitives: Sequence[str] = PRIMITIVES):
+                 primitives: Sequence[str] = PRIMITIVES, selector: Optional[ChannelSelector] = None):
         super().__init__()
         check_k("FusedAttentionMixedOp", C, k)
         if stride not in (1, 2):
@@ -177,9 +181,11 @@ class FusedAttentionMixedOp(ReplayableEdge):
         self.attention = ChannelAttention(C)   # same parameters and keys as the reference
         self.cands = Candidates(C // k, stride, primitives)
         self.roles = FusedCandidates(self.cands, stride)
+        self.selector = selector
         self.last_idx: Optional[torch.Tensor] = None
 
-    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *, replay: bool = False):
+    def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *, replay: bool = False,
+                idx: Optional[torch.Tensor] = None):
         check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         ew = _edge_weight(edge_weight, x)
         if batchnorm_mode(self.roles.bns[0])[0]:
@@ -188,13 +194,14 @@ class FusedAttentionMixedOp(ReplayableEdge):
         # Under autocast the states may be bfloat16/float16 while weights, alpha and beta stay
         # float32: the fused ops take one dtype, the state's (a no-op in plain float32).
         dt = x.dtype
-        a, idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
-        self.last_idx = idx
-        # idx comes straight from attention_score: distinct and in range by construction
-        x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=False)
+        a, own_idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
+        idx = self._choose(a, self.C // self.k, idx, lambda: own_idx)
+        # attention_score's idx is distinct and in range by construction; any other is checked
+        check = idx is not own_idx
+        x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=check)
         y = self._mixed(x_sel, weights.to(dt), replay)
         ew = None if ew is None else ew.to(dt)
-        return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl, validate_idx=False)
+        return attention_writeback(x, a, idx, y, ew, self.stride, impl=self.impl, validate_idx=check)
 
     def _mixed(self, xs: torch.Tensor, weights: torch.Tensor, replay: bool) -> torch.Tensor:
         """``sum_o weights[o] * op_o(xs)`` over the candidates: ``(B, n, H/s, W/s)``."""

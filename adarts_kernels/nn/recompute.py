@@ -16,7 +16,12 @@ statistics a second time:
   buffers in their own forward) is re-run as a plain call, and its BatchNorm buffers are
   restored afterwards.
 
-The edge must be deterministic (the ADARTS edges are: the top-k selection is a stable sort).
+A channel-selecting edge (:class:`~adarts_kernels.nn.selection.ChannelSelectingEdge`, the
+ADARTS edges) is re-run with the channels of its forward, ``edge(..., idx=last_idx)``, kept
+through ``ctx.save_for_backward`` (``C/k`` int64 values): the replay makes no selection and
+never calls the edge's selector (under data parallelism a collective) a second time.
+
+The edge must otherwise be deterministic.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+
+from .selection import selects_channels
 
 Tensor = torch.Tensor
 
@@ -52,20 +59,26 @@ class _EdgeRecompute(torch.autograd.Function):
         with torch.no_grad():
             out = edge(x, weights, edge_weight)
         ctx.edge = edge
-        ctx.save_for_backward(x, weights, edge_weight, *params)
+        idx = edge.last_idx if selects_channels(edge) else None    # the channels of this forward
+        if idx is not None and idx.untyped_storage().nbytes() != idx.nbytes:
+            idx = idx.clone()   # a view into the top-k's full sort: keep only the C/k selected
+        ctx.save_for_backward(x, weights, edge_weight, idx, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, weights, edge_weight, *params = ctx.saved_tensors
+        x, weights, edge_weight, idx, *params = ctx.saved_tensors
         edge = ctx.edge
         ins = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, weights, edge_weight)]
         enabled, dtype, dev = ctx.autocast
         replayable = isinstance(edge, ReplayableEdge)
+        kw = {} if idx is None else {"idx": idx}
+        if replayable:
+            kw["replay"] = True
         snapshot = None if replayable else [b.clone() for b in _bn_buffers(edge)]
         try:
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                out = edge(*ins, replay=True) if replayable else edge(*ins)
+                out = edge(*ins, **kw)
             wrt = [t for t in (*ins, *params) if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
             grads = [next(got) if (t is not None and t.requires_grad) else None for t in (*ins, *params)]
@@ -79,8 +92,8 @@ class _EdgeRecompute(torch.autograd.Function):
 
 def recompute_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
     """``edge(x, weights, edge_weight)`` keeping only ``x``, ``weights`` and ``edge_weight`` for
-    backward (plus the parameters, which exist anyway); the edge is re-run in backward.
-    Without grad mode it is a plain call."""
+    backward (plus the parameters, which exist anyway, and a channel-selecting edge's ``idx``);
+    the edge is re-run in backward. Without grad mode it is a plain call."""
     if not torch.is_grad_enabled():
         return edge(x, weights, edge_weight)
     params = [p for p in edge.parameters() if p.requires_grad]
