@@ -80,6 +80,11 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a process started alone."""
+    return int(os.environ.get("RANK", "0")) == 0 if launched() else True
+
+
 def _device_for(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")

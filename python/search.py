@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adarts_kernels.backend import IMPLS  # noqa: E402
 from adarts_kernels.data import DataError  # noqa: E402
-from adarts_kernels.distributed import explain_failure  # noqa: E402
+from adarts_kernels.distributed import explain_failure, is_main_process  # noqa: E402
 from adarts_kernels.nas.config import SEARCH_PRESETS, SearchConfig  # noqa: E402
 from adarts_kernels.nas.loops import run_search  # noqa: E402
 from adarts_kernels.nas.search_model import KERNELS  # noqa: E402
@@ -101,7 +101,8 @@ def main(argv=None):
     except (DataError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {explain_failure(e, out=cfg.out, timeout_s=cfg.dist_timeout)}", file=sys.stderr)
         return 2
-    print(f"genotype written to {os.path.join(result['out'], 'genotype.json')}")
+    if is_main_process():
+        print(f"genotype written to {os.path.join(result['out'], 'genotype.json')}")
     return 0
 
 

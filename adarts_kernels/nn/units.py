@@ -104,6 +104,20 @@ def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tenso
     return dr, dw0, dw1
 
 
+def grad_like(g: Tensor, w: Tensor) -> Tensor:
+    """``g``, the gradient of parameter ``w``, in ``w``'s dtype and strides. A convolution
+    backward in channels_last gives e.g. ``(n, 1, k, k)`` gradients with strides that differ
+    from the weight's only along the size-1 axis: those are re-strided without a copy, so
+    data parallelism (whose gradient buckets mirror the parameters' strides) takes them
+    as they are; any other layout is copied."""
+    g = g.to(w.dtype)
+    if g.stride() == w.stride():
+        return g
+    if g.is_contiguous() and w.is_contiguous():
+        return g.as_strided(w.shape, w.stride(), g.storage_offset())
+    return torch.empty_like(w).copy_(g)
+
+
 class SharedReluConvs(torch.autograd.Function):
     """``r = relu(u)`` once, then every chain of ``specs`` on ``r``: returns one ``z`` per chain.
 
@@ -154,7 +168,7 @@ class SharedReluConvs(torch.autograd.Function):
                 pair = list(ws[at:at + nw]) + [None] * (2 - nw)
                 d, dw0, dw1 = _chain_bwd(_layout(gz.to(u.dtype)), r, spec, *pair, t=t)
                 dr = d if dr is None else dr + d
-                grads += [g.to(w.dtype) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
+                grads += [grad_like(g, w) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
             at += nw
         du = None if dr is None else dr * (u > 0)
         return (du, None, None, *grads)
@@ -192,7 +206,7 @@ class BnReluDwPw(torch.autograd.Function):
         dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
                                   w_dw.to(u.dtype), w_pw.to(u.dtype), t=t)
         du = affine_free_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
-        return du, dwd.to(w_dw.dtype), dwp.to(w_pw.dtype), None, None, None, None, None, None, None, None
+        return du, grad_like(dwd, w_dw), grad_like(dwp, w_pw), None, None, None, None, None, None, None, None
 
 
 def dwpw_spec(dw: nn.Conv2d) -> Spec:
