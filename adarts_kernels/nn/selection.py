@@ -74,11 +74,13 @@ class ChannelSelectingEdge(nn.Module):
     submodule, so ``state_dict`` keys do not depend on it). ``last_idx`` holds the indices
     of the latest forward. Subclasses take ``forward(..., *, idx=None)``: with ``idx`` given,
     those channels are used and no selection is made.
+
+    This base class is the mark :func:`~adarts_kernels.nn.recompute.recompute_edge` and
+    ``SearchNetwork.set_selector`` look for (:func:`selects_channels`).
     """
 
-    #: the explicit mark :func:`~adarts_kernels.nn.recompute.recompute_edge` and
-    #: ``SearchNetwork.set_selector`` look for
-    selects_channels = True
+    selector: Optional[ChannelSelector] = None
+    last_idx: Optional[torch.Tensor] = None
 
     def __setattr__(self, name: str, value) -> None:
         if name == "selector":
@@ -88,9 +90,6 @@ class ChannelSelectingEdge(nn.Module):
             object.__setattr__(self, name, value)   # not registered as a submodule
         else:
             super().__setattr__(name, value)
-
-    selector: Optional[ChannelSelector] = None
-    last_idx: Optional[torch.Tensor] = None
 
     def _choose(self, a: torch.Tensor, n: int, idx: Optional[torch.Tensor],
                 builtin: Callable[[], torch.Tensor]) -> torch.Tensor:
