@@ -196,8 +196,9 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         dt = x.dtype
         a, own_idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
         idx = self._choose(a, self.C // self.k, idx, lambda: own_idx)
-        # attention_score's idx is distinct and in range by construction; any other is checked
-        check = idx is not own_idx
+        # attention_score's idx is distinct and in range by construction, a replay's was checked
+        # in the forward it replays; any other (a selector's, a given one) is checked here
+        check = idx is not own_idx and not replay
         x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=check)
         y = self._mixed(x_sel, weights.to(dt), replay)
         ew = None if ew is None else ew.to(dt)

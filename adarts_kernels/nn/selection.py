@@ -52,18 +52,18 @@ def batch_score(a: torch.Tensor) -> torch.Tensor:
     return a.detach().sum(dim=0, dtype=acc_dtype(a.dtype))
 
 
-def check_selected(name: str, idx, n: int, device: torch.device) -> None:
-    """A selector's answer: an int64 tensor of shape ``(n,)`` on ``device``, raising with the
-    edge's ``name``. Shape, dtype and device only: no device data is read."""
+def check_selected(name: str, idx, n: int, device: torch.device, what: str = "the channel selector's answer") -> None:
+    """``idx`` (a selector's answer, or the ``idx`` a forward is given: ``what``) must be an
+    int64 tensor of shape ``(n,)`` on ``device``; raises with the edge's ``name``. Shape, dtype
+    and device only: no device data is read."""
     if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{name}: the channel selector must return a tensor, got {type(idx).__name__}")
+        raise TypeError(f"{name}: {what} must be a tensor of channel indices, got {type(idx).__name__}")
     if idx.dtype != torch.int64:
-        raise TypeError(f"{name}: the channel selector must return int64 indices, got {idx.dtype}")
+        raise TypeError(f"{name}: {what} must hold int64 channel indices, got {idx.dtype}")
     if idx.shape != (n,):
-        raise ValueError(f"{name}: the channel selector must return shape ({n},) (C/k channels), "
-                         f"got {tuple(idx.shape)}")
+        raise ValueError(f"{name}: {what} must have shape ({n},) (C/k channels), got {tuple(idx.shape)}")
     if idx.device != device:
-        raise ValueError(f"{name}: the channel selector returned indices on {idx.device}, the edge runs on {device}")
+        raise ValueError(f"{name}: {what} is on {idx.device}, the edge runs on {device}")
 
 
 class ChannelSelectingEdge(nn.Module):
@@ -74,11 +74,13 @@ class ChannelSelectingEdge(nn.Module):
     submodule, so ``state_dict`` keys do not depend on it). ``last_idx`` holds the indices
     of the latest forward. Subclasses take ``forward(..., *, idx=None)``: with ``idx`` given,
     those channels are used and no selection is made.
+
+    This base class is the mark :func:`~adarts_kernels.nn.recompute.recompute_edge` and
+    ``SearchNetwork.set_selector`` look for (:func:`selects_channels`).
     """
 
-    #: the explicit mark :func:`~adarts_kernels.nn.recompute.recompute_edge` and
-    #: ``SearchNetwork.set_selector`` look for
-    selects_channels = True
+    selector: Optional[ChannelSelector] = None
+    last_idx: Optional[torch.Tensor] = None
 
     def __setattr__(self, name: str, value) -> None:
         if name == "selector":
@@ -89,9 +91,6 @@ class ChannelSelectingEdge(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    selector: Optional[ChannelSelector] = None
-    last_idx: Optional[torch.Tensor] = None
-
     def _choose(self, a: torch.Tensor, n: int, idx: Optional[torch.Tensor],
                 builtin: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The channels of this forward, from ``a: (B, C)``: the given ``idx`` (a re-run), else
@@ -99,7 +98,7 @@ class ChannelSelectingEdge(nn.Module):
         edge's own top-k, as without a selector). Kept in ``last_idx``."""
         name = type(self).__name__
         if idx is not None:
-            check_selected(name, idx, n, a.device)
+            check_selected(name, idx, n, a.device, "the given idx")
         elif self.selector is not None:
             idx = self.selector(batch_score(a), n)
             check_selected(name, idx, n, a.device)
