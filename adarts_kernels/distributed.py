@@ -94,6 +94,10 @@ def _device_for(name: str, local_rank: int) -> torch.device:
             raise RuntimeError(f"device {name!r} asked for, but this torch sees no CUDA device")
         if dev.index is None:           # one GPU per local rank
             dev = torch.device(f"cuda:{local_rank}")
+        elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"--device {name} under torchrun with {os.environ['LOCAL_WORLD_SIZE']} processes per "
+                             "machine would put them all on one GPU: pass --device cuda (each process takes "
+                             "cuda:<LOCAL_RANK>), or choose the GPUs with CUDA_VISIBLE_DEVICES")
         if dev.index >= torch.cuda.device_count():
             raise RuntimeError(f"local rank {local_rank} would use {dev}, but this machine has "
                                f"{torch.cuda.device_count()} GPUs: start at most that many processes per "
@@ -208,17 +212,15 @@ def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
     return box[0]
 
 
-def agree_or_raise(error: Optional[BaseException], ctx: Context, what: str) -> None:
+def agree_or_raise(error: Optional[BaseException], ctx: Context, what: str, device: torch.device) -> None:
     """A collective check after a phase every rank runs (setup, data loading): if any rank
     failed, every rank raises (the failing one its own error), instead of the others waiting
-    for it until the timeout."""
+    for it until the timeout. ``device``: this rank's (a GPU under NCCL)."""
     if not ctx.active:
         if error is not None:
             raise error
         return
-    failed = torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64)
-    if ctx.backend == "nccl":
-        failed = failed.cuda()
+    failed = torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64, device=device)
     all_reduce_(failed, "agree", op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
@@ -238,11 +240,15 @@ class GlobalSelector:
     would choose from the whole global batch (up to the order of the floating-point sum).
     Set it on a supernet with ``SearchNetwork.set_selector(GlobalSelector())``."""
 
+    #: its idx is a prefix of a sort's permutation: distinct and in range, so the fused edge
+    #: does not check the values again (no extra kernels per edge)
+    trusted = True
+
     def __init__(self, group=None):
         self.group = group
 
     def __call__(self, score: Tensor, n: int) -> Tensor:
-        from .nn.edges import select_channels
+        from .nn.selection import select_channels
         s = score.detach().clone()
         all_reduce_(s, "select", group=self.group)
         return select_channels(s, n)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes: the step timeouts add up to 480 s: 150 build + 110 tests + 40 emulation
-# cases on CUDA + 4 x 20 op benchmarks + 100 supernet): build the extension with CUDA kernels, run the GPU
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 470 s: 150 build + 100 tests + 35 emulation
+# cases on CUDA + 4 x 15 op benchmarks + 80 supernet + 25 torchrun NCCL smoke + 20 collectives per step): build the extension with CUDA kernels, run the GPU
 # tests (every backend against the reference, fused supernet, no host sync), run the op
-# benchmarks and the supernet comparison (peak memory, largest batch, step time).
+# benchmarks and the supernet comparison (peak memory, largest batch, step time), a 1-GPU torchrun search
+# under NCCL (smoke test) and the collectives of a data-parallel search step.
 # Results land in $OUT (default benchmarks/results/device): suite.log, tests.log, tests_emulated_cases.log,
-# bench_*_cuda.json, supernet_cuda.json/png.
+# bench_*_cuda.json, supernet_cuda.json/png, ddp_smoke.log, distributed_cuda.json/md.
 #   OUT=/tmp/out bash benchmarks/device_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,24 +27,36 @@ log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.lo
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
 log "tests (the GPU-marked cases: every op on the cuda and triton backends, fused supernet)"
-timeout 110 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
+timeout 100 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
 
 log "the emulated kernels' case list on the real CUDA kernels (tests/test_cuda_emulated.py, device cuda)"
-timeout 40 $PY -m pytest -q -ra -m gpu tests/test_cuda_emulated.py > "$OUT/tests_emulated_cases.log" 2>&1
+timeout 35 $PY -m pytest -q -ra -m gpu tests/test_cuda_emulated.py > "$OUT/tests_emulated_cases.log" 2>&1
 log "emulated cases on cuda rc=$?"; tail -8 "$OUT/tests_emulated_cases.log" | tee -a "$OUT/suite.log"
 
 for op in attention_score attention_gather attention_writeback mixed_sum; do
   log "bench $op"
-  timeout 20 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
+  timeout 15 $PY benchmarks/bench_$op.py --out "$OUT" > "$OUT/bench_$op.log" 2>&1
   log "bench $op rc=$?"; tail -14 "$OUT/bench_$op.log" | tee -a "$OUT/suite.log"
 done
 rm -f "$OUT"/bench_*.log "$OUT"/bench_*.png
 
 log "supernet side by side (batch 64 and 256, largest batch)"
-timeout 100 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
+timeout 80 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
   --max-batch-variants pcdarts adarts-fused adarts-fused-recompute --out "$OUT" \
   > "$OUT/supernet.log" 2>&1
 log "supernet rc=$?"; tail -12 "$OUT/supernet.log" | tee -a "$OUT/suite.log"
 rm -f "$OUT/supernet.log"
+
+log "torchrun, 1 GPU, NCCL: a short search (smoke test of the data-parallel path)"
+timeout 25 $PY -m torch.distributed.run --standalone --nproc_per_node=1 python/search.py --dataset digits --limit 128 \
+  --batch-size 32 --epochs 1 --warmup-epochs 0 --no-progress --device cuda --out /tmp/adarts_ddp_smoke \
+  > "$OUT/ddp_smoke.log" 2>&1
+log "torchrun smoke rc=$?"; tail -4 "$OUT/ddp_smoke.log" | tee -a "$OUT/suite.log"
+head -1 /tmp/adarts_ddp_smoke/log.jsonl >> "$OUT/ddp_smoke.log" 2>/dev/null
+
+log "collectives of a data-parallel search step (1 rank, NCCL; C=16, 8 cells, 32x32, batch 64)"
+timeout 20 $PY benchmarks/distributed_step.py --device cuda --ranks 1 --only-ranks --batch 64 --C 16 --layers 8 \
+  --image 32 --steps 3 --out "$OUT/distributed_cuda" > /dev/null 2>&1
+log "distributed bench rc=$?"; cat "$OUT/distributed_cuda.md" 2>/dev/null | tee -a "$OUT/suite.log"
 log "done"

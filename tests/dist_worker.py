@@ -13,7 +13,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from adarts_kernels import distributed as D  # noqa: E402
 from adarts_kernels.nas import loops  # noqa: E402
@@ -105,7 +104,7 @@ class Stop(Exception):
 
 
 def search(ctx, out, run=None, epochs="2", warmup="1", stop_after="-1", check_every="1", edge="adarts",
-           unrolled="0", resume="0", perturb_at="-1", kernels="auto"):
+           unrolled="0", resume="0", perturb_at="-1", kernels="auto", nan_at="-1", auto_caps=""):
     """(b), (d): the real search loop (digits, small); this rank's final model state."""
     box = []
     _capture_model(box)
@@ -120,19 +119,36 @@ def search(ctx, out, run=None, epochs="2", warmup="1", stop_after="-1", check_ev
             return real_step(model, *a, **k)
         loops.search_step = drifting_step
 
+    if int(nan_at) >= 0 and ctx.rank == 1:           # a non-finite loss on rank 1 only
+        real_step2, calls2 = loops.search_step, [0]
+
+        def nan_step(*a, **k):
+            calls2[0] += 1
+            loss, logits, vloss = real_step2(*a, **k)
+            return (loss * float("nan") if calls2[0] == int(nan_at) else loss), logits, vloss
+        loops.search_step = nan_step
+
     def hook(epoch, rec):
         if epoch == int(stop_after):
             raise Stop()
-    cfg = SearchConfig(dataset="digits", out=run, edge=edge, kernels=kernels, limit=96, batch_size=16,
+    trial = None
+    if auto_caps:                                   # --batch-size auto, each rank's device fits its cap
+        cap = int(auto_caps.split(",")[ctx.rank])
+
+        def trial(b):
+            if b > cap:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {b} MiB")
+    cfg = SearchConfig(dataset="digits", out=run, edge=edge, kernels=kernels, limit=96,
+                       batch_size="auto" if auto_caps else 16,
                        epochs=int(epochs), warmup_epochs=int(warmup), image_size=8, C=8, layers=3,
                        check_every=int(check_every), unrolled=unrolled == "1", resume=resume == "1",
                        progress=False, device="cpu")
     result = {"stopped": False, "error": None}
     try:
-        result["record"] = loops.run_search(cfg, on_epoch_end=hook)
+        result["record"] = loops.run_search(cfg, on_epoch_end=hook, batch_trial=trial)
     except Stop:
         result["stopped"] = True
-    except D.DriftError as e:
+    except (D.DriftError, loops.NonFiniteError) as e:
         result["error"] = str(e)
     model = box[0]
     result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -141,3 +141,54 @@ def test_fused_edge_gpu_layout_on_cpu(monkeypatch):
         out.sum().backward(), expect.sum().backward()
         torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
     assert calls                      # the injected check was consulted
+
+
+def _torchrun_env(monkeypatch, rank=1, world=2, local=1, local_world=2):
+    for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local), ("LOCAL_WORLD_SIZE", local_world)):
+        monkeypatch.setenv(k, str(v))
+
+
+def test_distributed_device_choice_with_gpus(monkeypatch):
+    from adarts_kernels import distributed as D
+    calls = []
+    fake_cuda(monkeypatch, calls, device_count=2)
+    _torchrun_env(monkeypatch)
+    assert D._device_for("auto", 1) == torch.device("cuda:1")
+    assert D._device_for("cuda", 1) == torch.device("cuda:1")
+    assert D._device_for("cpu", 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="would put them all on one GPU"):
+        D._device_for("cuda:0", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert D._device_for("cuda:1", 0) == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match="this machine has 2 GPUs"):
+        D._device_for("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D._device_for("auto", 1) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        D._device_for("cuda", 0)
+
+
+def test_distributed_setup_on_a_gpu_uses_nccl(monkeypatch):
+    """setup()'s GPU lines: the device set, NCCL with the device id and the timeout."""
+    import datetime
+
+    from adarts_kernels import distributed as D
+    calls = []
+    fake_cuda(monkeypatch, calls, device_count=2, set_device=None)
+    _torchrun_env(monkeypatch)
+    made = {}
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend, **kw: made.update(backend=backend, **kw))
+    monkeypatch.setattr(D.dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(D.dist, "get_rank", lambda *a: 1)
+    ctx, dev = D.setup("auto", timeout_s=42)
+    assert dev == torch.device("cuda:1") and ("set_device", (torch.device("cuda:1"),)) in calls
+    assert made == {"backend": "nccl", "timeout": datetime.timedelta(seconds=42), "device_id": torch.device("cuda:1")}
+    assert ctx == D.Context(1, 2, 1, "nccl", 42.0, True)
+    monkeypatch.setattr(D.dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_backend", lambda *a: "nccl")
+    with pytest.raises(RuntimeError, match="does not match torchrun's environment"):
+        D.setup("auto")
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        D.setup("auto", timeout_s=0)

@@ -392,3 +392,110 @@ def test_single_process_is_unchanged_without_torchrun(monkeypatch):
     ctx, dev = D.setup("cpu")
     assert ctx is D.SINGLE and dev is None and not ctx.active
     assert D.explain_failure(RuntimeError("x")) == "x"
+
+
+def test_a_failure_on_one_rank_at_start_stops_every_rank(tmp_path):
+    """Rank 0 cannot take the run directory (another run holds it): rank 1 does not wait
+    for it until the timeout, both stop at once."""
+    from adarts_kernels.nas.checkpoint import lock_run
+    run = tmp_path / "run"
+    with lock_run(str(run)):
+        t0 = time.time()
+        procs = _start([str(WORKER), "search", str(tmp_path), f"run={run}", "epochs=1", "timeout=100"])
+        outs = _wait(procs, timeout=90)
+    assert time.time() - t0 < 60
+    assert all(p.returncode != 0 for p in procs)
+    assert "is in use by another run" in outs[0], outs[0][-2000:]
+    assert "another rank failed during the start" in outs[1], outs[1][-2000:]
+
+
+def test_global_selector_is_trusted_other_selectors_are_checked(monkeypatch):
+    """The fused edge skips the idx value check for a trusted selector (a sort's prefix) and
+    keeps it for any other."""
+    import adarts_kernels.nn.fused as fused
+    seen = []
+    real = fused.attention_gather
+
+    def spy(*a, validate_idx=True, **k):
+        seen.append(validate_idx)
+        return real(*a, validate_idx=validate_idx, **k)
+    monkeypatch.setattr(fused, "attention_gather", spy)
+    edge = fused.FusedAttentionMixedOp(8, 1, 4, impl="reference")
+    x, w = torch.randn(2, 8, 4, 4), torch.softmax(torch.randn(8), 0)
+
+    class Trusted:
+        trusted = True
+
+        def __call__(self, score, n):
+            return select_channels(score, n)
+    edge.selector = Trusted()
+    out_trusted = edge(x, w)
+    edge.selector = select_channels           # a plain function: checked
+    out_checked = edge(x, w)
+    edge.selector = None                      # the op's own idx: not checked
+    out_own = edge(x, w)
+    assert seen == [False, True, False]
+    assert torch.equal(out_trusted, out_own) and torch.equal(out_checked, out_own)
+    assert D.GlobalSelector.trusted is True
+
+
+def _readme_torchrun_lines():
+    text = (ROOT / "README.md").read_text()
+    sec = text[text.index("## Several GPUs or machines"):]
+    sec = sec[:sec.index("\n## ", 5)]
+    block = sec[sec.index("```bash"):]
+    block = block[:block.index("```", 7)].replace("\\\n", " ")
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("torchrun ")]
+
+
+def test_readme_torchrun_commands_parse():
+    """Every torchrun command of the README parses: torchrun's own options and the driver's."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+    sys.path.insert(0, str(ROOT / "python"))
+    import retrain
+    import search
+    lines = _readme_torchrun_lines()
+    assert len(lines) == 4
+    for line in lines:
+        argv = shlex.split(line.replace("~/data", "/data"))[1:]
+        args = get_args_parser().parse_args(argv)
+        script, rest = args.training_script, args.training_script_args
+        parser = {"python/search.py": search, "python/retrain.py": retrain}[script].build_parser()
+        parser.parse_args(rest)
+
+
+def test_readme_cpu_torchrun_command_runs(tmp_path):
+    """The README's CPU command, as written (plus an output directory and no bars)."""
+    import shlex
+    line = next(cmd for cmd in _readme_torchrun_lines() if "--dataset digits" in cmd)
+    argv = shlex.split(line)[1:] + ["--out", str(tmp_path / "run"), "--no-progress"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "run" / "genotype.json").exists()
+    assert read_jsonl(tmp_path / "run" / "log.jsonl")[0]["world_size"] == 2
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """The non-finite flag is combined over the ranks at each read: the rank that saw the NaN
+    and the one that did not stop at the same point (no rank left waiting), nothing written."""
+    r0, r1 = spawn("search", tmp_path, run=tmp_path / "run", epochs=1, warmup=0, nan_at=2)
+    for r in (r0, r1):
+        assert r["error"] is not None and "non-finite train loss at epoch 1, step 2" in r["error"], r["error"]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_batch_size_auto_takes_the_smallest_rank(tmp_path):
+    """``--batch-size auto`` under data parallelism: every rank probes its own device (here a
+    probe that runs out of memory above 40 on rank 0 and above 24 on rank 1); the smallest
+    fit is kept, the global batch is the ranks times 90% of it (rounded to 8), the lr
+    scaled on the global batch; rank 0 writes auto_batch.json."""
+    run = tmp_path / "run"
+    r0, r1 = spawn("search", tmp_path, run=run, epochs=1, warmup=0, auto_caps="40,24")
+    assert r0["error"] is None and r0["record"] == r1["record"]
+    auto = json.loads((run / "auto_batch.json").read_text())
+    assert auto["max_fit"] == 24 and auto["per_rank"] == 16 and auto["world_size"] == 2 and auto["batch_size"] == 32
+    assert auto["lr"] == pytest.approx(0.05 * 32 / 64)
+    assert read_jsonl(run / "log.jsonl")[1]["batch_size"] == 32

@@ -145,3 +145,20 @@ def test_keep_holds_intermediates_same_gradients(stride):
     for a, b in zip(res[0][0], res[1][0]):
         torch.testing.assert_close(a, b)
     assert res[1][1] > res[0][1]        # kept: ReLU and depthwise outputs too
+
+
+def test_grad_like_keeps_the_weights_strides():
+    """A channels_last convolution gradient of a depthwise weight ``(n, 1, k, k)`` differs from
+    the weight's strides only on the size-1 axis: re-strided without a copy (what data
+    parallelism's gradient buckets expect); other layouts are copied; values unchanged."""
+    from adarts_kernels.nn.units import grad_like
+    w = torch.randn(8, 1, 5, 5)
+    g = torch.randn(8, 5, 5, 1).permute(0, 3, 1, 2)          # strides (25, 1, 5, 1)
+    assert g.stride() != w.stride()
+    out = grad_like(g, w)
+    assert out.stride() == w.stride() and out.data_ptr() == g.data_ptr() and torch.equal(out, g)
+    w2 = torch.randn(4, 6, 3, 3)
+    g2 = torch.randn(4, 3, 3, 6).permute(0, 3, 1, 2)         # a real channels_last layout: copied
+    out2 = grad_like(g2, w2)
+    assert out2.stride() == w2.stride() and torch.equal(out2, g2)
+    assert grad_like(g2.double(), w2).dtype == torch.float32

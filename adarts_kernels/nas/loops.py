@@ -377,8 +377,8 @@ def auto_batch(cfg: SearchConfig, model: SearchNetwork, device: torch.device, nu
     if not user_lr:
         cfg.lr = scaled_lr(preset, chosen)
     cfg.batch_size = chosen
-    return {"max_fit": best, "per_rank": chosen // world, "world_size": world, "batch_size": chosen,
-            "margin": AUTO_BATCH_MARGIN, "lr": cfg.lr,
+    ranks = {"per_rank": chosen // world, "world_size": world} if ctx.active else {}
+    return {"max_fit": best, **ranks, "batch_size": chosen, "margin": AUTO_BATCH_MARGIN, "lr": cfg.lr,
             "lr_rule": "given" if user_lr else f"{preset['lr']} x {chosen}/{preset['batch_size']}",
             "tried": [[b, ok] for b, ok in tried],
             "device": torch.cuda.get_device_name(device) if cuda else str(device)}
@@ -403,10 +403,11 @@ def _say(ctx: D.Context, *args, **kw) -> None:
 
 
 @contextlib.contextmanager
-def _launch(cfg) -> Iterator[Tuple[D.Context, torch.device]]:
-    """The process group (under torchrun) and the device for a run; rank 0 holds the run
-    directory's lock. A failure on any rank before the run starts stops every rank (no rank
-    waits for a dead one); the process group made here is destroyed on exit."""
+def _launch(cfg, check: Optional[Callable[[torch.device], None]] = None) -> Iterator[Tuple[D.Context, torch.device]]:
+    """The process group (under torchrun) and the device for a run; ``check(device)`` (the
+    run's own refusals, before anything is written), then rank 0 takes the run directory's
+    lock. A failure on any rank before the run starts stops every rank (no rank waits for a
+    dead one); the process group made here is destroyed on exit."""
     ctx, device = D.setup(cfg.device, cfg.dist_timeout)
     try:
         if device is None:
@@ -414,13 +415,15 @@ def _launch(cfg) -> Iterator[Tuple[D.Context, torch.device]]:
         with contextlib.ExitStack() as stack:
             err = None
             try:
+                if check is not None:
+                    check(device)
                 if ctx.active and isinstance(cfg.batch_size, int):
                     D.check_global_batch(cfg.batch_size, ctx.world_size)
                 if ctx.main:
                     stack.enter_context(lock_run(cfg.out))
             except Exception as e:      # noqa: BLE001 -- passed on to every rank, then re-raised
                 err = e
-            D.agree_or_raise(err, ctx, "the start")
+            D.agree_or_raise(err, ctx, "the start", device)
             yield ctx, device
     finally:
         D.teardown(ctx)
@@ -477,13 +480,15 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
     files, every rank returns the same record.
     """
     cfg = cfg.resolved()
-    with _launch(cfg) as (ctx, device):
+
+    def check(device: torch.device) -> None:
         check_impl(cfg, device)
         if cfg.channels_last and device.type != "cuda":
             raise ValueError("channels_last is a GPU option: on CPU the fused kernels already run their "
                              "convolutions in channels_last where it pays, and torch's CPU channels_last "
                              "convolution backward can corrupt memory on the strided views the plain-PyTorch "
                              "FactorizedReduce makes (seen with torch 2.13)")
+    with _launch(cfg, check) as (ctx, device):
         return _run_search(cfg, device, on_epoch_end, batch_trial, ctx)
 
 
@@ -496,7 +501,7 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
         data = _load(cfg)
     except Exception as e:      # noqa: BLE001 -- every rank learns that one failed
         err = e
-    D.agree_or_raise(err, ctx, "data loading")
+    D.agree_or_raise(err, ctx, "data loading", device)
     if data["val"] is not None:      # digits: fixed train / val split
         w_set, a_set = data["train"], data["val"]
     else:                            # CIFAR: first half weights, last half architecture
@@ -682,7 +687,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
         data = _load(cfg)
     except Exception as e:      # noqa: BLE001 -- every rank learns that one failed
         err = e
-    D.agree_or_raise(err, ctx, "data loading")
+    D.agree_or_raise(err, ctx, "data loading", device)
     train_set, test_set = data["train"], data["test"]
     monitor_set = data["val"] if data["val"] is not None else test_set
     _check_sizes(cfg, {"training": train_set, "test": test_set, "monitoring": monitor_set},

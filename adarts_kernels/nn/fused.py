@@ -195,10 +195,12 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         # float32: the fused ops take one dtype, the state's (a no-op in plain float32).
         dt = x.dtype
         a, own_idx = attention_score(x, mlp[0].weight.to(dt), mlp[2].weight.to(dt), self.C // self.k, impl=self.impl)
+        trusted = idx is None and getattr(self.selector, "trusted", False) is True
         idx = self._choose(a, self.C // self.k, idx, lambda: own_idx)
         # attention_score's idx is distinct and in range by construction, a replay's was checked
-        # in the forward it replays; any other (a selector's, a given one) is checked here
-        check = idx is not own_idx and not replay
+        # in the forward it replays, a trusted selector's is a sort's prefix; any other (an
+        # untrusted selector's, a given one) is checked here
+        check = idx is not own_idx and not replay and not trusted
         x_sel = attention_gather(x, a, idx, impl=self.impl, validate_idx=check)
         y = self._mixed(x_sel, weights.to(dt), replay)
         ew = None if ew is None else ew.to(dt)

@@ -27,7 +27,10 @@ import torch.nn as nn
 
 from ..ops.reference import acc_dtype
 
-#: ``selector(score: (C,), n: int) -> idx: (n,) int64`` on ``score``'s device.
+#: ``selector(score: (C,), n: int) -> idx: (n,) int64`` on ``score``'s device. A selector
+#: whose attribute ``trusted`` is ``True`` promises distinct indices in ``[0, C)`` (e.g. a
+#: sort's prefix, :class:`adarts_kernels.distributed.GlobalSelector`): the fused edge then
+#: skips the value check of its idx; any other selector's answer is checked by the ops.
 ChannelSelector = Callable[[torch.Tensor, int], torch.Tensor]
 
 

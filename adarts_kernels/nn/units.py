@@ -114,7 +114,7 @@ def grad_like(g: Tensor, w: Tensor) -> Tensor:
     if g.stride() == w.stride():
         return g
     if g.is_contiguous() and w.is_contiguous():
-        return g.as_strided(w.shape, w.stride(), g.storage_offset())
+        return g.as_strided(w.shape, w.stride())      # same storage offset
     return torch.empty_like(w).copy_(g)
 
 
