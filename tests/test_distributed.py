@@ -499,3 +499,23 @@ def test_batch_size_auto_takes_the_smallest_rank(tmp_path):
     assert auto["max_fit"] == 24 and auto["per_rank"] == 16 and auto["world_size"] == 2 and auto["batch_size"] == 32
     assert auto["lr"] == pytest.approx(0.05 * 32 / 64)
     assert read_jsonl(run / "log.jsonl")[1]["batch_size"] == 32
+
+
+def test_two_machines_through_the_c10d_rendezvous(tmp_path):
+    """The README's several-machines form, on one host: two torchrun agents (``--nnodes=2``,
+    one process each) meeting at a c10d rendezvous endpoint, as two machines would."""
+    port = _free_port()
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-machines", "python/search.py", "--dataset", "digits",
+           "--limit", "64", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--C", "8", "--layers", "3",
+           "--no-progress", "--out", str(run)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outs = _wait(agents, timeout=300)
+    for a, out in zip(agents, outs):
+        assert a.returncode == 0, out[-3000:]
+    header = read_jsonl(run / "log.jsonl")[0]
+    assert header["world_size"] == 2 and (run / "genotype.json").exists()
+    assert sum(out.count("genotype written to") for out in outs) == 1
