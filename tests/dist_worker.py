@@ -155,7 +155,24 @@ def search(ctx, out, run=None, epochs="2", warmup="1", stop_after="-1", check_ev
     torch.save(result, out)
 
 
-SCENARIOS = {"select": select, "step": step, "search": search}
+def evaluate(ctx, out, n="9", batch="4"):
+    """Sharded evaluation of a small supernet over a set whose last batch has fewer images
+    than ranks (evaluated whole on every rank, counted once)."""
+    from adarts_kernels.data.loader import BatchLoader
+    model = small_model("fused", "reference")
+    model.set_selector(D.GlobalSelector())
+    torch.save({"result": loops.evaluate(model, BatchLoader(eval_set(int(n)), int(batch), shuffle=False,
+                                                            augment=False), ctx=ctx)}, out)
+
+
+def eval_set(n: int):
+    from adarts_kernels.data.loader import ImageSet
+    g = torch.Generator().manual_seed(3)
+    return ImageSet(torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                    torch.randint(0, 10, (n,), generator=g), 10, (0.5,) * 3, (0.25,) * 3, "random")
+
+
+SCENARIOS = {"select": select, "step": step, "search": search, "evaluate": evaluate}
 
 
 def main():

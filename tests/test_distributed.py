@@ -519,3 +519,16 @@ def test_two_machines_through_the_c10d_rendezvous(tmp_path):
     header = read_jsonl(run / "log.jsonl")[0]
     assert header["world_size"] == 2 and (run / "genotype.json").exists()
     assert sum(out.count("genotype written to") for out in outs) == 1
+
+
+def test_sharded_evaluation_is_the_one_process_evaluation(tmp_path):
+    """9 images in batches of 4 on 2 ranks: two batches sharded (global selection), the last
+    (1 image, fewer than ranks) evaluated whole by every rank and counted once; the loss and
+    accuracy are those of one process."""
+    from adarts_kernels.data.loader import BatchLoader
+    r0, r1 = spawn("evaluate", tmp_path)
+    assert r0["result"] == r1["result"]
+    model = W.small_model("fused", "reference")
+    one = loops.evaluate(model, BatchLoader(W.eval_set(9), 4, shuffle=False, augment=False))
+    assert r0["result"][1] == one[1]
+    assert r0["result"][0] == pytest.approx(one[0], rel=1e-6)
