@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.profiler import record_function
 
+from .nn.selection import select_channels
+
 Tensor = torch.Tensor
 
 #: seconds a collective may wait for the other ranks before the job stops with an error
@@ -44,10 +46,6 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 class DriftError(RuntimeError):
     """Tensors that must be bitwise identical on every rank differ."""
-
-
-class PeerError(RuntimeError):
-    """A collective failed: another rank died, hung past the timeout, or the network failed."""
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,7 @@ class GlobalSelector:
         self.group = group
 
     def __call__(self, score: Tensor, n: int) -> Tensor:
-        from .nn.selection import select_channels
-        s = score.detach().clone()
+        s = score.detach().clone()     # the caller's score is left as it was
         all_reduce_(s, "select", group=self.group)
         return select_channels(s, n)
 
@@ -311,11 +308,10 @@ class DriftGuard:
             raise ValueError(f"the drift check interval must be >= 0, got {every}")
         self.named, self.every, self.ctx, self.group = list(named), int(every), ctx, group
         self.calls = 0
-        self.checks = 0
 
     def maybe_check(self, where: str) -> None:
         self.calls += 1
-        if self.every and self.ctx.active and self.ctx.world_size > 1 and self.calls % self.every == 0:
+        if self.every and self.calls % self.every == 0:
             self.check(where)
 
     def check(self, where: str) -> None:
@@ -327,7 +323,6 @@ class DriftGuard:
         all_reduce_(both, "drift", op=dist.ReduceOp.MAX, group=self.group)
         n = sums.shape[0]
         differ = (both[:n] != -both[n:]).any(dim=1).nonzero().flatten().tolist()    # one host read
-        self.checks += 1
         if differ:
             names = [self.named[i][0] for i in differ]
             shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
@@ -337,30 +332,26 @@ class DriftGuard:
 
 
 def is_peer_failure(e: BaseException) -> bool:
-    """Whether ``e`` looks like a failed collective (a peer died or hung, timeout, network)."""
-    if isinstance(e, (PeerError, getattr(dist, "DistBackendError", PeerError), getattr(dist, "DistError", PeerError))):
+    """Whether ``e`` looks like a failed collective (a peer died or hung, timeout, network):
+    torch's distributed errors, or gloo's plain ``RuntimeError`` by its message."""
+    if isinstance(e, (dist.DistBackendError, dist.DistError)):
         return True
     text = str(e).lower()
     return any(s in text for s in ("connection closed", "connection reset", "timed out", "timeout", "gloo",
                                    "nccl", "broken pipe", "socket", "watchdog"))
 
 
-def explain_failure(e: BaseException, ctx: Optional[Context] = None, out: Optional[str] = None,
-                    timeout_s: Optional[float] = None) -> str:
-    """The message a driver prints for an error ``e``: as is for one process; under torchrun
-    prefixed with the rank, and for a failed collective with what probably happened and that
-    the checkpoint is intact. ``ctx`` defaults to what torchrun's environment says."""
-    if ctx is None:
-        if not launched():
-            return str(e)
-        ctx = Context(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
-                      "torchrun", DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
-    if not ctx.active:
+def explain_failure(e: BaseException, out: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """The message a driver prints for an error ``e``: as is for a process started alone;
+    under torchrun prefixed with the rank (from torchrun's environment), and for a failed
+    collective with what probably happened and that the checkpoint in ``out`` is intact."""
+    if not launched():
         return str(e)
-    msg = f"rank {ctx.rank} of {ctx.world_size}: {type(e).__name__}: {e}"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    msg = f"rank {rank} of {world}: {type(e).__name__}: {e}"
     if is_peer_failure(e):
         kept = f"; the last checkpoint in {out} is intact (resume with --resume)" if out else ""
-        msg += (f"\nrank {ctx.rank} lost contact with the other ranks: one of them died, hung for more than the "
-                f"{ctx.timeout_s:g} s collective timeout (--dist-timeout), or the network failed; the job "
+        msg += (f"\nrank {rank} lost contact with the other ranks: one of them died, hung for more than the "
+                f"{timeout_s:g} s collective timeout (--dist-timeout), or the network failed; the job "
                 f"stopped{kept}")
     return msg

@@ -81,7 +81,9 @@ def _collectives(prof, ranges):
             n = 1
             for s in shape:
                 n *= s
-            nbytes += n * DTYPE_BYTES.get(dt, 4)
+            if dt not in DTYPE_BYTES:
+                raise SystemExit(f"collective {e.name} on a {dt!r} tensor: add its size to DTYPE_BYTES")
+            nbytes += n * DTYPE_BYTES[dt]
         out[f"{purpose} ({e.name})"][0] += 1
         out[f"{purpose} ({e.name})"][1] += nbytes
     return dict(out)
@@ -109,7 +111,7 @@ def worker(args) -> None:
     net = model
     if ctx.active:
         model.set_selector(D.GlobalSelector())
-        net = D.wrap_ddp(model, device, ignore=sorted(model._arch_names))
+        net = D.wrap_ddp(model, device, ignore=model.arch_parameter_names())
     D.check_global_batch(args.batch, world)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.image, args.image, generator=g)

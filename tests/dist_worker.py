@@ -76,7 +76,7 @@ def step(ctx, out, kernels="fused", impl="cpp", unrolled="0", recompute="none", 
                           reduce=lambda ts: D.average_(ts, "arch_grads"))
     weights = list(model.weight_parameters())
     w_opt = torch.optim.SGD(weights, lr=0.05, momentum=0.9, weight_decay=3e-4)
-    net = D.wrap_ddp(model, torch.device("cpu"), ignore=sorted(model._arch_names))
+    net = D.wrap_ddp(model, torch.device("cpu"), ignore=model.arch_parameter_names())
     x, y, xv, yv = batches()
     lo, hi = D.shard_bounds(B, ctx.rank, ctx.world_size)
     losses = []

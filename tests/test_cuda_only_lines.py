@@ -192,3 +192,29 @@ def test_distributed_setup_on_a_gpu_uses_nccl(monkeypatch):
         D.setup("auto")
     with pytest.raises(ValueError, match="timeout must be positive"):
         D.setup("auto", timeout_s=0)
+
+
+def test_wrap_ddp_on_a_gpu_passes_the_device(monkeypatch):
+    """wrap_ddp's GPU arm: DDP gets ``device_ids=[device]``; the architecture parameters are
+    left out of its all-reduce; buffers are not synchronised at each forward."""
+    import inspect
+
+    from adarts_kernels import distributed as D
+    from adarts_kernels.nas.search_model import SearchNetwork
+    made = {}
+    real = torch.nn.parallel.DistributedDataParallel
+
+    class FakeDDP:
+        def __init__(self, module, **kw):
+            made.update(kw, module=module)
+    FakeDDP.__init__.__signature__ = inspect.signature(real.__init__)
+    FakeDDP._set_params_and_buffers_to_ignore_for_model = staticmethod(real._set_params_and_buffers_to_ignore_for_model)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    model = SearchNetwork(8, 10, 2)
+    D.wrap_ddp(model, torch.device("cuda:1"), ignore=model.arch_parameter_names())
+    assert made["device_ids"] == [torch.device("cuda:1")] and made["gradient_as_bucket_view"] is True
+    assert made.get("forward_sync_buffers", made.get("broadcast_buffers")) is False
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == ["alphas_normal", "alphas_reduce", "betas_normal",
+                                                               "betas_reduce"]
+    D.wrap_ddp(SearchNetwork(8, 10, 2), torch.device("cpu"))
+    assert made["device_ids"] is None

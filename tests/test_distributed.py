@@ -308,7 +308,7 @@ def test_e_a_dead_or_hung_rank_ends_the_job(tmp_path, how):
         _wait_for(run / "checkpoint.pt", procs)
         t0 = time.time()
         os.kill(procs[1].pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        out, _ = procs[0].communicate(timeout=timeout + 60)
+        out, _ = procs[0].communicate(timeout=timeout + 120)
         took = time.time() - t0
     finally:
         for p in procs:
@@ -317,7 +317,7 @@ def test_e_a_dead_or_hung_rank_ends_the_job(tmp_path, how):
                 p.wait()
     assert procs[0].returncode == 2, out[-3000:]
     assert "rank 0 of 2" in out and "lost contact with the other ranks" in out, out[-3000:]
-    assert took < timeout + 60
+    assert took < timeout + 30, f"rank 0 took {took:.0f} s to stop with a {timeout} s collective timeout"
     ckpt = load_checkpoint(run / "checkpoint.pt")          # intact: the sha256 footer checks it
     assert ckpt["kind"] == "search" and ckpt["epoch"] >= 0
 

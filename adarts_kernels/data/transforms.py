@@ -55,6 +55,14 @@ def _check_params(fn: str, b: int, **params: torch.Tensor) -> None:
             )
 
 
+def _check_pad(pad, name: str) -> int:
+    """``pad`` as an int, >= 0; ``ValueError`` naming the function ``name`` otherwise."""
+    pad = int(pad)
+    if pad < 0:
+        raise ValueError(f"{name}: pad must be >= 0, got {pad}")
+    return pad
+
+
 def crop_flip_params(
     b: int, pad: int, generator: torch.Generator
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,11 +84,9 @@ def crop_flip_params(
         ``int64`` and ``bool``.
     """
     b = int(b)
-    pad = int(pad)
     if b < 0:
         raise ValueError(f"crop_flip_params: b must be >= 0, got {b}")
-    if pad < 0:
-        raise ValueError(f"crop_flip_params: pad must be >= 0, got {pad}")
+    pad = _check_pad(pad, "crop_flip_params")
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     flip = torch.rand(b, generator=generator) < 0.5
@@ -106,9 +112,7 @@ def apply_crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: t
         A new tensor with the same shape, dtype and device as ``x``.
     """
     _check_batch(x, "apply_crop_flip")
-    pad = int(pad)
-    if pad < 0:
-        raise ValueError(f"apply_crop_flip: pad must be >= 0, got {pad}")
+    pad = _check_pad(pad, "apply_crop_flip")
     b, c, h, w = x.shape
     _check_params("apply_crop_flip", b, dy=dy, dx=dx, flip=flip)
     if flip.dtype != torch.bool:
@@ -165,9 +169,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
         A new tensor with the same shape, dtype and device as ``x``.
     """
     _check_batch(x, "random_crop_flip")
-    pad = int(pad)
-    if pad < 0:
-        raise ValueError(f"random_crop_flip: pad must be >= 0, got {pad}")
+    pad = _check_pad(pad, "random_crop_flip")
     dy, dx, flip = crop_flip_params(x.shape[0], pad, generator)
     return apply_crop_flip(x, dy, dx, flip, pad)
 

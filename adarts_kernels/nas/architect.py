@@ -28,6 +28,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 
+def scaled_loss(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``loss * scale``; ``loss`` itself for 1 (one process, equal shards: no extra op)."""
+    return loss * scale if scale != 1.0 else loss
+
+
 class Architect:
     """Owns the architecture optimizer (Adam) of a :class:`SearchNetwork`.
 
@@ -63,7 +68,7 @@ class Architect:
         else:
             loss = self.model.loss(x_val, y_val)
             arch = self.model.arch_parameters()
-            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, arch)
+            grads = torch.autograd.grad(scaled_loss(loss, scale), arch)
             if self.reduce is not None:
                 grads = [g.contiguous() for g in grads]
                 self.reduce(grads)
@@ -73,9 +78,6 @@ class Architect:
         return loss.detach()
 
     # -- second order -----------------------------------------------------------------
-    def _scaled(self, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        return loss * scale if scale != 1.0 else loss
-
     def _unrolled_grads(self, x_train, y_train, x_val, y_val, eta, weight_optimizer, scale=1.0):
         model = self.model
         weights: List[torch.Tensor] = list(model.weight_parameters())
@@ -90,7 +92,7 @@ class Architect:
 
         try:
             # w' = w - eta * (m + g + wd * w)
-            g_train = torch.autograd.grad(self._scaled(model.loss(x_train, y_train), scale), weights,
+            g_train = torch.autograd.grad(scaled_loss(model.loss(x_train, y_train), scale), weights,
                                           allow_unused=True)
             if self.reduce is not None:
                 g_train = [g if g is not None else torch.zeros_like(w) for g, w in zip(g_train, weights)]
@@ -106,7 +108,7 @@ class Architect:
 
             # gradients of the validation loss at w'
             loss_val = model.loss(x_val, y_val)
-            grads = torch.autograd.grad(self._scaled(loss_val, scale), arch + weights, allow_unused=True)
+            grads = torch.autograd.grad(scaled_loss(loss_val, scale), arch + weights, allow_unused=True)
             d_alpha = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:len(arch)], arch)]
             v = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[len(arch):], weights)]
             if self.reduce is not None:
@@ -117,11 +119,11 @@ class Architect:
             with torch.no_grad():
                 for w, w0, vi in zip(weights, saved_w, v):
                     w.copy_(w0 + R * vi)
-            g_pos = torch.autograd.grad(self._scaled(model.loss(x_train, y_train), scale), arch)
+            g_pos = torch.autograd.grad(scaled_loss(model.loss(x_train, y_train), scale), arch)
             with torch.no_grad():
                 for w, w0, vi in zip(weights, saved_w, v):
                     w.copy_(w0 - R * vi)
-            g_neg = torch.autograd.grad(self._scaled(model.loss(x_train, y_train), scale), arch)
+            g_neg = torch.autograd.grad(scaled_loss(model.loss(x_train, y_train), scale), arch)
             diff = [gp - gn for gp, gn in zip(g_pos, g_neg)]
             if self.reduce is not None:
                 self.reduce(diff)

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .. import backend
+from ..distributed import DEFAULT_CHECK_EVERY, DEFAULT_TIMEOUT_S
 from . import genotypes as G
 from .search_model import check_impl_name, resolve_kernels
 
@@ -76,8 +77,8 @@ class SearchConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
-    dist_timeout: float = 300.0  # torchrun: seconds a collective waits for the other ranks
-    check_every: int = 50        # torchrun: steps between two cross-rank checks of the weights (0: never)
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # torchrun: seconds a collective waits for the other ranks
+    check_every: int = DEFAULT_CHECK_EVERY  # torchrun: steps between two cross-rank checks of the weights (0: never)
 
     def resolved(self) -> "SearchConfig":
         """A copy with the preset applied, the kernels and backend named, and the learning
@@ -120,8 +121,8 @@ class RetrainConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
-    dist_timeout: float = 300.0  # torchrun: seconds a collective waits for the other ranks
-    check_every: int = 50        # torchrun: steps between two cross-rank checks of the weights (0: never)
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # torchrun: seconds a collective waits for the other ranks
+    check_every: int = DEFAULT_CHECK_EVERY  # torchrun: steps between two cross-rank checks of the weights (0: never)
 
     def resolved(self) -> "RetrainConfig":
         name = self.preset or ("digits" if self.dataset == "digits" else "darts")

@@ -47,7 +47,7 @@ from ..data import BatchLoader, load_dataset, search_split
 from ..profiling.max_batch import find_max_batch, safe_batch
 from ..utils.io import atomic_torch_save, atomic_write_text, progress, set_postfix
 from . import genotypes as G
-from .architect import Architect
+from .architect import Architect, scaled_loss
 from .checkpoint import CHECKPOINT, lock_run, payload, prepare_out, restore, resume_keys, validate
 from .config import (SEARCH_PRESETS, RetrainConfig, SearchConfig, check_impl, resolve_device,
                      scaled_lr)
@@ -177,6 +177,17 @@ def _load(cfg) -> dict:
     return data
 
 
+def _load_agreed(cfg, ctx: D.Context, device: torch.device) -> dict:
+    """:func:`_load` on every rank; if it fails on any, every rank stops (none waits for it)."""
+    err, data = None, None
+    try:
+        data = _load(cfg)
+    except Exception as e:      # noqa: BLE001 -- every rank learns that one failed, then re-raised
+        err = e
+    D.agree_or_raise(err, ctx, "data loading", device)
+    return data
+
+
 def _check_sizes(cfg, parts: dict, need: str) -> None:
     """Refuse empty splits with a message saying what is too small, before any work."""
     empty = [name for name, part in parts.items() if part is None or len(part) == 0]
@@ -228,11 +239,11 @@ def evaluate(model: nn.Module, loader: BatchLoader, desc: str = "", bar: bool = 
         correct = correct + (logits.argmax(1) == y).sum().cpu()
         n += y.shape[0]
     model.train(was_training)
+    loss_total, correct_total = float(loss_sum), float(correct)
     if ctx.active:
         dev = next(model.parameters()).device
-        loss_total, correct_total, n = D.sum_values([float(loss_sum), float(correct), float(n)], "metrics", dev)
-        loss_sum, correct, n = torch.tensor(loss_total), torch.tensor(correct_total), int(n)
-    return float(loss_sum) / max(n, 1), 100.0 * float(correct) / max(n, 1)
+        loss_total, correct_total, n = D.sum_values([loss_total, correct_total, n], "metrics", dev)
+    return loss_total / max(n, 1), 100.0 * correct_total / max(n, 1)
 
 
 class Meter:
@@ -308,7 +319,7 @@ def search_step(model: nn.Module, architect: Architect, w_opt: torch.optim.Optim
     w_opt.zero_grad(set_to_none=True)
     logits = model(x)
     loss = F.cross_entropy(logits, y)
-    (loss * scale if scale != 1.0 else loss).backward()
+    scaled_loss(loss, scale).backward()
     nn.utils.clip_grad_norm_(weights, grad_clip, foreach=True)
     w_opt.step()
     return loss.detach(), logits.detach(), vloss
@@ -452,7 +463,7 @@ def _resume_point(cfg, kind: str, objects: Tuple[str, ...], ctx: D.Context) -> O
     return status[1]
 
 
-def _loss_scales(loader: BatchLoader, step: int, ctx: D.Context) -> Optional[float]:
+def _loss_scale(loader: BatchLoader, step: int, ctx: D.Context) -> Optional[float]:
     """This rank's loss factor for global batch ``step`` (``world_size * shard / batch``),
     or ``None`` when the batch has fewer samples than ranks (every rank skips it)."""
     if not ctx.active:
@@ -495,13 +506,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
 def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[EpochHook],
                 batch_trial: Optional[BatchTrial], ctx: D.Context = D.SINGLE) -> dict:
     ckpt = _resume_point(cfg, "search", ("model", "w_opt", "a_opt", "sched"), ctx)
-
-    err, data = None, None
-    try:
-        data = _load(cfg)
-    except Exception as e:      # noqa: BLE001 -- every rank learns that one failed
-        err = e
-    D.agree_or_raise(err, ctx, "data loading", device)
+    data = _load_agreed(cfg, ctx, device)
     if data["val"] is not None:      # digits: fixed train / val split
         w_set, a_set = data["train"], data["val"]
     else:                            # CIFAR: first half weights, last half architecture
@@ -547,7 +552,7 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
     net: nn.Module = model
     if ctx.active:
         model.set_selector(D.GlobalSelector())
-        net = D.wrap_ddp(model, device, ignore=sorted(model._arch_names))
+        net = D.wrap_ddp(model, device, ignore=model.arch_parameter_names())
     drift = D.DriftGuard(list(model.named_parameters()), cfg.check_every, ctx)
     at_epoch_end = D.DriftGuard(list(model.named_parameters()) + list(model.named_buffers()), 0, ctx)
 
@@ -586,11 +591,11 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
                     arch_loader.set_epoch(epoch * 1009 + arch_pass)
                     arch_iter, arch_step = iter(arch_loader), 0
                     xv, yv = next(arch_iter)
-                arch_scale = _loss_scales(arch_loader, arch_step, ctx)
+                arch_scale = _loss_scale(arch_loader, arch_step, ctx)
                 arch_step += 1
                 if arch_scale is None:       # fewer samples than ranks: no architecture step
                     xv = yv = None
-            scale = _loss_scales(train_loader, step, ctx)
+            scale = _loss_scale(train_loader, step, ctx)
             if scale is None:                # fewer samples than ranks: every rank skips the step
                 continue
             loss, logits, vloss = search_step(net, architect, w_opt, weights, x, y, xv, yv, lr, cfg.grad_clip,
@@ -607,10 +612,8 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
             drift.maybe_check(f"epoch {epoch + 1}, step {step + 1}")
         train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
             model, guard, meter, sched, eval_loader, f"search {epoch + 1}/{cfg.epochs} valid", epoch, cfg, ctx)
-        arch_loss = arch_meter.read(ctx)[0] if (arch_meter.n or ctx.active) else None
-        if ctx.active:
-            at_epoch_end.check(f"the end of epoch {epoch + 1}")
-            arch_loss = arch_loss if epoch >= cfg.warmup_epochs else None
+        arch_loss = arch_meter.read(ctx)[0] if epoch >= cfg.warmup_epochs else None
+        at_epoch_end.check(f"the end of epoch {epoch + 1}")
         geno = model.genotype()
         rec = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -681,13 +684,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
                  ctx: D.Context = D.SINGLE) -> dict:
     ckpt = _resume_point(cfg, "retrain", ("model", "opt", "sched"), ctx)
     genotype = G.load(cfg.genotype)
-
-    err, data = None, None
-    try:
-        data = _load(cfg)
-    except Exception as e:      # noqa: BLE001 -- every rank learns that one failed
-        err = e
-    D.agree_or_raise(err, ctx, "data loading", device)
+    data = _load_agreed(cfg, ctx, device)
     train_set, test_set = data["train"], data["test"]
     monitor_set = data["val"] if data["val"] is not None else test_set
     _check_sizes(cfg, {"training": train_set, "test": test_set, "monitoring": monitor_set},
@@ -734,7 +731,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
         bar = progress(train_loader, total=len(train_loader), desc=f"retrain {epoch + 1}/{cfg.epochs}",
                        enable=cfg.progress and ctx.main)
         for step, (x, y) in enumerate(bar):
-            scale = _loss_scales(train_loader, step, ctx)
+            scale = _loss_scale(train_loader, step, ctx)
             if scale is None:                # fewer samples than ranks: every rank skips the step
                 continue
             opt.zero_grad(set_to_none=True)
@@ -742,7 +739,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
             loss = F.cross_entropy(logits, y)
             if logits_aux is not None:
                 loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux, y)
-            (loss * scale if scale != 1.0 else loss).backward()
+            scaled_loss(loss, scale).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             guard.check(loss, step, 1)
@@ -752,8 +749,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
             drift.maybe_check(f"epoch {epoch + 1}, step {step + 1}")
         train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
             model, guard, meter, sched, monitor_loader, f"retrain {epoch + 1}/{cfg.epochs} valid", epoch, cfg, ctx)
-        if ctx.active:
-            at_epoch_end.check(f"the end of epoch {epoch + 1}")
+        at_epoch_end.check(f"the end of epoch {epoch + 1}")
         rec = {"epoch": epoch + 1, "lr": lr, "drop_path": model.drop_path_prob, "train_loss": train_loss,
                "train_acc": train_acc, "valid_loss": valid_loss, "valid_acc": valid_acc,
                "seconds": time.time() - t0}

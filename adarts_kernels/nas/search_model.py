@@ -206,6 +206,11 @@ class SearchNetwork(nn.Module):
         return [p for p in (self.alphas_normal, self.alphas_reduce, self.betas_normal, self.betas_reduce)
                 if p is not None]
 
+    def arch_parameter_names(self) -> List[str]:
+        """The names of :meth:`arch_parameters` (``alphas_normal``, ...): what data
+        parallelism leaves out of the weights' gradient all-reduce."""
+        return [name for name, _ in self.named_parameters() if name in self._arch_names]
+
     def weight_parameters(self) -> Iterator[nn.Parameter]:
         """Every network weight (attention MLPs included), no architecture parameter."""
         for name, p in self.named_parameters():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..distributed import DEFAULT_CHECK_EVERY, DEFAULT_TIMEOUT_S
+
 __all__ = ["HelpFormatter", "add_data_options", "add_run_options"]
 
 
@@ -32,10 +34,10 @@ def add_run_options(p: argparse.ArgumentParser, seed: int, device: str) -> None:
                    help="continue the run in --out from its checkpoint; the settings must be the same")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("several GPUs or machines (under torchrun; ignored by a single process)")
-    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="a collective waits this long for the other ranks; a rank that died or hung then ends "
                         "the job with an error")
-    g.add_argument("--check-every", type=int, default=50, metavar="N",
+    g.add_argument("--check-every", type=int, default=DEFAULT_CHECK_EVERY, metavar="N",
                    help="every N steps, compare checksums of alpha, beta and the weights across ranks; a "
                         "mismatch stops the run (0: only at the end of each epoch)")
 
