@@ -33,7 +33,14 @@ def default_impl() -> str:
 
 
 def _ext_state() -> Tuple[bool, Optional[str], bool]:
+    """(loaded, why not, with CUDA kernels). The first call outside torch.compile tracing makes
+    the compiled ops available if it can (:func:`adarts_kernels._ext.ensure`: the installed
+    library, else the first-use build), and warns once (or raises, with ADARTS_REQUIRE_EXT=1)
+    when they fall back to the reference (then every call raises). While tracing only the
+    Python flags are read: the build happens at the first eager call (or at ``backends()``)."""
     from . import _ext
+    if not _ext.HAS_EXT and not torch.compiler.is_compiling():
+        _ext.ensure()
     return _ext.HAS_EXT, _ext.EXT_ERROR, _ext.has_cuda_kernels()
 
 
