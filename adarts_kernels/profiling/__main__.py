@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -19,8 +20,14 @@ from ..utils.cli import HelpFormatter
 from .report import VARIANTS, format_report, memory_report, plot_memory, rss_crosscheck
 
 
+def _prog() -> str:
+    """``adarts-memory`` (the console command) or ``python -m adarts_kernels.profiling``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m adarts_kernels.profiling" if name in ("", "__main__.py", "-c") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m adarts_kernels.profiling", description=__doc__,
+    p = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--C", type=int, default=16, help="initial channels")
     p.add_argument("--layers", type=int, default=8, help="cells")
