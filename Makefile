@@ -10,13 +10,14 @@ PYTEST_ARGS ?= -q
 
 .PHONY: setup demo test bench-memory clean
 
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.py csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	@# numpy before the build: setup.py imports torch, which warns "Failed to initialize NumPy" without it
-	$(PY) -c "import numpy" 2>/dev/null || $(PIP) install -q numpy
-	@echo "building the C++ CPU extension and installing the package: a few minutes, pip prints nothing meanwhile"
+	@# numpy before the build: setup.py imports torch, which warns "Failed to initialize NumPy" without it;
+	@# ninja before the build: torch compiles the sources in parallel with it (serially without)
+	$(PY) -c "import numpy, ninja" 2>/dev/null || $(PIP) install -q numpy ninja
+	@echo "building the C++ CPU extension and installing the package: about a minute, pip prints nothing meanwhile"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $@
 

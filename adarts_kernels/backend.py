@@ -44,6 +44,16 @@ def _ext_state() -> Tuple[bool, Optional[str], bool]:
     return _ext.HAS_EXT, _ext.EXT_ERROR, _ext.has_cuda_kernels()
 
 
+def prepare(impl: Optional[str] = None) -> None:
+    """Make the compiled ops available now, eagerly, when backend ``impl`` (or the environment
+    default) may use them: a module calls this when it is built, so that a forward traced by
+    torch.compile before any eager call finds them too (tracing never builds). Warns or raises
+    as the first resolution would (:func:`_ext_state`)."""
+    name = default_impl() if impl is None else str(impl).strip().lower()
+    if name in ("auto", "cpp", "cuda") and not torch.compiler.is_compiling():
+        _ext_state()
+
+
 def _triton_state() -> Tuple[bool, Optional[str]]:
     from . import triton as _tr
     return _tr.HAS_TRITON, _tr.TRITON_ERROR

@@ -453,9 +453,8 @@ def test_readme_torchrun_commands_parse():
     import shlex
 
     from torch.distributed.run import get_args_parser
-    sys.path.insert(0, str(ROOT / "python"))
-    import retrain
-    import search
+
+    from adarts_kernels.commands import retrain, search
     lines = _readme_torchrun_lines()
     assert len(lines) == 4
     for line in lines:

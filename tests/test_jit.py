@@ -270,6 +270,27 @@ def test_no_compiler_warns_once_and_backends_says_why(fresh, monkeypatch):
     assert backend.resolve("auto", torch.device("cpu")) == "reference"
 
 
+def test_fused_module_prepares_eagerly(fresh, monkeypatch):
+    """FusedAttentionMixedOp triggers the first-use build when it is built (a forward traced by
+    torch.compile never builds), unless its backend is the reference."""
+    from adarts_kernels.nn import FusedAttentionMixedOp
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise _ext.JitUnavailable("no compiler here")
+
+    monkeypatch.setattr(_ext, "jit_build", failing)
+    monkeypatch.delenv("ADARTS_KERNELS_IMPL", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FusedAttentionMixedOp(8, 1, k=4, impl="reference")
+    assert calls == []
+    with pytest.warns(_ext.ExtensionFallbackWarning, match="no compiler here"):
+        FusedAttentionMixedOp(8, 1, k=4)
+    assert calls == [1]
+
+
 def test_failed_build_falls_back_with_its_reason(fresh, monkeypatch):
     def failing():
         raise _ext.JitUnavailable("the build of X failed (OSError: disk full)")

@@ -10,7 +10,7 @@ cites only files a clone has.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import re
 import shlex
@@ -31,10 +31,8 @@ def blocks(lang: str):
 
 
 def _driver(name: str):
-    spec = importlib.util.spec_from_file_location(f"_readme_driver_{name}", REPO / "python" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The command module ``python/<name>.py`` runs (``adarts-<name>`` once installed)."""
+    return importlib.import_module(f"adarts_kernels.commands.{name}")
 
 
 def _parsers():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -86,11 +86,8 @@ def search_log(out):
 
 
 def load_driver(name: str):
-    path = REPO / "python" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_adarts_driver_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The command module behind ``python/<name>.py`` and ``adarts-<name>``."""
+    return importlib.import_module(f"adarts_kernels.commands.{name}")
 
 
 class Interrupted(Exception):

@@ -24,7 +24,17 @@ order as an unsharded loader, and then builds only this rank's contiguous
 slice of it.  Step ``i`` of rank ``r`` is therefore a pure function of
 ``(seed, e, i, r, world_size)``, and concatenating the batches of ranks
 ``0 .. world_size - 1`` of a step gives bitwise the batch an unsharded loader
-(``shard=(0, 1)``, the default) yields at that step, whatever the world size.
+(``shard=(0, 1)``, the default) with the same ``min_batch`` yields at that
+step, whatever the world size.
+
+A final batch too small to train on (``min_batch``): BatchNorm in training
+mode cannot normalise one sample at 1x1 resolution (DARTS's auxiliary head:
+"Expected more than 1 value per channel"), so the training loops build their
+loaders with ``min_batch=2 * world_size``: a final global batch with fewer than
+``min_batch`` samples is folded into the batch before it, which then has
+``batch_size`` plus those samples.  No sample is dropped, and with
+``batch_size >= 2 * world_size`` and at least that many samples (both checked
+by the loops) every rank's share of every batch has at least 2 samples.
 """
 
 from __future__ import annotations
@@ -169,7 +179,8 @@ class BatchLoader:
     * ``labels``: ``torch.int64`` tensor ``(B,)``,
 
     both on ``device``.  Without a shard ``B`` is ``batch_size`` except
-    possibly for the last batch (which is dropped if ``drop_last``).  With
+    possibly for the last batch (which is dropped if ``drop_last``, and folded
+    into the one before it if smaller than ``min_batch``).  With
     ``shard=(rank, world_size)``, step ``i`` yields only this rank's slice of
     global batch ``i``: ``B = stop - start`` with
     ``(start, stop) = shard_bounds(i)``, between
@@ -188,6 +199,15 @@ class BatchLoader:
             ``augment``; pass 0 for evaluation loaders).
         pad: padding of the random crop; 4 for 32x32 CIFAR, 2 for 16x16 digits.
         drop_last: drop the final incomplete batch.
+        min_batch: the rule for a final batch too small to train on: a final
+            global batch with fewer than ``min_batch`` samples is folded into
+            the previous batch (which then holds ``batch_size`` plus the
+            leftover samples; nothing is dropped).  Folding needs a previous
+            batch: a data set smaller than ``min_batch`` is still one batch
+            (the training loops refuse such a set).  The default 1 never
+            folds; the training loops pass ``2 * world_size``, so that no
+            rank trains BatchNorm on a single sample.  ``1 <= min_batch <=
+            batch_size``; ignored with ``drop_last``.
         seed: base seed.  Epoch ``e`` uses
             ``torch.Generator().manual_seed(seed * 1_000_003 + e)`` for both
             the order and the augmentation, so batches are a pure function of
@@ -220,6 +240,7 @@ class BatchLoader:
         seed: int = 0,
         device: Union[str, torch.device] = "cpu",
         shard: Tuple[int, int] = (0, 1),
+        min_batch: int = 1,
     ) -> None:
         if not isinstance(dataset, ImageSet):
             raise ValueError(f"BatchLoader needs an ImageSet, got {type(dataset).__name__}")
@@ -236,6 +257,9 @@ class BatchLoader:
                 f"BatchLoader: drop_last=True with batch_size={batch_size} larger than the "
                 f"data set ({len(dataset)} samples) would yield no batch"
             )
+        if not 1 <= int(min_batch) <= int(batch_size):
+            raise ValueError(f"BatchLoader: min_batch must be between 1 and batch_size={batch_size}, "
+                             f"got {min_batch}")
         self.rank, self.world_size = self._check_shard(shard)
         self.dataset = dataset
         self.batch_size = int(batch_size)
@@ -244,6 +268,7 @@ class BatchLoader:
         self.cutout = int(cutout)
         self.pad = int(pad)
         self.drop_last = bool(drop_last)
+        self.min_batch = int(min_batch)
         self.seed = int(seed)
         self.device = torch.device(device)
         self.epoch = 0
@@ -283,16 +308,25 @@ class BatchLoader:
     def __len__(self) -> int:
         """Number of global batches per epoch (the same on every rank)."""
         n = len(self.dataset)
+        full, rest = divmod(n, self.batch_size)
         if self.drop_last:
-            return n // self.batch_size
-        return (n + self.batch_size - 1) // self.batch_size
+            return full
+        if rest and (rest >= self.min_batch or full == 0):
+            return full + 1
+        return full             # no remainder, or one folded into the last full batch
 
     def global_batch_size(self, i: int) -> int:
-        """Number of samples of global batch ``i`` (0-based, ``0 <= i < len(self)``)."""
+        """Number of samples of global batch ``i`` (0-based, ``0 <= i < len(self)``): the
+        last one holds what is left, ``batch_size`` plus a folded remainder included."""
         i = int(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"BatchLoader: batch index {i} out of range for {len(self)} batches")
-        return min(self.batch_size, len(self.dataset) - i * self.batch_size)
+        count = len(self)
+        if not 0 <= i < count:
+            raise IndexError(f"BatchLoader: batch index {i} out of range for {count} batches")
+        if i < count - 1:
+            return self.batch_size
+        # every batch starts at i * batch_size: the last one takes all the samples after its start
+        last = len(self.dataset) - i * self.batch_size
+        return min(self.batch_size, last) if self.drop_last else last
 
     def shard_bounds(self, i: int) -> Tuple[int, int]:
         """This rank's slice ``[start, stop)`` of global batch ``i`` (positions within the batch).
@@ -349,6 +383,7 @@ class BatchLoader:
             f"BatchLoader({self.dataset!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"augment={self.augment}, cutout={self.cutout}, pad={self.pad}, "
             f"drop_last={self.drop_last}, seed={self.seed}, device={str(self.device)!r}"
+            + (f", min_batch={self.min_batch}" if self.min_batch > 1 else "")
             + (f", shard=({self.rank}, {self.world_size})" if self.world_size > 1 else "")
             + ")"
         )

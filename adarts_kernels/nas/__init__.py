@@ -6,7 +6,7 @@ directories, checkpoints, resume) and ``loops`` (:func:`run_search`, :func:`run_
 """
 from . import genotypes
 from .architect import Architect
-from .checkpoint import RunLockedError, epoch_records, lock_run
+from .checkpoint import RunDirError, RunLockedError, epoch_records, lock_run, make_run_dir
 from .config import RETRAIN_PRESETS, SEARCH_PRESETS, RetrainConfig, SearchConfig, resolve_device
 from .eval_model import EvalNetwork, count_parameters
 from .genotypes import PRIMITIVES, Genotype
@@ -16,4 +16,5 @@ from .search_model import SearchNetwork, normalized_betas
 __all__ = ["genotypes", "Architect", "EvalNetwork", "count_parameters", "PRIMITIVES", "Genotype",
            "SearchNetwork", "normalized_betas", "SEARCH_PRESETS", "RETRAIN_PRESETS", "SearchConfig",
            "RetrainConfig", "resolve_device", "run_search", "run_retrain", "search_step", "auto_batch",
-           "step_pair_trial", "evaluate", "epoch_records", "NonFiniteError", "RunLockedError", "lock_run"]
+           "step_pair_trial", "evaluate", "epoch_records", "NonFiniteError", "RunLockedError", "lock_run",
+           "RunDirError", "make_run_dir"]

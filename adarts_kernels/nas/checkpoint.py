@@ -5,6 +5,11 @@ the global RNG states and the log so far (and, for a search, the log's header re
 a resumed run continues exactly where the interrupted one stopped; ``log.jsonl`` is
 rewritten from the checkpoint on resume, so it always matches it.
 
+The run directory is made by :func:`make_run_dir`: a path that cannot be a directory (a
+file on the way, a name too long, a file system that refuses) is reported as
+:class:`RunDirError`, one sentence naming the path and the reason, before any data is
+loaded or any model built.
+
 One run per directory: :func:`lock_run` takes an exclusive ``flock`` on ``<out>/run.lock``
 for the whole run (the file names the holder: pid, host, start time); a second run into the
 same directory stops with a message naming it.  A checkpoint is checked before it is used
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -35,13 +41,87 @@ class RunLockedError(RuntimeError):
     """Another process holds the run directory's lock."""
 
 
+class RunDirError(ValueError):
+    """The run directory cannot be created or written; the message names the path and why.
+
+    A ``ValueError``: the ``--out`` given is unusable, as a bad setting is."""
+
+
+def _short(name: str, keep: int = 24) -> str:
+    return name if len(name) <= keep else f"{name[:keep]}..."
+
+
+def _blocking_file(path: str) -> Optional[str]:
+    """The first existing prefix of ``path`` (the path itself included, written as the user
+    wrote it) that is not a directory, or ``None``: what stops ``os.makedirs`` with
+    ``ENOTDIR`` / ``EEXIST``."""
+    parts = os.path.normpath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if not prefix:          # the root of an absolute path
+            continue
+        if not os.path.lexists(prefix):
+            return None
+        if not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+def _name_limit(path: str) -> int:
+    """The longest file name the file system under ``path`` allows (255 almost everywhere)."""
+    existing = os.path.abspath(path)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _why(out: str, e: OSError) -> str:
+    """The reason ``e`` (raised while making or writing into ``out``) in words."""
+    if e.errno == errno.ENAMETOOLONG:
+        limit = _name_limit(out)
+        long = [c for c in out.split(os.sep) if len(os.fsencode(c)) > limit]
+        if long:
+            return (f"the name {_short(long[0])!r} is {len(os.fsencode(long[0]))} bytes long, more than the "
+                    f"{limit} the file system allows")
+        return f"the path is {len(os.fsencode(out))} bytes long, more than this system allows"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _blocking_file(out)
+        if blocker is not None:
+            what = "a file" if os.path.isfile(blocker) else "something else (a broken link, a device...)"
+            return f"{blocker} is {what}, not a directory"
+    reason = (e.strerror or str(e)).lower()
+    if e.errno == errno.ENOENT:       # makedirs made the parents, yet "no such file": /proc and the like
+        reason += " (this file system does not allow new directories there)"
+    where = os.fsdecode(e.filename) if e.filename is not None else out
+    return reason if os.path.normpath(where) == os.path.normpath(out) else f"{where}: {reason}"
+
+
+def make_run_dir(out: str) -> str:
+    """Create the run directory ``out`` (and its parents) if missing; returns ``out``.
+
+    Raises :class:`RunDirError` ``cannot create the run directory <out>: <reason>`` when
+    ``out`` cannot be a directory: a file on the way (``f.txt/run``) or at ``out`` itself, a
+    name longer than the file system allows, no permission, a read-only or virtual file
+    system (``/proc``, ``/sys``)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create the run directory {out}: {_why(out, e)}") from None
+    return out
+
+
 @contextlib.contextmanager
 def lock_run(out: str) -> Iterator[str]:
     """Hold an exclusive lock on the run directory ``out`` (created if missing) while the
     ``with`` body runs; the lock file ``<out>/run.lock`` records the holder (pid, host, start
     time).  Raises :class:`RunLockedError` naming the holder when another process has it.
-    Temporary files left in ``out`` by a killed write are removed once the lock is held."""
-    os.makedirs(out, exist_ok=True)
+    Temporary files left in ``out`` by a killed write are removed once the lock is held.
+    An unusable ``out`` raises :class:`RunDirError` (see :func:`make_run_dir`), as does a
+    directory this process cannot create the lock file in."""
+    make_run_dir(out)
     path = os.path.join(out, LOCK)
     try:
         import fcntl
@@ -49,7 +129,10 @@ def lock_run(out: str) -> Iterator[str]:
         print(f"[run] no file locking on this platform: nothing stops a second run into {out}", file=sys.stderr)
         yield path
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:   # an existing directory without write permission, a read-only file system
+        raise RunDirError(f"cannot write in the run directory {out}: {_why(out, e)}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,7 +171,7 @@ def set_rng_state(state: dict) -> None:
 
 def prepare_out(out: str, resume: bool) -> Optional[dict]:
     """Create ``out``; return the checkpoint to resume from, if any. Refuses to overwrite."""
-    os.makedirs(out, exist_ok=True)
+    make_run_dir(out)
     path = os.path.join(out, CHECKPOINT)
     if os.path.exists(path):
         if not resume:

@@ -1,12 +1,16 @@
 """Run configurations of the search and retrain loops (docs/method.md sections 1 and 4): presets,
 :class:`SearchConfig`, :class:`RetrainConfig`, their checks, and the device choice.
 
-The drivers in ``python/`` only parse arguments into one of these and call
+The drivers (:mod:`adarts_kernels.commands`) only parse arguments into one of these and call
 :func:`~adarts_kernels.nas.loops.run_search` / :func:`~adarts_kernels.nas.loops.run_retrain`.
+Every setting is checked by :meth:`SearchConfig.resolved` / :meth:`RetrainConfig.resolved`,
+before anything is written, loaded or built: a bad one raises ``ValueError`` naming it (the
+drivers print it as one ``error:`` line and exit with code 2).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
@@ -89,9 +93,9 @@ class SearchConfig:
         c = dataclasses.replace(self, preset=name)
         c.kernels = resolve_kernels(c.edge, c.kernels, c.recompute)
         c.impl = resolve_impl_name(c.impl)
-        if c.batch_size == "auto":
-            return _apply_preset(c, SEARCH_PRESETS[name], scale_lr=False)
-        return _apply_preset(c, SEARCH_PRESETS[name])
+        c = _apply_preset(c, SEARCH_PRESETS[name], scale_lr=c.batch_size != "auto")
+        _check_search(c)
+        return c
 
 
 @dataclass
@@ -129,7 +133,9 @@ class RetrainConfig:
         if name not in RETRAIN_PRESETS:
             raise ValueError(f"unknown retrain preset {name!r}; expected one of {sorted(RETRAIN_PRESETS)}")
         G.load(self.genotype)  # fail early on an unknown name or a bad file
-        return _apply_preset(dataclasses.replace(self, preset=name), RETRAIN_PRESETS[name])
+        c = _apply_preset(dataclasses.replace(self, preset=name), RETRAIN_PRESETS[name])
+        _check_retrain(c)
+        return c
 
 
 def resolve_impl_name(impl: Optional[str]) -> str:
@@ -170,25 +176,82 @@ def scaled_lr(preset: dict, batch_size: int) -> float:
     return preset["lr"] * batch_size / preset["batch_size"]
 
 
+#: seeds are kept in [0, 2**32): the loops seed generators with ``(seed * 1_000_003 + epoch) * 4099
+#: + rank``, which stays within torch's 64-bit seeds for any such seed
+SEED_LIMIT = 2 ** 32
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_common(c) -> None:
+    """The checks shared by both configs: data set, sizes, lr, seed, device, the torchrun
+    settings. Each refusal names the setting (as its flag) and the value given."""
     if c.dataset not in ("digits", "cifar10", "cifar100"):
         raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10 or cifar100")
     if c.dataset == "digits" and (c.data is not None or c.download):
         raise ValueError("--data/--download are for CIFAR: the digits data set is embedded (scikit-learn); "
                          "drop them, or pass --dataset cifar10/cifar100")
-    for key in ("batch_size", "epochs", "C", "layers"):
-        if key == "batch_size" and c.batch_size == "auto":
-            continue
+    for key in ("epochs", "C"):
         if getattr(c, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(c, key)}")
+            raise ValueError(f"--{key} must be at least 1, got {getattr(c, key)}")
+    if c.batch_size != "auto" and c.batch_size < 2:
+        # one sample at 1x1 resolution (the auxiliary head) cannot be batch-normalised in training
+        raise ValueError(f"--batch-size must be at least 2 (BatchNorm trains on the statistics of the batch), "
+                         f"got {c.batch_size}")
+    if c.layers < 3:
+        raise ValueError(f"--layers must be at least 3 (two reduction cells and a normal one), got {c.layers}")
     if c.limit is not None and c.limit < 1:
-        raise ValueError(f"limit must be at least 1, got {c.limit}")
-    if c.lr is not None and c.lr <= 0:
-        raise ValueError(f"lr must be positive, got {c.lr}")
-    if not c.dist_timeout > 0:
-        raise ValueError(f"dist_timeout must be positive (seconds), got {c.dist_timeout}")
+        raise ValueError(f"--limit must be at least 1, got {c.limit}")
+    if c.lr is not None and not (_finite(c.lr) and c.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {c.lr}")
+    if not 0 <= c.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**32), got {c.seed}")
+    check_device_name(c.device)
+    if not (_finite(c.dist_timeout) and c.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout must be a positive finite number of seconds, got {c.dist_timeout}")
     if c.check_every < 0:
-        raise ValueError(f"check_every must be >= 0 (0: never), got {c.check_every}")
+        raise ValueError(f"--check-every must be >= 0 (0: never), got {c.check_every}")
+
+
+def _check_search(c: SearchConfig) -> None:
+    """A search's own settings: k (the edge's 1/k of the channels) and the warm-up."""
+    if c.k < 1:
+        raise ValueError(f"--k must be at least 1 (1/k of the channels go through the candidates), got {c.k}")
+    if c.edge != "darts" and c.C % c.k:
+        divisors = [d for d in range(1, c.C + 1) if c.C % d == 0]
+        raise ValueError(f"--C {c.C} is not divisible by --k {c.k} (1/k of the channels go through the "
+                         f"candidates); choose --k among {', '.join(map(str, divisors))}, or another --C")
+    if c.warmup_epochs < 0:
+        raise ValueError(f"--warmup-epochs must be >= 0, got {c.warmup_epochs}")
+
+
+def _check_retrain(c: RetrainConfig) -> None:
+    """A retrain's own settings: drop-path and cutout."""
+    if not (_finite(c.drop_path) and 0 <= c.drop_path < 1):
+        raise ValueError(f"--drop-path must be in [0, 1) (a probability; 1 would drop every path), "
+                         f"got {c.drop_path}")
+    if c.cutout < 0:
+        raise ValueError(f"--cutout must be >= 0 (0: off), got {c.cutout}")
+
+
+#: what ``--device`` accepts
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(name) -> None:
+    """Refuse a ``device`` that is neither ``"auto"`` nor a CPU or CUDA device name, with one
+    sentence instead of torch's list of every device type it knows. Whether a CUDA device
+    is present is checked later, by :func:`resolve_device`."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name} is not a device; expected {DEVICE_FORMS}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the {dev.type} device is not supported; expected {DEVICE_FORMS}")
 
 
 def resolve_device(name: str) -> torch.device:

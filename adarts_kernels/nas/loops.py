@@ -1,6 +1,7 @@
 """Search and retrain loops (docs/method.md sections 1 and 4), with atomic checkpoints and resume.
 
-The drivers in ``python/`` only parse arguments into a
+The drivers (:mod:`adarts_kernels.commands`: ``adarts-search`` / ``adarts-retrain``, or
+``python/search.py`` / ``python/retrain.py`` in a checkout) only parse arguments into a
 :class:`~adarts_kernels.nas.config.SearchConfig` or
 :class:`~adarts_kernels.nas.config.RetrainConfig` and call :func:`run_search` /
 :func:`run_retrain`.
@@ -27,6 +28,12 @@ logs and progress bars. What a step computes: on each rank, the mean loss of its
 (times ``world_size * shard / global batch``, 1 for equal shards) with the channels chosen
 from the score summed over every shard; the gradients are the mean over the ranks, i.e. the
 gradient of the mean of the shards' losses.
+
+Training batches hold at least :data:`MIN_SHARD` samples per rank (BatchNorm in training
+mode cannot normalise a single sample at 1x1 resolution): the global batch must be at
+least ``MIN_SHARD * world_size``, a final batch smaller than that is folded into the one
+before it (:class:`~adarts_kernels.data.BatchLoader`'s ``min_batch``), and a training split
+smaller than that is refused.
 """
 from __future__ import annotations
 
@@ -65,6 +72,11 @@ EpochHook = Callable[[int, dict], None]
 
 #: the loop reads the device (progress-bar loss, non-finite flag) once every this many steps
 READ_EVERY = 10
+
+#: the fewest samples one rank trains on in a step: BatchNorm in training mode normalises with
+#: the batch's statistics, and one sample at 1x1 resolution (the auxiliary head after the second
+#: reduction of 16x16 digits) has none ("Expected more than 1 value per channel")
+MIN_SHARD = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -195,6 +207,37 @@ def _check_sizes(cfg, parts: dict, need: str) -> None:
         limit = f" (--limit {cfg.limit})" if cfg.limit is not None else ""
         which = f"the {empty[0]} split is" if len(empty) == 1 else f"the {' and '.join(empty)} splits are"
         raise ValueError(f"too few images in {cfg.dataset}{limit}: {which} empty; {need}")
+
+
+def _min_batch(ctx: D.Context) -> int:
+    """The smallest global training batch: :data:`MIN_SHARD` samples for every rank."""
+    return MIN_SHARD * ctx.world_size
+
+
+def _check_trainable(cfg, parts: dict, ctx: D.Context) -> None:
+    """Refuse a training split smaller than :func:`_min_batch`: its one batch would leave a
+    rank training BatchNorm on a single sample (a larger split folds such a remainder into
+    its last batch instead)."""
+    need = _min_batch(ctx)
+    for name, part in parts.items():
+        if len(part) < need:
+            limit = f" (--limit {cfg.limit})" if cfg.limit is not None else ""
+            ranks = f" ({MIN_SHARD} for each of the {ctx.world_size} ranks)" if ctx.active else ""
+            raise ValueError(f"too few images in {cfg.dataset}{limit}: the {name} split has {len(part)}; a "
+                             f"training batch needs at least {need}{ranks}, since BatchNorm cannot train on a "
+                             f"single sample")
+
+
+def _check_batch(batch_size, ctx: D.Context) -> None:
+    """Under torchrun: the global batch divides by the ranks and gives each at least
+    :data:`MIN_SHARD` samples (one process: the config already asks for 2)."""
+    if not ctx.active or not isinstance(batch_size, int):
+        return
+    D.check_global_batch(batch_size, ctx.world_size)
+    if batch_size < _min_batch(ctx):
+        raise ValueError(f"--batch-size {batch_size} is the global batch: {batch_size // ctx.world_size} per rank "
+                         f"over {ctx.world_size} ranks, and BatchNorm needs at least {MIN_SHARD} per rank to "
+                         f"train; use {_min_batch(ctx)} or more")
 
 
 def _local_selection(model: nn.Module):
@@ -428,8 +471,7 @@ def _launch(cfg, check: Optional[Callable[[torch.device], None]] = None) -> Iter
             try:
                 if check is not None:
                     check(device)
-                if ctx.active and isinstance(cfg.batch_size, int):
-                    D.check_global_batch(cfg.batch_size, ctx.world_size)
+                _check_batch(cfg.batch_size, ctx)
                 if ctx.main:
                     stack.enter_context(lock_run(cfg.out))
             except Exception as e:      # noqa: BLE001 -- passed on to every rank, then re-raised
@@ -463,14 +505,13 @@ def _resume_point(cfg, kind: str, objects: Tuple[str, ...], ctx: D.Context) -> O
     return status[1]
 
 
-def _loss_scale(loader: BatchLoader, step: int, ctx: D.Context) -> Optional[float]:
-    """This rank's loss factor for global batch ``step`` (``world_size * shard / batch``),
-    or ``None`` when the batch has fewer samples than ranks (every rank skips it)."""
+def _loss_scale(loader: BatchLoader, step: int, ctx: D.Context) -> float:
+    """This rank's loss factor for global batch ``step``: ``world_size * shard / batch``
+    (1 for equal shards). A training loader's batches give every rank at least
+    :data:`MIN_SHARD` samples (:func:`_check_trainable`, ``min_batch``), so no shard is empty."""
     if not ctx.active:
         return 1.0
     b = loader.global_batch_size(step)
-    if b < ctx.world_size:
-        return None
     lo, hi = loader.shard_bounds(step)
     return ctx.world_size * (hi - lo) / b
 
@@ -505,6 +546,9 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
 
 def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[EpochHook],
                 batch_trial: Optional[BatchTrial], ctx: D.Context = D.SINGLE) -> dict:
+    if cfg.warmup_epochs >= cfg.epochs:     # legal (a smoke run), but the search then searches nothing
+        _say(ctx, f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the architecture is "
+                  f"never updated (alpha and beta stay at their initial values)")
     ckpt = _resume_point(cfg, "search", ("model", "w_opt", "a_opt", "sched"), ctx)
     data = _load_agreed(cfg, ctx, device)
     if data["val"] is not None:      # digits: fixed train / val split
@@ -514,6 +558,7 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
     _check_sizes(cfg, {"weights": w_set, "architecture": a_set},
                  "a search needs at least 2 training images: the first half trains the weights, the last "
                  "half the architecture")
+    _check_trainable(cfg, {"weights": w_set, "architecture": a_set}, ctx)
     pad = 4 if w_set.images.shape[-1] >= 32 else 2
 
     torch.manual_seed(cfg.seed)
@@ -529,13 +574,12 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
                               ctx=ctx)
             if ctx.main:
                 atomic_write_text(json.dumps(auto, indent=1), os.path.join(cfg.out, AUTO_BATCH))
-        if ctx.active:
-            D.check_global_batch(cfg.batch_size, ctx.world_size)
-    shard = (ctx.rank, ctx.world_size)
+        _check_batch(cfg.batch_size, ctx)
+    shard, min_batch = (ctx.rank, ctx.world_size), _min_batch(ctx)
     train_loader = BatchLoader(w_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                               seed=cfg.seed, device=device, shard=shard)
+                               seed=cfg.seed, device=device, shard=shard, min_batch=min_batch)
     arch_loader = BatchLoader(a_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                              seed=cfg.seed + 1, device=device, shard=shard)
+                              seed=cfg.seed + 1, device=device, shard=shard, min_batch=min_batch)
     eval_loader = BatchLoader(a_set, cfg.batch_size, shuffle=False, augment=False, device=device)
 
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -593,14 +637,10 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
                     xv, yv = next(arch_iter)
                 arch_scale = _loss_scale(arch_loader, arch_step, ctx)
                 arch_step += 1
-                if arch_scale is None:       # fewer samples than ranks: no architecture step
-                    xv = yv = None
             scale = _loss_scale(train_loader, step, ctx)
-            if scale is None:                # fewer samples than ranks: every rank skips the step
-                continue
             loss, logits, vloss = search_step(net, architect, w_opt, weights, x, y, xv, yv, lr, cfg.grad_clip,
                                               channels_last=cfg.channels_last, scale=scale,
-                                              arch_scale=arch_scale or 1.0)
+                                              arch_scale=arch_scale)
             if vloss is not None:
                 arch_meter.loss += vloss.double() * yv.shape[0]
                 arch_meter.n += yv.shape[0]
@@ -689,10 +729,12 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
     monitor_set = data["val"] if data["val"] is not None else test_set
     _check_sizes(cfg, {"training": train_set, "test": test_set, "monitoring": monitor_set},
                  "a retrain needs at least one training and one test image")
+    _check_trainable(cfg, {"training": train_set}, ctx)
     size = train_set.images.shape[-1]
     pad = 4 if size >= 32 else 2
     train_loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                               cutout=cfg.cutout, seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
+                               cutout=cfg.cutout, seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size),
+                               min_batch=_min_batch(ctx))
     monitor_loader = BatchLoader(monitor_set, 256, shuffle=False, augment=False, device=device)
     test_loader = BatchLoader(test_set, 256, shuffle=False, augment=False, device=device)
 
@@ -732,8 +774,6 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
                        enable=cfg.progress and ctx.main)
         for step, (x, y) in enumerate(bar):
             scale = _loss_scale(train_loader, step, ctx)
-            if scale is None:                # fewer samples than ranks: every rank skips the step
-                continue
             opt.zero_grad(set_to_none=True)
             logits, logits_aux = net(x)
             loss = F.cross_entropy(logits, y)

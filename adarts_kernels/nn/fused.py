@@ -32,6 +32,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .. import backend
 from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
 from ..ops.mixed_sum import MAX_Z
 from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
@@ -178,6 +179,7 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         if stride not in (1, 2):
             raise ValueError(f"FusedAttentionMixedOp: stride must be 1 or 2, got {stride}")
         self.C, self.stride, self.k, self.impl = C, stride, k, impl
+        backend.prepare(impl)                  # the first-use build, if any, happens here, eagerly
         self.attention = ChannelAttention(C)   # same parameters and keys as the reference
         self.cands = Candidates(C // k, stride, primitives)
         self.roles = FusedCandidates(self.cands, stride)
