@@ -284,7 +284,7 @@ setup(
     python_requires=">=3.9",
     # Never an exact torch pin: the user's torch (CPU or CUDA build) is the one to use. A library
     # built here against another torch is rebuilt at first use (adarts_kernels._ext), hence ninja.
-    install_requires=["torch>=2.11", "ninja", "numpy", "tqdm", "matplotlib", "scikit-learn"],
+    install_requires=["torch>=2.11", "ninja", "numpy", "pillow", "tqdm", "matplotlib", "scikit-learn"],
     extras_require={"test": ["pytest", "pytest-benchmark", "triton", "ruff", "build"]},
     entry_points={"console_scripts": [
         "adarts-search = adarts_kernels.commands.search:main",

@@ -20,6 +20,9 @@ log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 log "build (FORCE_CUDA=1, sm_90)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# No first-use build in this suite: a failed or timed-out build above must show as such, not
+# start a second (untimed) CUDA compilation inside the next step.
+export ADARTS_JIT=0
 start=$(date +%s)
 timeout 150 $PY setup.py build_ext --inplace > /tmp/adarts_build.log 2>&1
 rc=$?

@@ -94,7 +94,7 @@ def worker(args) -> None:
 
     from adarts_kernels import distributed as D
     from adarts_kernels.nas.architect import Architect
-    from adarts_kernels.nas.loops import search_step
+    from adarts_kernels.nas.search_loop import search_step
     from adarts_kernels.nas.search_model import SearchNetwork
 
     ctx, dev = D.setup(args.device)

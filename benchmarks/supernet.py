@@ -26,7 +26,7 @@ from _harness import meta, print_table, write_results  # noqa: E402
 
 from adarts_kernels.backend import IMPLS, resolve  # noqa: E402
 from adarts_kernels.nas.architect import Architect  # noqa: E402
-from adarts_kernels.nas.loops import search_step  # noqa: E402
+from adarts_kernels.nas.search_loop import search_step  # noqa: E402
 from adarts_kernels.profiling import find_max_batch, is_oom  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet, saved_bytes_per_sample  # noqa: E402
 

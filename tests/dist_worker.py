@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from adarts_kernels import distributed as D  # noqa: E402
-from adarts_kernels.nas import loops  # noqa: E402
+from adarts_kernels.nas import loops, search_loop  # noqa: E402
 from adarts_kernels.nas.architect import Architect  # noqa: E402
 from adarts_kernels.nas.config import SearchConfig  # noqa: E402
 from adarts_kernels.nas.search_model import SearchNetwork  # noqa: E402
@@ -90,13 +90,13 @@ def step(ctx, out, kernels="fused", impl="cpp", unrolled="0", recompute="none", 
 
 
 def _capture_model(monkey_box):
-    made = loops._search_model
+    made = search_loop._search_model
 
     def grab(*a, **k):
         m = made(*a, **k)
         monkey_box.append(m)
         return m
-    loops._search_model = grab
+    search_loop._search_model = grab
 
 
 class Stop(Exception):
@@ -109,7 +109,7 @@ def search(ctx, out, run=None, epochs="2", warmup="1", stop_after="-1", check_ev
     box = []
     _capture_model(box)
     if int(perturb_at) >= 0 and ctx.rank == 1:       # a silent divergence on rank 1 only
-        real_step, calls = loops.search_step, [0]
+        real_step, calls = search_loop.search_step, [0]
 
         def drifting_step(model, *a, **k):
             calls[0] += 1
@@ -117,16 +117,16 @@ def search(ctx, out, run=None, epochs="2", warmup="1", stop_after="-1", check_ev
                 with torch.no_grad():
                     model.module.classifier.weight[0, 0] += 1e-3
             return real_step(model, *a, **k)
-        loops.search_step = drifting_step
+        search_loop.search_step = drifting_step
 
     if int(nan_at) >= 0 and ctx.rank == 1:           # a non-finite loss on rank 1 only
-        real_step2, calls2 = loops.search_step, [0]
+        real_step2, calls2 = search_loop.search_step, [0]
 
         def nan_step(*a, **k):
             calls2[0] += 1
             loss, logits, vloss = real_step2(*a, **k)
             return (loss * float("nan") if calls2[0] == int(nan_at) else loss), logits, vloss
-        loops.search_step = nan_step
+        search_loop.search_step = nan_step
 
     def hook(epoch, rec):
         if epoch == int(stop_after):

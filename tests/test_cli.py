@@ -20,7 +20,7 @@ from adarts_kernels import distributed as D
 from adarts_kernels.commands import retrain as retrain_cmd
 from adarts_kernels.commands import search as search_cmd
 from adarts_kernels.data import BatchLoader, ImageSet
-from adarts_kernels.nas import loops
+from adarts_kernels.nas import loop_common, loops, search_loop
 from adarts_kernels.utils.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def no_data(monkeypatch):
     """Loading data fails the test: a refusal must come before it (and so before any model)."""
     def load(cfg):
         raise AssertionError("data was loaded before the bad input was refused")
-    monkeypatch.setattr(loops, "_load", load)
+    monkeypatch.setattr(loop_common, "_load", load)
 
 
 def _env(**extra) -> dict:
@@ -302,12 +302,12 @@ def test_search_steps_never_see_a_batch_of_one(tmp_path, monkeypatch, capsys):
     """17 images per half in batches of 16: the weight and the architecture batches of 1 are
     folded, so every step trains on all 17 images at once."""
     seen = []
-    real = loops.search_step
+    real = search_loop.search_step
 
     def step(model, architect, w_opt, weights, x, y, xv, yv, *a, **k):
         seen.append((x.shape[0], None if xv is None else xv.shape[0]))
         return real(model, architect, w_opt, weights, x, y, xv, yv, *a, **k)
-    monkeypatch.setattr(loops, "search_step", step)
+    monkeypatch.setattr(search_loop, "search_step", step)
     rc = search_cmd.main(TINY_SEARCH + ["--limit", "17", "--epochs", "2", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert rc == 0, err

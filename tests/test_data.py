@@ -598,11 +598,11 @@ def test_search_on_too_few_cifar_images_says_so(tmp_path, limit):
 
 
 def test_retrain_on_an_empty_split_says_so(tmp_path, monkeypatch):
-    from adarts_kernels.nas import loops
+    from adarts_kernels.nas import loop_common, loops
     from adarts_kernels.nas.config import RetrainConfig
     make_fake_cifar10(tmp_path / "data")
-    real = loops._load
-    monkeypatch.setattr(loops, "_load", lambda cfg: {**real(cfg), "test": real(cfg)["test"].subset(range(0))})
+    real = loop_common._load
+    monkeypatch.setattr(loop_common, "_load", lambda cfg: {**real(cfg), "test": real(cfg)["test"].subset(range(0))})
     cfg = RetrainConfig(dataset="cifar10", data=str(tmp_path / "data"), out=str(tmp_path / "o"), C=4, layers=3,
                         batch_size=2, epochs=1, progress=False, device="cpu")
     with pytest.raises(ValueError, match="the test and monitoring splits are empty"):

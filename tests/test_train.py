@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from adarts_kernels.data import DataError
 from adarts_kernels.nas import genotypes as G
-from adarts_kernels.nas import loops
+from adarts_kernels.nas import loop_common, loops, retrain_loop, search_loop
 from adarts_kernels.nas.architect import Architect
 from adarts_kernels.nas.config import RetrainConfig, SearchConfig
 from adarts_kernels.nas.loops import run_retrain, run_search
@@ -769,7 +769,7 @@ def test_step_pair_trial_runs_real_steps_on_a_copy(monkeypatch, fake_cuda):
     CUDA-only calls (synchronize, peak-memory reset, device name) are made as on a GPU."""
     calls = []
     if fake_cuda:
-        monkeypatch.setattr(loops, "_is_cuda", lambda device: True)
+        monkeypatch.setattr(search_loop, "_is_cuda", lambda device: True)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", str(device))))
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
                             lambda device=None: calls.append(("reset", str(device))))
@@ -780,12 +780,12 @@ def test_step_pair_trial_runs_real_steps_on_a_copy(monkeypatch, fake_cuda):
     before = copy.deepcopy(model.state_dict())
     device = torch.device("cpu")
     steps = []
-    real_step = loops.search_step
+    real_step = search_loop.search_step
 
     def counting_step(*args, **kwargs):
         steps.append(args[4].shape[0])
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(loops, "search_step", counting_step)
+    monkeypatch.setattr(search_loop, "search_step", counting_step)
     trial, seen = capped_trial(24, then=loops.step_pair_trial(cfg, model, device, 10, 8))
     found = loops.auto_batch(cfg, model, device, 10, 8, trial=trial)
     assert seen == [16, 32, 24] and steps == [16, 16, 24, 24]     # two steps per fitting batch
@@ -881,7 +881,7 @@ def test_kernels_reference_is_now_called_modules(capsys):
 
 def _nan_search_step(monkeypatch, at_call: int):
     """Make the ``at_call``-th search step (1-based, over the whole run) start from a NaN weight."""
-    real = loops.search_step
+    real = search_loop.search_step
     calls = {"n": 0}
 
     def step(model, architect, w_opt, weights, *args, **kw):
@@ -890,7 +890,7 @@ def _nan_search_step(monkeypatch, at_call: int):
             with torch.no_grad():
                 weights[0].view(-1)[0] = float("nan")
         return real(model, architect, w_opt, weights, *args, **kw)
-    monkeypatch.setattr(loops, "search_step", step)
+    monkeypatch.setattr(search_loop, "search_step", step)
 
 
 @pytest.mark.parametrize("warmup, what", [(2, "train loss"), (0, "architecture loss")])
@@ -922,18 +922,18 @@ def test_search_nan_through_the_cli_is_exit_code_2(search_cli, tmp_path, monkeyp
 
 def test_nan_found_between_progress_reads(tmp_path, monkeypatch):
     """With more steps than READ_EVERY the flag read every READ_EVERY steps stops the epoch early."""
-    monkeypatch.setattr(loops, "READ_EVERY", 1)
+    monkeypatch.setattr(search_loop, "READ_EVERY", 1)
     _nan_search_step(monkeypatch, at_call=1)
     seen = []
-    real_read = loops._read
-    monkeypatch.setattr(loops, "_read", lambda *a: seen.append(1) or real_read(*a))
+    real_read = loop_common._read
+    monkeypatch.setattr(loop_common, "_read", lambda *a: seen.append(1) or real_read(*a))
     with pytest.raises(loops.NonFiniteError, match="step 1"):
         run_search(search_cfg(tmp_path, epochs=1, warmup_epochs=1))
     assert len(seen) == 1    # stopped at the first read, step 1 of 2
 
 
 def test_retrain_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-    class NaNOnThirdStep(loops.EvalNetwork):
+    class NaNOnThirdStep(retrain_loop.EvalNetwork):
         calls = 0
 
         def forward(self, x):
@@ -943,7 +943,7 @@ def test_retrain_nan_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
                     with torch.no_grad():
                         next(self.parameters()).view(-1)[0] = float("inf")
             return super().forward(x)
-    monkeypatch.setattr(loops, "EvalNetwork", NaNOnThirdStep)
+    monkeypatch.setattr(retrain_loop, "EvalNetwork", NaNOnThirdStep)
     with pytest.raises(loops.NonFiniteError) as info:
         run_retrain(retrain_cfg(tmp_path, genotype="PC_DARTS", epochs=3))
     assert (info.value.what, info.value.epoch, info.value.step) == ("train loss", 2, 1)
@@ -1066,7 +1066,8 @@ def test_second_run_into_the_same_directory_is_refused(tmp_path, search_cli, cap
 
 def test_progress_shows_labelled_loss_and_validation_bars_without_warnings(tmp_path, monkeypatch, capsys):
     import warnings
-    monkeypatch.setattr(loops, "READ_EVERY", 1)
+    monkeypatch.setattr(retrain_loop, "READ_EVERY", 1)
+    monkeypatch.setattr(search_loop, "READ_EVERY", 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_retrain(retrain_cfg(tmp_path / "r", genotype="PC_DARTS", auxiliary=True, progress=True))

@@ -10,7 +10,7 @@ import os
 
 from ..nas.config import RETRAIN_PRESETS, RetrainConfig
 from ..nas.genotypes import PUBLISHED
-from ..nas.loops import run_retrain
+from ..nas.retrain_loop import run_retrain
 from ..utils.cli import HelpFormatter, add_data_options, add_run_options
 from . import REPORTED, report
 

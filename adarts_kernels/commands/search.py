@@ -19,7 +19,7 @@ import os
 from ..backend import IMPLS
 from ..distributed import is_main_process
 from ..nas.config import SEARCH_PRESETS, SearchConfig
-from ..nas.loops import run_search
+from ..nas.search_loop import run_search
 from ..nas.search_model import KERNELS
 from ..utils.cli import HelpFormatter, add_data_options, add_run_options
 from . import REPORTED, report

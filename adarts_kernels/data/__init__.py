@@ -5,6 +5,10 @@
   :mod:`adarts_kernels.data.digits`.
 * ``cifar10`` / ``cifar100`` -- the official python-pickle archives, see
   :mod:`adarts_kernels.data.cifar`.
+* ImageNet (ImageFolder of JPEGs, decoded on the fly by worker processes) --
+  :mod:`adarts_kernels.data.imagenet`: :class:`ImageNetDataset` and
+  :class:`ImageNetLoader` yield ``uint8`` batches that
+  :func:`imagenet_normalize` turns into floats on the device.
 
 All data sets are :class:`ImageSet` objects (``uint8`` images ``(N, 3, H, W)``
 and ``int64`` labels ``(N,)``) iterated with the deterministic
@@ -18,6 +22,19 @@ from typing import Dict, Optional, Union
 
 from .cifar import load_cifar, search_split
 from .digits import load_digits_splits
+from .imagenet import (
+    ImageFolder,
+    ImageNetDataset,
+    ImageNetLoader,
+    Manifest,
+    ShardedBatchSampler,
+    load_manifest,
+    make_full_manifest,
+    make_search_manifest,
+    save_manifest,
+    scan_image_folder,
+)
+from .imagenet import normalize as imagenet_normalize
 from .loader import BatchLoader, DataError, ImageSet
 from .transforms import cutout, normalize, random_crop_flip
 
@@ -33,6 +50,17 @@ __all__ = [
     "normalize",
     "load_dataset",
     "DATASET_NAMES",
+    "ImageFolder",
+    "ImageNetDataset",
+    "ImageNetLoader",
+    "Manifest",
+    "ShardedBatchSampler",
+    "load_manifest",
+    "make_full_manifest",
+    "make_search_manifest",
+    "save_manifest",
+    "scan_image_folder",
+    "imagenet_normalize",
 ]
 
 #: Names accepted by :func:`load_dataset`.

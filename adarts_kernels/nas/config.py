@@ -2,7 +2,7 @@
 :class:`SearchConfig`, :class:`RetrainConfig`, their checks, and the device choice.
 
 The drivers (:mod:`adarts_kernels.commands`) only parse arguments into one of these and call
-:func:`~adarts_kernels.nas.loops.run_search` / :func:`~adarts_kernels.nas.loops.run_retrain`.
+:func:`~adarts_kernels.nas.search_loop.run_search` / :func:`~adarts_kernels.nas.retrain_loop.run_retrain`.
 Every setting is checked by :meth:`SearchConfig.resolved` / :meth:`RetrainConfig.resolved`,
 before anything is written, loaded or built: a bad one raises ``ValueError`` naming it (the
 drivers print it as one ``error:`` line and exit with code 2).

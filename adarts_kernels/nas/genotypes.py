@@ -54,10 +54,22 @@ ADARTS_V2 = Genotype(
     reduce_concat=list(_CONCAT),
 )
 
-#: Published cells by name (docs/method.md section 6).
+#: PC-DARTS's cell searched directly on ImageNet (its published ImageNet network, 14 cells
+#: of C=48, about 5.3M weights); DARTS retrained its CIFAR cell ``DARTS_V2`` on ImageNet.
+PC_DARTS_image = Genotype(
+    normal=[("skip_connect", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 1),
+            ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_5x5", 4)],
+    normal_concat=list(_CONCAT),
+    reduce=[("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1),
+            ("sep_conv_3x3", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_3x3", 3)],
+    reduce_concat=list(_CONCAT),
+)
+
+#: Published cells by name (docs/method.md section 6; ``PC_DARTS_image``: PC-DARTS's ImageNet cell).
 PUBLISHED: Dict[str, Genotype] = {
     "DARTS_V2": DARTS_V2,
     "PC_DARTS": PC_DARTS,
+    "PC_DARTS_image": PC_DARTS_image,
     "ADARTS_V1": ADARTS_V1,
     "ADARTS_V2": ADARTS_V2,
 }

@@ -3,6 +3,10 @@
 ``SearchNetwork(C=16, num_classes=10, layers=8, edge="adarts", k=4)``:
 input ``(B, 3, H, W)`` (H, W divisible by 4 so that both reductions halve evenly),
 output logits ``(B, num_classes)``.
+
+``SearchNetwork(C=16, num_classes=1000, layers=8, edge=..., stem="imagenet")``: PC-DARTS's
+ImageNet supernet (two stride-2 stems, 224 -> 56 -> 28, k=2 by default), input H, W
+divisible by 32; everything else (cells, architecture parameters, derivation) is shared.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ..nn.fused import FusedAttentionMixedOp, FusedFactorizedReduce, FusedReLUCo
 from ..nn.recompute import recompute_edge
 from ..nn.selection import ChannelSelectingEdge, ChannelSelector, selects_channels
 from ..nn.operations import PRIMITIVES, FactorizedReduce, ReLUConvBN
+from .eval_model import check_imagenet_input, imagenet_stems
 from .genotypes import Genotype
 
 EDGES = ("adarts", "pcdarts", "darts")
@@ -26,6 +31,9 @@ KERNELS = ("auto", "modules", "fused")
 #: the fused ops an ADARTS edge runs (each on the backend its ``impl`` resolves to)
 FUSED_OPS = ("attention_score", "attention_gather", "attention_writeback", "mixed_sum")
 RECOMPUTE = ("none", "edge")
+#: stem -> default k: ``"cifar"`` (one stride-1 Conv3x3 + BN) or ``"imagenet"`` (PC-DARTS's
+#: ImageNet search: 1/2 of the channels through the candidates)
+STEMS: Dict[str, int] = {"cifar": 4, "imagenet": 2}
 
 
 def resolve_kernels(edge: str, kernels: str, recompute: str = "none") -> str:
@@ -127,6 +135,18 @@ class SearchNetwork(nn.Module):
     """The search supernet: stem Conv3x3(3 -> stem_multiplier*C) + BN, ``layers`` cells
     (reductions at ``layers//3`` and ``2*layers//3``), global average pool, linear classifier.
 
+    ``stem``: ``"cifar"`` (the default, the stem above) or ``"imagenet"``: PC-DARTS's ImageNet
+    search supernet, whose stems (:func:`~adarts_kernels.nas.eval_model.imagenet_stems` with
+    ``S = stem_multiplier * C`` channels) are ``stem0`` = Conv3x3 s2 (3 -> S//2), BN, ReLU,
+    Conv3x3 s2 (S//2 -> S), BN and ``stem1`` = ReLU, Conv3x3 s2 (S -> S), BN: for C = 16,
+    3 -> 24 -> 48 and 48 -> 48, 224x224 -> 56x56 (s0) -> 28x28 (s1). Cell 0 then gets the
+    56x56 ``s0`` and the 28x28 ``s1``, so its preprocess0 is a FactorizedReduce; with 8 cells
+    the reductions (cells 2 and 5) take 28 -> 14 -> 7. Input H and W must be divisible by 32.
+    Every edge kind and kernel choice works on either stem.
+
+    ``k``: 1/k of each edge's channels go through the candidates; ``None`` (the default):
+    4 with the CIFAR stem, 2 with the ImageNet stem (PC-DARTS's ImageNet setting).
+
     ``edge``: ``"adarts"`` (attention-selected partial channels), ``"pcdarts"`` (first C/k
     channels + shuffle) or ``"darts"`` (all channels). ADARTS and PC-DARTS use edge
     normalisation (beta); DARTS has no beta.
@@ -152,12 +172,15 @@ class SearchNetwork(nn.Module):
     from the weights: use :meth:`weight_parameters` and :meth:`arch_parameters`.
     """
 
-    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts", k: int = 4,
-                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, kernels: str = "auto",
-                 recompute: str = "none", impl: Optional[str] = None):
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, edge: str = "adarts",
+                 k: Optional[int] = None, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
+                 kernels: str = "auto", recompute: str = "none", impl: Optional[str] = None, stem: str = "cifar"):
         super().__init__()
         if edge not in EDGES:
             raise ValueError(f"unknown edge kind {edge!r}; expected one of {list(EDGES)}")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; expected one of {list(STEMS)}")
+        k = STEMS[stem] if k is None else k
         kernels = resolve_kernels(edge, kernels, recompute)
         impl = check_impl_name(impl)
         if edge != "darts" and (C % k != 0):
@@ -168,16 +191,20 @@ class SearchNetwork(nn.Module):
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier = steps, multiplier
         self.edge, self.k, self.kernels, self.recompute, self.impl = edge, k, kernels, recompute, impl
+        self.stem_kind = stem
         #: ``None`` (float32, the default) or a dtype (``torch.bfloat16``) the forward runs
         #: under autocast with; logits and loss are then float32 (without autocast the
         #: logits have the network's dtype).
         self.autocast_dtype: Optional[torch.dtype] = None
 
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        if stem == "imagenet":
+            self.stem0, self.stem1 = imagenet_stems(C_curr)
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = stem == "imagenet"     # the ImageNet s0 is twice as large as s1
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -224,7 +251,7 @@ class SearchNetwork(nn.Module):
         ``impl`` cannot run there (:func:`adarts_kernels.backend.resolve`)."""
         if self.kernels != "fused":
             return None
-        dev = torch.device(device) if device is not None else self.stem[0].weight.device
+        dev = torch.device(device) if device is not None else self.classifier.weight.device
         name = backend.resolve(self.impl, dev)
         return {op: name for op in FUSED_OPS}
 
@@ -260,9 +287,11 @@ class SearchNetwork(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, 3, H, W)`` -> logits ``(B, num_classes)``."""
-        if x.dim() != 4 or x.shape[1] != 3:
+        if self.stem_kind == "imagenet":
+            check_imagenet_input(x, "SearchNetwork")
+        elif x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"SearchNetwork: expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % 4 or x.shape[3] % 4:
+        elif x.shape[2] % 4 or x.shape[3] % 4:
             raise ValueError(f"SearchNetwork: H and W must be divisible by 4 (two reductions), got {tuple(x.shape)}")
         w_normal = F.softmax(self.alphas_normal, dim=-1)
         w_reduce = F.softmax(self.alphas_reduce, dim=-1)
@@ -273,7 +302,11 @@ class SearchNetwork(nn.Module):
             e_normal = e_reduce = None
         amp = self.autocast_dtype
         with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            s0 = s1 = self.stem(x)
+            if self.stem_kind == "imagenet":
+                s0 = self.stem0(x)
+                s1 = self.stem1(s0)
+            else:
+                s0 = s1 = self.stem(x)
             for cell in self.cells:
                 if cell.reduction:
                     s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)

@@ -1,6 +1,10 @@
 """Supernet memory report: bytes saved for backward per sample for every variant, the
 largest batch each could fit in a memory budget, and a plot of memory against batch.
 
+``dataset="cifar"`` measures the CIFAR supernet (32x32, k=4, 10 classes by default),
+``dataset="imagenet"`` PC-DARTS's ImageNet supernet (stem ``"imagenet"``: 224x224, k=2,
+1000 classes by default; see :class:`~adarts_kernels.nas.SearchNetwork`).
+
 Run it as ``python -m adarts_kernels.profiling --help``.
 """
 from __future__ import annotations
@@ -22,18 +26,34 @@ VARIANTS: Dict[str, Tuple[str, str, str]] = {
     "adarts-fused-recompute": ("adarts", "fused", "edge"),
 }
 
+#: dataset -> defaults of the report: input size, k, classes, batch of the measuring forward
+DATASETS: Dict[str, Dict[str, int]] = {
+    "cifar": {"size": 32, "k": 4, "num_classes": 10, "batch": 4},
+    "imagenet": {"size": 224, "k": 2, "num_classes": 1000, "batch": 2},
+}
 
-def build_supernet(variant: str, C: int = 16, layers: int = 8, k: int = 4, num_classes: int = 10,
-                   seed: int = 0, impl: Optional[str] = None):
-    """The search supernet of ``variant`` (a key of :data:`VARIANTS`), in training mode;
+
+def _dataset(dataset: str) -> Dict[str, int]:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def build_supernet(variant: str, C: int = 16, layers: int = 8, k: Optional[int] = None,
+                   num_classes: Optional[int] = None, seed: int = 0, impl: Optional[str] = None,
+                   dataset: str = "cifar"):
+    """The search supernet of ``variant`` (a key of :data:`VARIANTS`) for ``dataset`` (its stem;
+    ``k`` and ``num_classes`` default to the dataset's, see :data:`DATASETS`), in training mode;
     ``impl``: the backend of the fused ops (``None``: ``ADARTS_KERNELS_IMPL`` / auto)."""
     from ..nas import SearchNetwork
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
+    d = _dataset(dataset)
     edge, kernels, recompute = VARIANTS[variant]
     torch.manual_seed(seed)
-    return SearchNetwork(C=C, num_classes=num_classes, layers=layers, edge=edge, k=k, kernels=kernels,
-                         recompute=recompute, impl=impl).train()
+    return SearchNetwork(C=C, num_classes=d["num_classes"] if num_classes is None else num_classes, layers=layers,
+                         edge=edge, k=d["k"] if k is None else k, kernels=kernels, recompute=recompute, impl=impl,
+                         stem=dataset).train()
 
 
 def saved_bytes_per_sample(net, size: int = 32, batch: int = 4, device="cpu") -> float:
@@ -134,17 +154,22 @@ def max_batch_estimate(per_sample: float, fixed: int, budget_bytes: float) -> in
     return max(int((budget_bytes - fixed) // per_sample), 0)
 
 
-def memory_report(variants: Iterable[str] = tuple(VARIANTS), C: int = 16, layers: int = 8, k: int = 4,
-                  size: int = 32, batch: int = 4, gib: float = 11.0, impl: Optional[str] = None) -> List[dict]:
-    """One row per variant: ``mb_per_sample`` (1e6 bytes), ``vs_pcdarts``, ``state_mb``,
+def memory_report(variants: Iterable[str] = tuple(VARIANTS), C: int = 16, layers: int = 8, k: Optional[int] = None,
+                  size: Optional[int] = None, batch: Optional[int] = None, gib: float = 11.0,
+                  impl: Optional[str] = None, dataset: str = "cifar") -> List[dict]:
+    """One row per variant of the ``dataset`` supernet (``k``, ``size``, ``batch``: ``None``
+    for the dataset's defaults, :data:`DATASETS`): ``mb_per_sample`` (1e6 bytes), ``vs_pcdarts``, ``state_mb``,
     ``max_batch`` (estimate for ``gib`` GiB), ``backends`` (what each fused op ran on,
     ``None`` for the plain-PyTorch variants) and ``cuda_workspace_mb`` (the fused variants'
     transient CUDA workspace at ``max_batch``, forward and backward peaks, the largest call;
     ``None`` for the plain-PyTorch variants; not in ``max_batch``). ``impl``: the backend of
     the fused ops."""
+    d = _dataset(dataset)
+    size = d["size"] if size is None else size
+    batch = d["batch"] if batch is None else batch
     rows = []
     for v in variants:
-        net = build_supernet(v, C, layers, k, impl=impl)
+        net = build_supernet(v, C, layers, k, impl=impl, dataset=dataset)
         backends = net.backends("cpu")    # an explicit impl that cannot run fails here, clearly
         per = saved_bytes_per_sample(net, size, batch)
         fixed = state_bytes(net)
@@ -207,15 +232,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def rss_crosscheck(variant: str, batch: int = 64, C: int = 16, layers: int = 8, k: int = 4, size: int = 32,
-                   impl: Optional[str] = None) -> dict:
+def rss_crosscheck(variant: str, batch: int = 64, C: int = 16, layers: int = 8, k: Optional[int] = None,
+                   size: Optional[int] = None, impl: Optional[str] = None, dataset: str = "cifar") -> dict:
     """Compare :func:`saved_activation_bytes` with the process's resident memory growth over
     one training forward on CPU (Linux). Run it in a fresh process with
     ``MALLOC_MMAP_THRESHOLD_=65536`` so that large tensors are returned to the system when
     freed and RSS follows the live tensors. Returns both numbers and their ratio."""
-    net = build_supernet(variant, C, layers, k, impl=impl)
+    net = build_supernet(variant, C, layers, k, impl=impl, dataset=dataset)
+    size = _dataset(dataset)["size"] if size is None else size
     x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
+    y = torch.randint(0, net.classifier.out_features, (batch,))
     counted = saved_activation_bytes(lambda: net.loss(x, y), module=net)   # also warms up
     before = _rss_bytes()
     loss = net.loss(x, y)
