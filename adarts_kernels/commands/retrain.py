@@ -11,7 +11,7 @@ import os
 from ..nas.config import RETRAIN_PRESETS, RetrainConfig
 from ..nas.genotypes import PUBLISHED
 from ..nas.retrain_loop import run_retrain
-from ..utils.cli import HelpFormatter, add_data_options, add_run_options
+from ..utils.cli import HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings
 from . import REPORTED, report
 
 __all__ = ["build_parser", "main"]
@@ -27,13 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=sorted(RETRAIN_PRESETS),
                    help="darts: C=36, 20 cells, batch 96, lr 0.025, 600 epochs, auxiliary, drop-path 0.3, "
                         "cutout 16; digits: C=16, 6 cells, batch 64, lr 0.05, 30 epochs, auxiliary, drop-path "
-                        "0.1, cutout 4, for the embedded data set (default: digits for digits, darts for CIFAR)")
+                        "0.1, cutout 4, for the embedded data set; imagenet-darts: NetworkImageNet C=48, 14 cells, "
+                        "batch 128, lr 0.1 x0.97 every epoch, 250 epochs, label smoothing 0.1, top-5; "
+                        "imagenet-pcdarts: the same with batch 1024, lr 0.5, 5 warm-up epochs, then linear decay "
+                        "to 0 (default: digits for digits, darts for CIFAR, imagenet-darts for ImageNet)")
     p.add_argument("--C", type=int, default=None, help="initial channels (default: the preset's)")
     p.add_argument("--layers", type=int, default=None, help="cells (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None,
-                   help="initial lr, cosine-annealed to 0 (default: the preset's, scaled linearly with the "
-                        "batch size)")
+                   help="initial lr, cosine-annealed to 0 (the imagenet-* presets: their own schedule) (default: "
+                        "the preset's, scaled linearly with the batch size)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--auxiliary", dest="auxiliary", action="store_true", default=None,
                    help=f"auxiliary classifier, loss weight {d.auxiliary_weight} (default: the preset's, on for "
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final drop-path probability, ramped linearly from 0 over the epochs (default: the "
                         "preset's)")
     p.add_argument("--cutout", type=int, default=None, help="cutout length, 0: off (default: the preset's)")
+    add_imagenet_options(p, search=False)
     add_run_options(p, seed=d.seed, device=d.device)
     return p
 
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
         out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C, layers=a.layers,
         batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary, drop_path=a.drop_path,
         cutout=a.cutout, limit=a.limit, seed=a.seed, device=a.device, progress=not a.no_progress, resume=a.resume,
-        dist_timeout=a.dist_timeout, check_every=a.check_every)
+        dist_timeout=a.dist_timeout, check_every=a.check_every, **imagenet_settings(p, a, RetrainConfig.image_size))
     try:
         run_retrain(cfg)
     except REPORTED as e:

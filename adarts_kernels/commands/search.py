@@ -21,7 +21,7 @@ from ..distributed import is_main_process
 from ..nas.config import SEARCH_PRESETS, SearchConfig
 from ..nas.search_loop import run_search
 from ..nas.search_model import KERNELS
-from ..utils.cli import HelpFormatter, add_data_options, add_run_options
+from ..utils.cli import HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings
 from . import REPORTED, report
 
 __all__ = ["build_parser", "main"]
@@ -56,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=sorted(SEARCH_PRESETS),
                    help="adarts: the authors' defaults (batch 64, lr 0.025, 80 epochs, 15 warm-up); pcdarts: "
                         "batch 256, lr 0.1, 50 epochs; digits: C=8, 5 cells, batch 64, lr 0.05, 10 epochs, 3 "
-                        "warm-up, for the embedded data set (default: digits for digits, adarts for CIFAR)")
+                        "warm-up, for the embedded data set; imagenet: PC-DARTS's ImageNet search, batch 1024, lr "
+                        "0.5 (5 warm-up epochs), 50 epochs, architecture (Adam 6e-3) from epoch 35 (default: digits "
+                        "for digits, adarts for CIFAR, imagenet for ImageNet)")
     p.add_argument("--edge", default=d.edge, choices=["adarts", "pcdarts", "darts"],
                    help="edge of the supernet: ADARTS or one of the baselines")
-    p.add_argument("--k", type=int, default=d.k, help="1/k of the channels go through the candidates")
+    p.add_argument("--k", type=int, default=None,
+                   help="1/k of the channels go through the candidates (default: 2 on ImageNet, 4 otherwise)")
     p.add_argument("--kernels", default=d.kernels, type=_kernels, metavar="{" + ",".join(KERNELS) + "}",
                    help="auto: the fused kernels for the adarts edge, the plain-PyTorch modules otherwise; "
                         "fused; modules")
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="first epochs without architecture updates (default: the preset's)")
     p.add_argument("--unrolled", action="store_true", help="second-order architecture gradient")
+    add_imagenet_options(p, search=True)
     add_run_options(p, seed=d.seed, device=d.device)
     return p
 
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
         warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, limit=a.limit, seed=a.seed, device=a.device,
         progress=not a.no_progress, resume=a.resume,
-        dist_timeout=a.dist_timeout, check_every=a.check_every)
+        dist_timeout=a.dist_timeout, check_every=a.check_every, **imagenet_settings(p, a, SearchConfig.image_size))
     try:
         result = run_search(cfg)
     except REPORTED as e:

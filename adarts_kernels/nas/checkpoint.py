@@ -193,9 +193,11 @@ def check_same_run(saved: dict, now: dict, keys: Iterable[str]) -> None:
 
 
 #: config keys a resumed run may change: where things are read and written, and the display
-#: (``dist_timeout`` and ``check_every`` guard a data-parallel run without changing its numbers)
+#: (``dist_timeout`` and ``check_every`` guard a data-parallel run without changing its numbers; the
+#: ImageNet loader's ``workers`` change nothing in the batches, and ``skip_bad_images`` may be turned
+#: on to resume a run a corrupt file stopped)
 DIFFERENT_OK = frozenset({"out", "resume", "progress", "device", "data", "download", "dist_timeout",
-                          "check_every"})
+                          "check_every", "workers", "skip_bad_images"})
 
 
 def resume_keys(cfg, ignore: Iterable[str] = ()) -> List[str]:

@@ -25,19 +25,42 @@ from .search_model import check_impl_name, resolve_kernels
 #: PC-DARTS's large-batch setting; ``digits``: small enough that the embedded digits
 #: search finishes in a couple of minutes on 2 CPU cores.
 SEARCH_PRESETS: Dict[str, dict] = {
-    "adarts": dict(C=16, layers=8, batch_size=64, lr=0.025, epochs=80, warmup_epochs=15),
-    "pcdarts": dict(C=16, layers=8, batch_size=256, lr=0.1, epochs=50, warmup_epochs=15),
-    "digits": dict(C=8, layers=5, batch_size=64, lr=0.05, epochs=10, warmup_epochs=3),
+    "adarts": dict(C=16, layers=8, batch_size=64, lr=0.025, epochs=80, warmup_epochs=15, arch_lr=6e-4),
+    "pcdarts": dict(C=16, layers=8, batch_size=256, lr=0.1, epochs=50, warmup_epochs=15, arch_lr=6e-4),
+    "digits": dict(C=8, layers=5, batch_size=64, lr=0.05, epochs=10, warmup_epochs=3, arch_lr=6e-4),
+    # PC-DARTS's ImageNet search: cosine over 50 epochs after a linear lr warm-up over 5 epochs
+    # (when the batch exceeds 256), architecture updates from epoch 35 with Adam lr 6e-3
+    "imagenet": dict(C=16, layers=8, batch_size=1024, lr=0.5, epochs=50, warmup_epochs=35, arch_lr=6e-3,
+                     lr_schedule="cosine", lr_warmup_epochs=5),
 }
+
+_IMAGENET_RETRAIN = dict(C=48, layers=14, epochs=250, auxiliary=True, drop_path=0.0, cutout=0, weight_decay=3e-5,
+                         label_smoothing=0.1, top5=True)
 
 #: Retrain presets. ``darts``: docs/method.md section 1 with DARTS's defaults; ``digits``: a small
 #: network for the embedded data set.
 RETRAIN_PRESETS: Dict[str, dict] = {
     "darts": dict(C=36, layers=20, batch_size=96, lr=0.025, epochs=600, auxiliary=True,
-                  drop_path=0.3, cutout=16),
+                  drop_path=0.3, cutout=16, weight_decay=3e-4),
     "digits": dict(C=16, layers=6, batch_size=64, lr=0.05, epochs=30, auxiliary=True,
-                   drop_path=0.1, cutout=4),
+                   drop_path=0.1, cutout=4, weight_decay=3e-4),
+    # NetworkImageNet, DARTS's recipe: lr x0.97 every epoch
+    "imagenet-darts": dict(_IMAGENET_RETRAIN, batch_size=128, lr=0.1, lr_schedule="step"),
+    # NetworkImageNet, PC-DARTS's recipe: 5 warm-up epochs (batch > 256), then linear decay to 0
+    "imagenet-pcdarts": dict(_IMAGENET_RETRAIN, batch_size=1024, lr=0.5, lr_schedule="linear",
+                             lr_warmup_epochs=5),
 }
+
+#: the lr schedules of the presets: ``cosine`` (to ``lr_min``), ``step`` (x :data:`STEP_GAMMA` every
+#: epoch), ``linear`` (to 0 at the end); the CIFAR and digits presets keep the cosine schedule of
+#: ``torch.optim.lr_scheduler.CosineAnnealingLR`` (``lr_schedule`` unset)
+LR_SCHEDULES = ("cosine", "step", "linear")
+STEP_GAMMA = 0.97
+#: the lr warm-up (``lr_warmup_epochs``) applies only when the batch exceeds this (PC-DARTS's rule)
+WARMUP_MIN_BATCH = 256
+#: the data sets read from an ImageFolder (``--data DIR`` with ``train/`` and ``val/``)
+IMAGENET = "imagenet"
+DATASETS = ("digits", "cifar10", "cifar100", IMAGENET)
 
 
 @dataclass
@@ -55,7 +78,7 @@ class SearchConfig:
     out: str = "runs/search"
     preset: Optional[str] = None
     edge: str = "adarts"
-    k: int = 4
+    k: Optional[int] = None     # 1/k of the channels; None: 2 on ImageNet, 4 otherwise
     kernels: str = "auto"       # "auto" (fused for the adarts edge), "fused" or "modules"
     impl: Optional[str] = None  # backend of the fused ops; None: ADARTS_KERNELS_IMPL or "auto"
     recompute: str = "none"     # "none" or "edge" (keep only edge inputs; re-run edges in backward)
@@ -71,11 +94,11 @@ class SearchConfig:
     grad_clip: float = 5.0
     epochs: Optional[int] = None
     warmup_epochs: Optional[int] = None
-    arch_lr: float = 6e-4
+    arch_lr: Optional[float] = None     # the preset's (6e-4; 6e-3 for imagenet)
     arch_betas: Tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     unrolled: bool = False
-    image_size: int = 16  # digits only; CIFAR is 32x32
+    image_size: int = 16  # digits (default 16) or ImageNet (a multiple of 32; the commands default to 224)
     limit: Optional[int] = None  # use at most this many images per split (smoke runs)
     seed: int = 2
     device: str = "auto"
@@ -83,14 +106,27 @@ class SearchConfig:
     resume: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S  # torchrun: seconds a collective waits for the other ranks
     check_every: int = DEFAULT_CHECK_EVERY  # torchrun: steps between two cross-rank checks of the weights (0: never)
+    # ImageNet only (None / False otherwise): the search's per-class subsets, the loader's worker
+    # processes (None: min(8, cores)), undecodable files replaced and counted instead of stopping the run
+    train_fraction: Optional[float] = None
+    arch_fraction: Optional[float] = None
+    workers: Optional[int] = None
+    skip_bad_images: bool = False
+    lr_schedule: Optional[str] = None       # None: CosineAnnealingLR (CIFAR, digits); else LR_SCHEDULES
+    lr_warmup_epochs: Optional[int] = None  # linear lr warm-up epochs, when the batch exceeds 256
 
     def resolved(self) -> "SearchConfig":
         """A copy with the preset applied, the kernels and backend named, and the learning
         rate scaled to the batch size."""
-        name = self.preset or ("digits" if self.dataset == "digits" else "adarts")
+        name = self.preset or {"digits": "digits", IMAGENET: "imagenet"}.get(self.dataset, "adarts")
         if name not in SEARCH_PRESETS:
             raise ValueError(f"unknown search preset {name!r}; expected one of {sorted(SEARCH_PRESETS)}")
         c = dataclasses.replace(self, preset=name)
+        if c.k is None:
+            c.k = 2 if c.dataset == IMAGENET else 4
+        if c.dataset == IMAGENET:
+            c.train_fraction = 0.1 if c.train_fraction is None else c.train_fraction
+            c.arch_fraction = 0.025 if c.arch_fraction is None else c.arch_fraction
         c.kernels = resolve_kernels(c.edge, c.kernels, c.recompute)
         c.impl = resolve_impl_name(c.impl)
         c = _apply_preset(c, SEARCH_PRESETS[name], scale_lr=c.batch_size != "auto")
@@ -112,7 +148,7 @@ class RetrainConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     momentum: float = 0.9
-    weight_decay: float = 3e-4
+    weight_decay: Optional[float] = None    # the preset's (3e-4; 3e-5 for imagenet-*)
     grad_clip: float = 5.0
     epochs: Optional[int] = None
     auxiliary: Optional[bool] = None
@@ -127,9 +163,17 @@ class RetrainConfig:
     resume: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S  # torchrun: seconds a collective waits for the other ranks
     check_every: int = DEFAULT_CHECK_EVERY  # torchrun: steps between two cross-rank checks of the weights (0: never)
+    # ImageNet only (None / False otherwise): as in SearchConfig, plus the training loss's label
+    # smoothing and the top-5 accuracy of the final evaluation
+    workers: Optional[int] = None
+    skip_bad_images: bool = False
+    lr_schedule: Optional[str] = None
+    lr_warmup_epochs: Optional[int] = None
+    label_smoothing: Optional[float] = None
+    top5: Optional[bool] = None
 
     def resolved(self) -> "RetrainConfig":
-        name = self.preset or ("digits" if self.dataset == "digits" else "darts")
+        name = self.preset or {"digits": "digits", IMAGENET: "imagenet-darts"}.get(self.dataset, "darts")
         if name not in RETRAIN_PRESETS:
             raise ValueError(f"unknown retrain preset {name!r}; expected one of {sorted(RETRAIN_PRESETS)}")
         G.load(self.genotype)  # fail early on an unknown name or a bad file
@@ -188,8 +232,8 @@ def _finite(x) -> bool:
 def _check_common(c) -> None:
     """The checks shared by both configs: data set, sizes, lr, seed, device, the torchrun
     settings. Each refusal names the setting (as its flag) and the value given."""
-    if c.dataset not in ("digits", "cifar10", "cifar100"):
-        raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10 or cifar100")
+    if c.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {c.dataset!r}; expected digits, cifar10, cifar100 or imagenet")
     if c.dataset == "digits" and (c.data is not None or c.download):
         raise ValueError("--data/--download are for CIFAR: the digits data set is embedded (scikit-learn); "
                          "drop them, or pass --dataset cifar10/cifar100")
@@ -213,6 +257,41 @@ def _check_common(c) -> None:
         raise ValueError(f"--dist-timeout must be a positive finite number of seconds, got {c.dist_timeout}")
     if c.check_every < 0:
         raise ValueError(f"--check-every must be >= 0 (0: never), got {c.check_every}")
+    _check_imagenet(c)
+
+
+def _check_imagenet(c) -> None:
+    """The ImageNet settings: refused with another data set, checked with ImageNet."""
+    given = [f"--{k.replace('_', '-')}" for k in ("train_fraction", "arch_fraction", "workers")
+             if getattr(c, k, None) is not None] + (["--skip-bad-images"] if c.skip_bad_images else [])
+    if c.dataset != IMAGENET:
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --dataset imagenet "
+                             f"only (an ImageFolder read from --data), not {c.dataset}")
+        return
+    if c.data is None:
+        raise ValueError("--dataset imagenet needs --data DIR: the folder holding train/<class>/ and val/<class>/")
+    if c.download:
+        raise ValueError("--download is for CIFAR: ImageNet cannot be downloaded; pass --data DIR")
+    if not (isinstance(c.image_size, int) and c.image_size >= 32 and c.image_size % 32 == 0):
+        raise ValueError(f"--image-size must be a positive multiple of 32 on ImageNet (the stems divide by 8, "
+                         f"then two reductions), got {c.image_size}")
+    if c.workers is not None and c.workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0: decode in the main process), got {c.workers}")
+    tf, af = getattr(c, "train_fraction", None), getattr(c, "arch_fraction", None)
+    for name, v in (("--train-fraction", tf), ("--arch-fraction", af)):
+        if v is not None and not (_finite(v) and 0 < v <= 1):
+            raise ValueError(f"{name} must be in (0, 1], got {v}")
+    if tf is not None and af is not None and tf + af > 1 + 1e-12:
+        raise ValueError(f"--train-fraction {tf} + --arch-fraction {af} = {tf + af:g} exceeds 1: the weight and "
+                         f"architecture subsets are disjoint draws from each class")
+    if c.lr_schedule is not None and c.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {c.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+    if c.lr_warmup_epochs is not None and c.lr_warmup_epochs < 0:
+        raise ValueError(f"lr warm-up epochs must be >= 0, got {c.lr_warmup_epochs}")
+    ls = getattr(c, "label_smoothing", None)
+    if ls is not None and not (_finite(ls) and 0 <= ls < 1):
+        raise ValueError(f"label smoothing must be in [0, 1), got {ls}")
 
 
 def _check_search(c: SearchConfig) -> None:

@@ -120,12 +120,13 @@ def _read(loss: Optional[torch.Tensor], guard: FiniteGuard,
 
 
 def _periodic_read(loss: torch.Tensor, guard: FiniteGuard, bar, step: int, epoch: int, cfg,
-                   ctx: D.Context = D.SINGLE) -> None:
-    """Every READ_EVERY steps: the non-finite flag (raises) and, with progress bars, the loss shown."""
+                   ctx: D.Context = D.SINGLE, extra: Optional[Callable[[], dict]] = None) -> None:
+    """Every READ_EVERY steps: the non-finite flag (raises) and, with progress bars, the loss shown
+    (and ``extra()``'s entries, e.g. the ImageNet loader's images per second)."""
     shown, bad_step, code = _read(loss if (cfg.progress and ctx.main) else None, guard, ctx)
     guard.raise_if_bad(bad_step, code, epoch, cfg.out)
     if shown is not None:
-        set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})")
+        set_postfix(bar, last_loss=f"{shown:.3f} (step {step + 1})", **(extra() if extra is not None else {}))
 
 
 def _finish_epoch(model: nn.Module, guard: FiniteGuard, meter, sched, loader: BatchLoader, desc: str, epoch: int,

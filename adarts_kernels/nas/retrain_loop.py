@@ -22,10 +22,11 @@ from .. import distributed as D
 from ..data import BatchLoader
 from ..utils.io import atomic_torch_save, atomic_write_text, progress
 from . import genotypes as G
+from . import imagenet_run as IN
 from .architect import scaled_loss
 from .checkpoint import CHECKPOINT, payload, restore, resume_keys
 from .config import RetrainConfig
-from .eval_model import EvalNetwork, count_parameters
+from .eval_model import EvalNetwork, NetworkImageNet, count_parameters
 from .loop_common import (READ_EVERY, EpochHook, FiniteGuard, Meter, _check_sizes, _check_trainable, _finish_epoch,
                           _launch, _load_agreed, _loss_scale, _min_batch, _periodic_read, _plot, _resume_point, _say,
                           check_finite_parameters, evaluate)
@@ -37,7 +38,7 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
     ``result.json``, ``cells.png``. Under ``torchrun`` every rank calls this (data parallel,
     ``cfg.batch_size`` the global batch); rank 0 writes the files."""
     cfg = cfg.resolved()
-    with _launch(cfg) as (ctx, device):
+    with _launch(cfg) as (ctx, device), IN.closing_loaders():
         return _run_retrain(cfg, device, on_epoch_end, ctx)
 
 
@@ -54,25 +55,36 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
                  ctx: D.Context = D.SINGLE) -> dict:
     ckpt = _resume_point(cfg, "retrain", ("model", "opt", "sched"), ctx)
     genotype = G.load(cfg.genotype)
-    data = _load_agreed(cfg, ctx, device)
-    train_set, test_set = data["train"], data["test"]
-    monitor_set = data["val"] if data["val"] is not None else test_set
+    imagenet = IN.is_imagenet(cfg)
+    if imagenet:        # the whole train split; the val split monitors and is the final test
+        train_set, test_set = IN.retrain_sets(cfg, ctx)
+        monitor_set = test_set
+    else:
+        data = _load_agreed(cfg, ctx, device)
+        train_set, test_set = data["train"], data["test"]
+        monitor_set = data["val"] if data["val"] is not None else test_set
     _check_sizes(cfg, {"training": train_set, "test": test_set, "monitoring": monitor_set},
                  "a retrain needs at least one training and one test image")
     _check_trainable(cfg, {"training": train_set}, ctx)
-    size = train_set.images.shape[-1]
-    pad = 4 if size >= 32 else 2
-    train_loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                               cutout=cfg.cutout, seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size),
-                               min_batch=_min_batch(ctx))
-    monitor_loader = BatchLoader(monitor_set, 256, shuffle=False, augment=False, device=device)
-    test_loader = BatchLoader(test_set, 256, shuffle=False, augment=False, device=device)
+    if imagenet:
+        size = cfg.image_size
+        train_loader, test_loader = IN.retrain_loaders(cfg, train_set, test_set, ctx, device, _min_batch(ctx))
+        monitor_loader = test_loader
+    else:
+        size = train_set.images.shape[-1]
+        pad = 4 if size >= 32 else 2
+        train_loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
+                                   cutout=cfg.cutout, seed=cfg.seed, device=device,
+                                   shard=(ctx.rank, ctx.world_size), min_batch=_min_batch(ctx))
+        monitor_loader = BatchLoader(monitor_set, 256, shuffle=False, augment=False, device=device)
+        test_loader = BatchLoader(test_set, 256, shuffle=False, augment=False, device=device)
 
     torch.manual_seed(cfg.seed)
-    model = EvalNetwork(cfg.C, train_set.num_classes, cfg.layers, cfg.auxiliary, genotype,
-                        image_size=size).to(device)
+    network = NetworkImageNet if imagenet else EvalNetwork
+    model = network(cfg.C, train_set.num_classes, cfg.layers, cfg.auxiliary, genotype, image_size=size).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
+    sched = IN.scheduler(opt, cfg) if cfg.lr_schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
+    smooth = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
 
     run_keys = resume_keys(cfg, ignore=("genotype",))   # the genotype itself is compared below
     if ckpt is not None and ckpt.get("genotype") != G.to_dict(genotype):
@@ -91,6 +103,7 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
     if ctx.main:
         _plot(genotype, os.path.join(cfg.out, "cells.png"), f"retrained cell ({cfg.genotype})")
 
+    bad_total = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]
@@ -106,16 +119,16 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
             scale = _loss_scale(train_loader, step, ctx)
             opt.zero_grad(set_to_none=True)
             logits, logits_aux = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, **smooth)
             if logits_aux is not None:
-                loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux, y)
+                loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux, y, **smooth)
             scaled_loss(loss, scale).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             guard.check(loss, step, 1)
             meter.update(loss, logits, y)
             if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
-                _periodic_read(loss, guard, bar, step, epoch, cfg, ctx)
+                _periodic_read(loss, guard, bar, step, epoch, cfg, ctx, getattr(train_loader, "postfix", None))
             drift.maybe_check(f"epoch {epoch + 1}, step {step + 1}")
         train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
             model, guard, meter, sched, monitor_loader, f"retrain {epoch + 1}/{cfg.epochs} valid", epoch, cfg, ctx)
@@ -125,6 +138,8 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
                "seconds": time.time() - t0}
         if ctx.active:
             rec["world_size"] = ctx.world_size
+        if imagenet:
+            rec["bad_images"], bad_total = IN.count_bad((train_loader, test_loader), bad_total, ctx, device)
         history.append(rec)
         if ctx.main:
             atomic_torch_save(payload("retrain", epoch, cfg, history, G.to_dict(genotype),
@@ -137,10 +152,17 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
             on_epoch_end(epoch, rec)
 
     check_finite_parameters(model, cfg.epochs - 1, cfg.out)
-    test_loss, test_acc = evaluate(model, test_loader, "test", cfg.progress and ctx.main, ctx)
+    if cfg.top5:
+        test_loss, test_acc, test_top5 = IN.evaluate_topk(model, test_loader, "test", cfg.progress and ctx.main, ctx)
+    else:
+        test_loss, test_acc = evaluate(model, test_loader, "test", cfg.progress and ctx.main, ctx)
     result = {"genotype": G.to_dict(genotype), "params": n_params, "test_loss": test_loss,
               "test_acc": test_acc, "epochs": cfg.epochs, "out": cfg.out}
+    if cfg.top5:
+        result["test_top5"] = test_top5
     if ctx.main:
         atomic_write_text(json.dumps(result, indent=1), os.path.join(cfg.out, "result.json"))
-        print(f"test accuracy: {test_acc:.2f}% ({len(test_set)} {cfg.dataset} test images)")
+        top5 = f", top-5 {test_top5:.2f}%" if cfg.top5 else ""
+        split = "val" if imagenet else "test"
+        print(f"test accuracy: {test_acc:.2f}%{top5} ({len(test_set)} {cfg.dataset} {split} images)")
     return result

@@ -26,6 +26,7 @@ from ..data import BatchLoader, search_split
 from ..profiling.max_batch import find_max_batch, safe_batch
 from ..utils.io import atomic_torch_save, atomic_write_text, progress
 from . import genotypes as G
+from . import imagenet_run as IN
 from .architect import Architect, scaled_loss
 from .checkpoint import CHECKPOINT, payload, restore, resume_keys
 from .config import SEARCH_PRESETS, SearchConfig, check_impl, scaled_lr
@@ -56,8 +57,9 @@ def arch_summary(model: SearchNetwork) -> dict:
 
 
 def _search_model(cfg: SearchConfig, num_classes: int, device: torch.device) -> SearchNetwork:
+    stem = {"stem": "imagenet"} if IN.is_imagenet(cfg) else {}
     model = SearchNetwork(cfg.C, num_classes, cfg.layers, edge=cfg.edge, k=cfg.k, kernels=cfg.kernels,
-                          recompute=cfg.recompute, impl=cfg.impl).to(device)
+                          recompute=cfg.recompute, impl=cfg.impl, **stem).to(device)
     if cfg.amp:
         model.autocast_dtype = torch.bfloat16
     if cfg.channels_last:
@@ -203,7 +205,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
                              "convolutions in channels_last where it pays, and torch's CPU channels_last "
                              "convolution backward can corrupt memory on the strided views the plain-PyTorch "
                              "FactorizedReduce makes (seen with torch 2.13)")
-    with _launch(cfg, check) as (ctx, device):
+    with _launch(cfg, check) as (ctx, device), IN.closing_loaders():
         return _run_search(cfg, device, on_epoch_end, batch_trial, ctx)
 
 
@@ -213,16 +215,21 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
         _say(ctx, f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the architecture is "
                   f"never updated (alpha and beta stay at their initial values)")
     ckpt = _resume_point(cfg, "search", ("model", "w_opt", "a_opt", "sched"), ctx)
-    data = _load_agreed(cfg, ctx, device)
-    if data["val"] is not None:      # digits: fixed train / val split
-        w_set, a_set = data["train"], data["val"]
-    else:                            # CIFAR: first half weights, last half architecture
-        w_set, a_set = search_split(data["train"])
+    imagenet = IN.is_imagenet(cfg)
+    if imagenet:                     # ImageNet: the manifest's disjoint per-class subsets
+        w_set, a_set = IN.search_sets(cfg, ckpt is not None, ctx)
+    else:
+        data = _load_agreed(cfg, ctx, device)
+        if data["val"] is not None:      # digits: fixed train / val split
+            w_set, a_set = data["train"], data["val"]
+        else:                            # CIFAR: first half weights, last half architecture
+            w_set, a_set = search_split(data["train"])
     _check_sizes(cfg, {"weights": w_set, "architecture": a_set},
                  "a search needs at least 2 training images: the first half trains the weights, the last "
                  "half the architecture")
     _check_trainable(cfg, {"weights": w_set, "architecture": a_set}, ctx)
-    pad = 4 if w_set.images.shape[-1] >= 32 else 2
+    size = cfg.image_size if imagenet else w_set.images.shape[-1]
+    pad = 4 if size >= 32 else 2
 
     torch.manual_seed(cfg.seed)
     model = _search_model(cfg, w_set.num_classes, device)
@@ -233,21 +240,24 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
             if cfg.lr is None:
                 cfg.lr = ckpt["config"].get("lr")
         else:
-            auto = auto_batch(cfg, model, device, w_set.num_classes, w_set.images.shape[-1], trial=batch_trial,
-                              ctx=ctx)
+            auto = auto_batch(cfg, model, device, w_set.num_classes, size, trial=batch_trial, ctx=ctx)
             if ctx.main:
                 atomic_write_text(json.dumps(auto, indent=1), os.path.join(cfg.out, AUTO_BATCH))
         _check_batch(cfg.batch_size, ctx)
     shard, min_batch = (ctx.rank, ctx.world_size), _min_batch(ctx)
-    train_loader = BatchLoader(w_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                               seed=cfg.seed, device=device, shard=shard, min_batch=min_batch)
-    arch_loader = BatchLoader(a_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
-                              seed=cfg.seed + 1, device=device, shard=shard, min_batch=min_batch)
-    eval_loader = BatchLoader(a_set, cfg.batch_size, shuffle=False, augment=False, device=device)
+    if imagenet:
+        train_loader, arch_loader, eval_loader = IN.search_loaders(cfg, w_set, a_set, ctx, device, min_batch)
+    else:
+        train_loader = BatchLoader(w_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
+                                   seed=cfg.seed, device=device, shard=shard, min_batch=min_batch)
+        arch_loader = BatchLoader(a_set, cfg.batch_size, shuffle=True, augment=True, pad=pad,
+                                  seed=cfg.seed + 1, device=device, shard=shard, min_batch=min_batch)
+        eval_loader = BatchLoader(a_set, cfg.batch_size, shuffle=False, augment=False, device=device)
 
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.lr_min)
+    sched = (IN.scheduler(w_opt, cfg) if cfg.lr_schedule else
+             torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg.epochs, eta_min=cfg.lr_min))
     architect = Architect(model, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay, unrolled=cfg.unrolled,
                           reduce=(lambda ts: D.average_(ts, "arch_grads")) if ctx.active else None)
 
@@ -276,6 +286,7 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
               f"{', bf16 autocast' if cfg.amp else ''}{', channels_last' if cfg.channels_last else ''}, {device}")
 
     weights = list(model.weight_parameters())
+    bad_total = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         lr = w_opt.param_groups[0]["lr"]
@@ -311,10 +322,12 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
             guard.check(loss, step, 1)
             meter.update(loss, logits, y)
             if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step
-                _periodic_read(loss, guard, bar, step, epoch, cfg, ctx)
+                _periodic_read(loss, guard, bar, step, epoch, cfg, ctx, getattr(train_loader, "postfix", None))
             drift.maybe_check(f"epoch {epoch + 1}, step {step + 1}")
         train_loss, train_acc, valid_loss, valid_acc = _finish_epoch(
             model, guard, meter, sched, eval_loader, f"search {epoch + 1}/{cfg.epochs} valid", epoch, cfg, ctx)
+        if imagenet:
+            bad, bad_total = IN.count_bad((train_loader, arch_loader, eval_loader), bad_total, ctx, device)
         arch_loss = arch_meter.read(ctx)[0] if epoch >= cfg.warmup_epochs else None
         at_epoch_end.check(f"the end of epoch {epoch + 1}")
         geno = model.genotype()
@@ -327,6 +340,8 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
         }
         if ctx.active:
             rec["world_size"] = ctx.world_size
+        if imagenet:
+            rec["bad_images"] = bad
         history.append(rec)
         if ctx.main:
             atomic_torch_save(payload("search", epoch, cfg, history, G.to_dict(geno), model=model.state_dict(),
