@@ -11,6 +11,13 @@ windows, stride 1 and 2, training and eval, the vector paths and (one element of
 start) the scalar paths. A build under AddressSanitizer + UBSan runs a smaller set in a
 subprocess; ThreadSanitizer (concurrent threads) is opt-in: ADARTS_EMU_TSAN=1. Three injected
 bugs show that the emulation catches what it is for.
+
+Adversarial schedules: the emulator runs a block's threads one at a time, by default in a fixed
+round-robin order, which hides most missing barriers. ``test_schedules`` runs every block-mode
+and warp-mode reduction path (``schedule_cases``) under reverse and seeded random thread orders
+per barrier interval and with shared-memory stores delayed to the next barrier (emu_harness.
+SCHEDULES); ``test_every_barrier_is_needed`` (opt-in: ADARTS_EMU_BARRIER_PROBE=1) removes each
+``__syncthreads()`` of csrc/cuda in turn and expects those cases to fail.
 """
 from __future__ import annotations
 
@@ -424,6 +431,114 @@ def test_injected_misaligned_vector_load_is_reported(emu_dir):
     assert "gather_fwd_kernel" in e.value.message and "misaligned address" in e.value.message
 
 
+# ----------------------------------------------------------------------------- adversarial schedules
+
+#: Run by test_schedules (beyond the default order): reverse, two random orders, stores delayed.
+ADVERSARIAL = ("reverse", "random:1", "random:2", "serial+delayed", "random:3+delayed")
+
+
+def schedule_score(dev):
+    """Pools in block mode (17x17 scalar: 289 units; 32x36 float32 vectors: 288) with block_sum
+    then block_argmax on one shared array, the first GEMM with K = C = 18 (two slabs), the rank
+    kernel's shared staging; warp mode (4x4)."""
+    check_score(dev, torch.float32, 1, 18, 17, 17, 5, seed=21)
+    check_score(dev, torch.float32, 1, 2, 32, 36, 1, seed=22)
+    check_score(dev, torch.float32, 2, 8, 4, 4, 3, seed=23)
+
+
+def schedule_gather(dev):
+    """Backward block_sum (70x61 scalar: 4270 units; 32x36 vectors: 288), warp mode."""
+    check_gather(dev, torch.float32, 1, 2, 70, 61, 1, seed=24)
+    check_gather(dev, torch.float32, 1, 3, 32, 36, 2, seed=25)
+    check_gather(dev, torch.float32, 2, 5, 4, 4, 3, seed=26)
+
+
+def schedule_writeback(dev):
+    """Backward: two block_sums in a row on one shared array (44x40, stride 1: 440 vector
+    units; stride 2, one element off: 440 scalar units), dbeta's 1024-thread block; warp mode
+    at both strides."""
+    check_writeback(dev, torch.float32, 1, 2, 44, 40, 1, 1, beta=True, seed=27)
+    check_writeback(dev.with_offset(True), torch.float32, 1, 2, 44, 40, 1, 2, beta=True, seed=28)
+    check_writeback(dev, torch.float32, 2, 6, 8, 8, 3, 1, beta=False, seed=29)
+    check_writeback(dev, torch.float32, 2, 5, 6, 10, 2, 2, beta=True, seed=30)
+
+
+def schedule_mixed(dev):
+    """stats_kernel (two block_sums per pool and z), bwd_partial_kernel (one per column),
+    dw_kernel, at both strides (17x16 outputs: 272 units); warp mode."""
+    check_mixed(dev, torch.float32, 1, 2, 17, 16, 1, 1, True, True, seed=31)
+    check_mixed(dev, torch.float32, 1, 2, 34, 32, 2, 2, False, True, seed=32)
+    check_mixed(dev, torch.float32, 2, 3, 7, 5, 1, 4, True, True, seed=33)
+
+
+#: op -> its cases for the schedules: every reduction path of every op in block mode (a plane
+#: of more than 256 units: 256 threads, block_sum / block_argmax through shared memory) and in
+#: warp mode, the inverse index maps, float32 vector paths and (one element off) scalar paths.
+SCHEDULE_CASES = {"attention_score": schedule_score, "attention_gather": schedule_gather,
+                  "attention_writeback": schedule_writeback, "mixed_sum": schedule_mixed}
+
+
+def schedule_cases(dev):
+    """All of SCHEDULE_CASES (the ThreadSanitizer run's extra shapes)."""
+    for cases in SCHEDULE_CASES.values():
+        cases(dev)
+
+
+@pytest.mark.parametrize("schedule", ADVERSARIAL)
+@pytest.mark.parametrize("op", list(SCHEDULE_CASES))
+def test_schedules(emu_lib, op, schedule):
+    """The block-mode and warp-mode paths of ``op`` under an adversarial schedule: a missing
+    __syncthreads gives a wrong result (or a write-write race error) here where the default
+    order may hide it."""
+    SCHEDULE_CASES[op](H.Emulated(emu_lib, schedule=schedule))
+
+
+def test_schedule_setting(emu_lib):
+    """An unknown schedule fails the launch with a message (no silent fallback)."""
+    dev = H.Emulated(emu_lib, schedule="sideways")
+    with pytest.raises(H.LaunchError, match="unknown schedule"):
+        check_gather(dev, torch.float32, 2, 5, 4, 4, 3, seed=1)
+    with pytest.raises(H.LaunchError, match="unknown schedule"):
+        check_gather(dev.with_schedule("free+delayed"), torch.float32, 2, 5, 4, 4, 3, seed=1)
+
+
+#: Barriers that no schedule can miss today, each by the code that follows it (file -> the
+#: next statement) and why: the trailing barrier of block_argmax guards the reuse of its shared
+#: arrays, and its only caller (pools_kernel) ends right after it.
+REDUNDANT_BARRIERS = {("attention_score_kernel.cu", "v = tv; i = ti;"):
+                      "block_argmax's trailing barrier: no reuse of sv / si after it in pools_kernel"}
+
+
+def redundant_barrier(where):
+    fname, line = where
+    lines = (H.CUDA_DIR / fname).read_text().splitlines()
+    after = next((t.strip() for t in lines[line:] if t.strip()), "")
+    return REDUNDANT_BARRIERS.get((fname, after))
+
+
+@pytest.mark.skipif(os.environ.get("ADARTS_EMU_BARRIER_PROBE") != "1",
+                    reason="one build per barrier (slow): ADARTS_EMU_BARRIER_PROBE=1")
+@pytest.mark.parametrize("where", H.barriers(), ids=[f"{f}:{line}" for f, line in H.barriers()])
+def test_every_barrier_is_needed(emu_dir, where):
+    """Each __syncthreads() of csrc/cuda removed in turn (in the rewritten copy): the default
+    order and the adversarial schedules together must fail schedule_cases (the cases of
+    test_schedules), except for the barriers of REDUNDANT_BARRIERS."""
+    lib = H.build(emu_dir, no_barrier=where)
+    caught = []
+    for schedule in ("serial",) + ADVERSARIAL:
+        for op, cases in SCHEDULE_CASES.items():
+            try:
+                cases(H.Emulated(lib, schedule=schedule))
+            except (AssertionError, H.LaunchError):
+                caught.append(f"{op} [{schedule}]")
+    print(f"{where[0]}:{where[1]} caught by: {', '.join(caught) or 'nothing'}")
+    why = redundant_barrier(where)
+    if why is not None:
+        assert not caught, f"{where[0]}:{where[1]} is listed as redundant ({why}) but is needed now: {caught}"
+        pytest.skip(f"redundant: {why}")
+    assert caught, f"{where[0]}:{where[1]}: no schedule fails without this barrier"
+
+
 # ----------------------------------------------------------------------------- sanitizers
 
 def sanitized_cases(dev):
@@ -444,13 +559,14 @@ def sanitized_cases(dev):
         check_mixed(d, dtype, 2, 3, 8, 10, 2, 1, False, True, seed=11)
 
 
-def run_sanitized(emu_dir, sanitize, env_extra):
+def run_sanitized(emu_dir, sanitize, env_extra, cases=("sanitized_cases",)):
     lib = H.build(emu_dir, sanitize=sanitize)
     preload = H.runtime_library(sanitize)
     if preload is None:
         pytest.skip(f"no {sanitize} sanitizer runtime for g++ here")
+    calls = "; ".join(f"T.{c}(H.Emulated(sys.argv[2]))" for c in cases)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cuda_emulated as T, emu_harness as H; "
-            "T.sanitized_cases(H.Emulated(sys.argv[2])); print('sanitized cases passed')")
+            f"{calls}; print('sanitized cases passed')")
     env = dict(os.environ, LD_PRELOAD=preload, **env_extra)
     r = subprocess.run([sys.executable, "-c", code, str(HERE), str(lib)], env=env, capture_output=True, text=True,
                        timeout=600)
@@ -470,8 +586,10 @@ def test_address_and_undefined_sanitizers(emu_dir):
 @pytest.mark.skipif(os.environ.get("ADARTS_EMU_TSAN") != "1", reason="ThreadSanitizer run: ADARTS_EMU_TSAN=1")
 def test_thread_sanitizer(emu_dir):
     """The kernels with the CUDA threads running concurrently under ThreadSanitizer (opt-in:
-    slow, and it reports races between CUDA threads as well as in the emulator)."""
-    run_sanitized(emu_dir, "thread", {"ADARTS_EMU_SCHED": "free", "TSAN_OPTIONS": "halt_on_error=1"})
+    slow, and it reports races between CUDA threads as well as in the emulator): the
+    sanitizer cases and the block-mode shapes of the schedules (schedule_cases)."""
+    run_sanitized(emu_dir, "thread", {"ADARTS_EMU_SCHED": "free", "TSAN_OPTIONS": "halt_on_error=1"},
+                  cases=("sanitized_cases", "schedule_cases"))
 
 
 def test_cuda_device_class_on_cpu_kernels():

@@ -8,6 +8,26 @@
 // (default): one CUDA thread runs at a time, the baton passing at every barrier, warp
 // operation and exit to the next ready thread in thread order (deterministic). Free
 // scheduling (ADARTS_EMU_SCHED=free): all ready threads run at once.
+//
+// Adversarial schedules (one thread at a time as well, deterministic for a given setting):
+//   reverse       at every scheduling point the ready thread with the highest index runs;
+//   random[:SEED] the first ready thread of a permutation of the block's threads, a new
+//                 permutation per barrier interval (from SEED, the kernel's name, the block
+//                 index and the interval's number; SEED 1 by default).
+// Both are greedy: the chosen thread (and its warp) runs ahead as far as it can before the
+// others move, so a write that a missing barrier no longer holds back lands before another
+// warp's read of the old value (write-after-read), or a read comes before the write it
+// needs (read-after-write).
+//   delayed       (added to any of serial, reverse, random: "reverse+delayed") every store to
+//                 shared memory stays private to its thread until the next __syncthreads:
+//                 between barriers each thread sees shared memory as it was at the last
+//                 barrier plus its own stores, as if the other threads had not yet run. A read
+//                 that lacks the barrier before it sees the old value whatever the order.
+//                 Two threads storing different values to one byte between barriers fail the
+//                 launch (a write-write race). Implemented by swapping: a thread's stores are
+//                 taken out of the shared blocks when it gives up the baton and put back when
+//                 it gets it again, so shared atomics and warp-synchronous shared-memory code
+//                 (none in csrc/cuda) are not supported in this mode.
 #include "cuda_emu.h"
 
 #include <pthread.h>
@@ -34,6 +54,30 @@ struct Error {
 
 enum class St { Ready, Bar, Warp, Done };
 
+enum class Order { Serial, Reverse, Random, Free };
+
+// The setting of a launch (ADARTS_EMU_SCHED, or emu_set_schedule from the harness).
+struct Sched {
+  Order order = Order::Serial;
+  uint64_t seed = 1;
+  bool delayed = false;
+  bool ok = true;
+  std::string spec;
+};
+
+// One shared-memory block of the running CUDA block and its contents at the last barrier.
+struct Region {
+  unsigned char* p = nullptr;
+  size_t n = 0;
+  std::vector<unsigned char> base;
+};
+
+// A store to shared memory not yet visible to the other threads (delayed mode).
+struct Store {
+  uint32_t region, off;
+  unsigned char v;
+};
+
 struct Slot {
   St st = St::Ready;
   const char* file = nullptr;
@@ -43,6 +87,7 @@ struct Slot {
   uint64_t val[2] = {0, 0};
   int phase = 0;       // warp operations done, mod 2 (the double buffer)
   unsigned got = 0;    // the participants of the last completed warp operation
+  std::vector<Store> stores;  // delayed mode: this thread's shared stores since the last barrier
 };
 
 struct Block {
@@ -50,6 +95,12 @@ struct Block {
   dim3 grid, block, idx;
   int n = 0;
   bool serial = true;
+  Order order = Order::Serial;
+  uint64_t seed = 1;
+  bool delayed = false;
+  uint64_t interval = 0;     // barriers released so far
+  std::vector<int> prio;     // reverse / random: the threads, highest priority first
+  std::vector<Region> regions;  // delayed mode: the shared blocks
   const std::function<void()>* body = nullptr;
   std::vector<Slot> slots;
   int nready = 0, nbar = 0, ndone = 0, finished = 0;
@@ -77,14 +128,47 @@ bool wedged = false;               // a CUDA thread never came back: no further 
 int last_error = 0;
 std::string last_message;
 std::mutex atomic_mu;
+bool sched_override = false;       // emu_set_schedule: its spec instead of ADARTS_EMU_SCHED
+std::string sched_spec;
 
 thread_local Block* tl_block = nullptr;
 thread_local int tl_tid = -1;
 
 // ------------------------------------------------------------------ options
-bool serial_sched() {
-  const char* s = std::getenv("ADARTS_EMU_SCHED");
-  return !(s && std::string(s) == "free");
+// "serial" (default), "free", "reverse", "random" or "random:SEED", each optionally with
+// "+delayed"; "delayed" alone is "serial+delayed". G held.
+Sched read_sched() {
+  Sched r;
+  const char* env = std::getenv("ADARTS_EMU_SCHED");
+  r.spec = sched_override ? sched_spec : (env ? env : "");
+  bool have_order = false;
+  size_t i = 0;
+  while (i <= r.spec.size()) {
+    size_t j = r.spec.find_first_of("+,", i);
+    if (j == std::string::npos) j = r.spec.size();
+    const std::string tok = r.spec.substr(i, j - i);
+    i = j + 1;
+    if (tok.empty()) continue;
+    if (tok == "delayed") {
+      r.delayed = true;
+      continue;
+    }
+    if (have_order) r.ok = false;
+    have_order = true;
+    if (tok == "serial") r.order = Order::Serial;
+    else if (tok == "free") r.order = Order::Free;
+    else if (tok == "reverse") r.order = Order::Reverse;
+    else if (tok == "random") r.order = Order::Random;
+    else if (tok.compare(0, 7, "random:") == 0 && tok.size() > 7 &&
+             tok.find_first_not_of("0123456789", 7) == std::string::npos) {
+      r.order = Order::Random;
+      r.seed = std::strtoull(tok.c_str() + 7, nullptr, 10);
+    } else {
+      r.ok = false;
+    }
+  }
+  if (r.delayed && r.order == Order::Free) r.ok = false;  // needs one thread at a time
+  return r;
 }
 double timeout_s() {
   const char* s = std::getenv("ADARTS_EMU_TIMEOUT");
@@ -133,6 +217,96 @@ template <typename Pred> void sleep_until(std::unique_lock<std::mutex>& lk, int 
     }
     lk.lock();
   }
+}
+
+uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// The priority order of the block's current barrier interval (reverse / random).
+void new_interval(Block& b) {
+  if (b.order == Order::Reverse) {
+    if (static_cast<int>(b.prio.size()) != b.n) {
+      b.prio.resize(b.n);
+      for (int t = 0; t < b.n; ++t) b.prio[t] = b.n - 1 - t;
+    }
+    return;
+  }
+  if (b.order != Order::Random) return;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a of the kernel's name
+  for (const char* c = b.name; c && *c; ++c) h = (h ^ static_cast<unsigned char>(*c)) * 1099511628211ull;
+  const uint64_t blk = (uint64_t(b.idx.z) * b.grid.y + b.idx.y) * b.grid.x + b.idx.x;
+  uint64_t st = mix64(mix64(mix64(b.seed) ^ h) ^ blk) ^ mix64(b.interval);
+  b.prio.resize(b.n);
+  for (int t = 0; t < b.n; ++t) b.prio[t] = t;
+  for (int t = b.n - 1; t > 0; --t) {  // Fisher-Yates
+    st = mix64(st);
+    const int k = static_cast<int>(st % static_cast<uint64_t>(t + 1));
+    std::swap(b.prio[t], b.prio[k]);
+  }
+}
+
+// Delayed mode: the running thread t gives up the baton. Its stores since the last barrier
+// (the bytes that differ from the barrier's contents) are taken out of shared memory.
+void save_view(Block& b, int t) {
+  std::vector<Store>& st = b.slots[t].stores;
+  st.clear();
+  for (size_t r = 0; r < b.regions.size(); ++r) {
+    Region& g = b.regions[r];
+    const unsigned char* base = g.base.data();
+    for (size_t o = 0; o < g.n; o += 64) {
+      const size_t len = g.n - o < 64 ? g.n - o : 64;
+      if (std::memcmp(g.p + o, base + o, len) == 0) continue;
+      for (size_t k = o; k < o + len; ++k) {
+        if (g.p[k] != base[k]) {
+          st.push_back(Store{static_cast<uint32_t>(r), static_cast<uint32_t>(k), g.p[k]});
+          g.p[k] = base[k];
+        }
+      }
+    }
+  }
+}
+
+// Delayed mode: thread t runs again; its own stores are visible to it.
+void load_view(Block& b, int t) {
+  for (const Store& s : b.slots[t].stores) b.regions[s.region].p[s.off] = s.v;
+}
+
+void fail_block(Block& b, int code, const std::string& msg);
+
+// Delayed mode, at a barrier: every thread's stores become visible, in thread order.
+void commit_stores(Block& b) {
+  std::vector<std::vector<int>> owner(b.regions.size());
+  for (int t = 0; t < b.n; ++t) {
+    for (const Store& s : b.slots[t].stores) {
+      Region& g = b.regions[s.region];
+      std::vector<int>& own = owner[s.region];
+      if (own.empty()) own.assign(g.n, -1);
+      const int o = own[s.off];
+      if (o >= 0 && g.p[s.off] != s.v) {
+        fail_block(b, cudaErrorLaunchFailure,
+                   format("shared-memory race: threads %d and %d store different values to byte %u of a shared "
+                          "block (%zu bytes) between two barriers",
+                          o, t, s.off, g.n));
+        return;
+      }
+      own[s.off] = t;
+      g.p[s.off] = s.v;
+    }
+    b.slots[t].stores.clear();
+  }
+  for (Region& g : b.regions) std::memcpy(g.base.data(), g.p, g.n);
+}
+
+void add_region(Block& b, void* p, size_t n) {
+  Region g;
+  g.p = static_cast<unsigned char*>(p);
+  g.n = n;
+  g.base.assign(g.p, g.p + n);
+  b.regions.push_back(std::move(g));
 }
 
 void fail_block(Block& b, int code, const std::string& msg) {
@@ -222,7 +396,13 @@ void check_barrier(Block& b) {
                       base_name(f.file), f.line, b.nbar, b.ndone));
     return;
   }
+  if (b.delayed) {
+    commit_stores(b);
+    if (b.failed) return;
+  }
   b.nbar = 0;
+  ++b.interval;
+  new_interval(b);
   for (int t = 0; t < b.n; ++t) set_ready(b, t);
   ++b.progress;
 }
@@ -245,9 +425,20 @@ void check_deadlock(Block& b) {
                     d.c_str()));
 }
 
-// Serial scheduling: hand the baton to the next ready thread after `from`.
+// Serial scheduling: hand the baton to the next ready thread after `from` (reverse / random:
+// to the first ready thread of the interval's order, which may be `from` itself).
 void pass_baton(Block& b, int from) {
   if (!b.serial || b.failed) return;
+  if (b.order != Order::Serial) {
+    for (int t : b.prio) {
+      if (b.slots[t].st == St::Ready) {
+        b.baton = t;
+        wake(b, t);  // an extra post when t == from: harmless
+        return;
+      }
+    }
+    return;
+  }
   for (int k = 1; k <= b.n; ++k) {
     const int t = (from + k) % b.n;
     if (b.slots[t].st == St::Ready) {
@@ -271,11 +462,13 @@ void wait_turn(std::unique_lock<std::mutex>& lk, Block& b, int t) {
 void block_on(std::unique_lock<std::mutex>& lk, Block& b, int t) {
   --b.nready;
   ++b.progress;
+  if (b.delayed) save_view(b, t);
   if (b.slots[t].st == St::Warp) check_warp(b, t);
   else check_barrier(b);
   check_deadlock(b);
-  if (b.slots[t].st != St::Ready) pass_baton(b, t);
+  if (b.slots[t].st != St::Ready || b.order != Order::Serial) pass_baton(b, t);
   wait_turn(lk, b, t);
+  if (b.delayed) load_view(b, t);
 }
 
 Block& me() {
@@ -329,6 +522,7 @@ void* worker_main(void* arg) {
       lk.lock();
     }
     Slot& s = b.slots[t];
+    if (run && b.delayed && !b.failed) save_view(b, t);  // kept until the next barrier
     if (s.st == St::Ready) --b.nready;
     if (s.st == St::Bar) --b.nbar;
     s.st = St::Done;
@@ -434,6 +628,7 @@ void* shared_block(const void* key, size_t bytes, size_t align) {
   void* p = ::operator new(bytes, std::align_val_t(64));
   std::memset(p, 0xff, bytes);
   b.shared.emplace_back(key, p);
+  if (b.delayed) add_region(b, p, bytes);
   return p;
 }
 
@@ -472,6 +667,12 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
                                          where.c_str(), smem, smem_limit()));
     return;
   }
+  const Sched sc = read_sched();
+  if (!sc.ok) {
+    record(cudaErrorInvalidValue, format("%s: unknown schedule \"%s\" (serial, free, reverse, random or random:SEED, "
+                                         "optionally +delayed, not with free)", where.c_str(), sc.spec.c_str()));
+    return;
+  }
   const int n = static_cast<int>(threads);
   grow_pool(n);
   const double limit = timeout_s();
@@ -485,15 +686,23 @@ void launch_impl(const char* name, const char* file, int line, dim3 grid, dim3 b
         b.block = block;
         b.idx = dim3(x, y, z);
         b.n = n;
-        b.serial = serial_sched();
+        b.serial = sc.order != Order::Free;
+        b.order = sc.order;
+        b.seed = sc.seed;
+        b.delayed = sc.delayed;
         b.body = &body;
         b.slots.assign(n, Slot{});
         b.nready = n;
         b.dyn = ::operator new(smem > 0 ? smem : 1, std::align_val_t(16));
         std::memset(b.dyn, 0xff, smem > 0 ? smem : 1);
+        if (b.delayed && smem > 0) add_region(b, b.dyn, smem);
+        new_interval(b);
+        if (!b.prio.empty()) b.baton = b.prio[0];
         cur = &b;
         for (int t = 0; t < n; ++t) ++workers[t]->job;
-        for (int t = 0; t < (b.serial ? 1 : n); ++t) wake(b, t);  // serial: the baton holder
+        if (b.serial) wake(b, b.baton);  // the baton holder
+        else
+          for (int t = 0; t < n; ++t) wake(b, t);
         // watchdog: no progress for `limit` seconds is a deadlock (a thread spinning)
         uint64_t seen = b.progress;
         auto last = std::chrono::steady_clock::now();
@@ -557,6 +766,13 @@ const char* emu_message() {
   std::lock_guard<std::mutex> lk(emu::G);
   copy = emu::last_message;
   return copy.c_str();
+}
+// The schedule of the following launches (the syntax of ADARTS_EMU_SCHED); nullptr: the
+// environment's again.
+void emu_set_schedule(const char* spec) {
+  std::lock_guard<std::mutex> lk(emu::G);
+  emu::sched_override = spec != nullptr;
+  emu::sched_spec = spec ? spec : "";
 }
 void emu_reset() {
   std::lock_guard<std::mutex> lk(emu::G);

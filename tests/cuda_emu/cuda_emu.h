@@ -17,7 +17,10 @@
 // that arrive, reads from lanes that did not take part, misaligned vector accesses, device
 // asserts, bad launch configurations and deadlocks fail the launch: cudaGetLastError()
 // returns the error, emu_message() says what happened and names the kernel.
-// Settings (environment, read at each launch): ADARTS_EMU_SCHED=serial|free,
+// Settings (environment, read at each launch): ADARTS_EMU_SCHED=serial|free|reverse|random[:SEED]
+// with an optional "+delayed" (adversarial schedules, see cuda_emu.cpp: reverse and seeded random
+// orders per barrier interval; delayed: shared-memory stores stay private to their thread until
+// the next __syncthreads; the harness sets it per launch with emu_set_schedule),
 // ADARTS_EMU_TIMEOUT (seconds without progress before a block counts as deadlocked, 30),
 // ADARTS_EMU_SMEM_LIMIT (bytes of dynamic shared memory per block, 48 KiB).
 #pragma once

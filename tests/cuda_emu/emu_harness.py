@@ -6,7 +6,9 @@ casts, device asserts; optionally one injected bug), generates an ``extern "C"``
 every launcher declared in kernels.h, compiles with g++ (objects cached by content) and returns
 the path of the shared library. ``Emulated(path)`` loads it; its methods take and return CPU
 tensors, allocate every output and workspace at its exact size and fill them with garbage
-(NaN, 0xFF bytes) first. ``Cuda()`` has the same methods on top of ``torch.ops.adarts_C`` (a CUDA
+(NaN, 0xFF bytes) first; ``Emulated(path, schedule=...)`` runs every launch under one of the
+emulator's schedules (``SCHEDULES``: reverse and seeded random thread orders per barrier interval,
+shared-memory stores delayed to the next barrier). ``Cuda()`` has the same methods on top of ``torch.ops.adarts_C`` (a CUDA
 build on a GPU), so that one case list runs on both.
 """
 from __future__ import annotations
@@ -53,6 +55,35 @@ INJECTIONS: Dict[str, Tuple[str, str, str]] = {
                  "inline bool aligned_to(const void* p, size_t bytes) {",
                  "inline bool aligned_to(const void* p, size_t bytes) { bytes = bytes > 2 ? 2 : bytes;"),
 }
+
+
+#: Schedules of the emulator (tests/cuda_emu/cuda_emu.cpp), the syntax of ADARTS_EMU_SCHED:
+#: "serial" (the default: one thread at a time, round robin in thread order), "reverse" and
+#: "random:SEED" (greedy: the first ready thread of the reverse order / of a seeded permutation
+#: drawn per barrier interval runs), each optionally "+delayed" (a shared-memory store becomes
+#: visible to the other threads only at the next __syncthreads).
+SCHEDULES = ("serial", "reverse", "random:1", "random:2", "serial+delayed", "random:3+delayed")
+
+SYNC_RE = re.compile(r"__syncthreads\(\)\s*;")
+
+
+def barriers() -> List[Tuple[str, int]]:
+    """Every ``__syncthreads();`` of csrc/cuda: (file name, line), in file and line order."""
+    out = []
+    for path in sorted(CUDA_DIR.glob("*.cu*")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            out += [(path.name, i)] * len(SYNC_RE.findall(code))
+    return out
+
+
+def drop_barrier(texts: Dict[str, str], fname: str, line: int) -> None:
+    """Removes the ``__syncthreads();`` at ``fname:line`` of the (rewritten) sources in place."""
+    lines = texts[fname].split("\n")
+    code = lines[line - 1]
+    assert len(SYNC_RE.findall(code.split("//", 1)[0])) == 1, f"{fname}:{line}: not one __syncthreads: {code!r}"
+    lines[line - 1] = SYNC_RE.sub("/* __syncthreads() removed */", code, count=1)
+    texts[fname] = "\n".join(lines)
 
 
 def rewrite(text: str) -> str:
@@ -150,13 +181,15 @@ def runtime_library(sanitize: Optional[str]) -> Optional[str]:
 
 
 def build(out_dir: Path, ops: Sequence[str] = OPS, inject: Optional[str] = None, sanitize: Optional[str] = None,
-          extra: Sequence[Path] = (), jobs: int = 2) -> Path:
+          extra: Sequence[Path] = (), jobs: int = 2, no_barrier: Optional[Tuple[str, int]] = None) -> Path:
     """The emulated kernels of ``ops`` (and the rewritten ``extra`` sources) as a shared
-    library under ``out_dir`` (objects cached there by content and flags)."""
+    library under ``out_dir`` (objects cached there by content and flags). ``no_barrier``:
+    (file, line) of one ``__syncthreads();`` of csrc/cuda (see :func:`barriers`) left out."""
     if shutil.which("g++") is None:
         raise RuntimeError("g++ not found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha1(repr((sorted(ops), inject, sanitize, [str(p) for p in extra])).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(repr((sorted(ops), inject, sanitize, [str(p) for p in extra], no_barrier)).encode()
+                       ).hexdigest()[:12]
     src = out_dir / f"src-{tag}"
     src.mkdir(exist_ok=True)
     texts = {"kernels.h": (CUDA_DIR / "kernels.h").read_text(),
@@ -172,6 +205,9 @@ def build(out_dir: Path, ops: Sequence[str] = OPS, inject: Optional[str] = None,
         old, new = rewrite(old), rewrite(new)
         assert before.count(old) == 1, f"{inject}: the text to change is not found once in {fname}"
         texts[fname] = before.replace(old, new)
+    if no_barrier is not None:
+        assert no_barrier[0] in texts, f"{no_barrier[0]}: not in this build"
+        drop_barrier(texts, *no_barrier)
     texts["emu_wrappers.cpp"] = wrapper_source(ops)
     for name, text in texts.items():
         p = src / name
@@ -265,14 +301,17 @@ class LaunchError(RuntimeError):
 
 class Emulated:
     """The launchers of a library from :func:`build`, on CPU tensors. ``offset``: inputs and
-    outputs one element past an aligned address (the scalar paths)."""
+    outputs one element past an aligned address (the scalar paths). ``schedule``: the
+    emulator's schedule for every launch (one of ``SCHEDULES``; None: ADARTS_EMU_SCHED)."""
 
     name = "emulated"
 
-    def __init__(self, lib: Path, offset: bool = False):
+    def __init__(self, lib: Path, offset: bool = False, schedule: Optional[str] = None):
         self.lib = ctypes.CDLL(str(lib))
         self.offset = offset
+        self.schedule = schedule
         self.lib.emu_message.restype = ctypes.c_char_p
+        self.lib.emu_set_schedule.argtypes = [ctypes.c_char_p]
         for f in launchers():
             fn = getattr(self.lib, f"emu_{f.name}", None)
             if fn is not None:
@@ -280,7 +319,12 @@ class Emulated:
 
     def with_offset(self, offset: bool) -> "Emulated":
         other = object.__new__(Emulated)
-        other.lib, other.offset = self.lib, offset
+        other.lib, other.offset, other.schedule = self.lib, offset, self.schedule
+        return other
+
+    def with_schedule(self, schedule: Optional[str]) -> "Emulated":
+        other = self.with_offset(self.offset)
+        other.schedule = schedule
         return other
 
     def _in(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -292,6 +336,7 @@ class Emulated:
 
     def _call(self, name: str, *args) -> None:
         self.lib.emu_reset()
+        self.lib.emu_set_schedule(None if self.schedule is None else self.schedule.encode())
         err = getattr(self.lib, f"emu_{name}")(*args)
         if err != 0:
             raise LaunchError(name, err, self.lib.emu_message().decode())
