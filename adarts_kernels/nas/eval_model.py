@@ -91,6 +91,29 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+def eval_cells(genotype: Genotype, C_stem: int, C: int, layers: int,
+               reduction_prev: bool) -> Tuple[nn.ModuleList, int, int]:
+    """The ``layers`` cells of a retrain network after a stem of ``C_stem`` channels, ``C``
+    channels per node in the first cells, reductions (channels doubled) at ``layers//3`` and
+    ``2*layers//3``; ``reduction_prev``: cell 0's first input is twice the size of its second
+    (the ImageNet stems). Returns ``(cells, C_final, C_aux)``: the channels of the last cell's
+    output and of cell ``2*layers//3``'s, where the auxiliary head reads."""
+    C_prev_prev, C_prev, C_curr = C_stem, C_stem, C
+    cells = nn.ModuleList()
+    C_aux = None
+    for i in range(layers):
+        reduction = i in (layers // 3, 2 * layers // 3)
+        if reduction:
+            C_curr *= 2
+        cell = EvalCell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+        reduction_prev = reduction
+        cells.append(cell)
+        C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+        if i == 2 * layers // 3:
+            C_aux = C_prev
+    return cells, C_prev, C_aux
+
+
 class EvalNetwork(nn.Module):
     """Retrain network: stem Conv3x3(3 -> 3C) + BN, ``layers`` cells of ``genotype``
     (reductions at ``layers//3`` and ``2*layers//3``), optional auxiliary head after cell
@@ -109,20 +132,7 @@ class EvalNetwork(nn.Module):
         self.drop_path_prob = 0.0
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        C_aux = None
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            cell = EvalCell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
-            reduction_prev = reduction
-            self.cells.append(cell)
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
-            if i == 2 * layers // 3:
-                C_aux = C_prev
+        self.cells, C_prev, C_aux = eval_cells(genotype, C_curr, C, layers, reduction_prev=False)
         self.auxiliary_head = AuxiliaryHead(C_aux, num_classes, spatial=image_size // 4) if auxiliary else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
@@ -229,20 +239,8 @@ class NetworkImageNet(nn.Module):
         self._layers, self._auxiliary = layers, auxiliary
         self.drop_path_prob = 0.0
         self.stem0, self.stem1 = imagenet_stems(C)
-        C_prev_prev, C_prev, C_curr = C, C, C
-        self.cells = nn.ModuleList()
-        reduction_prev = True          # s0 is twice as large as s1
-        C_aux = None
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            cell = EvalCell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
-            reduction_prev = reduction
-            self.cells.append(cell)
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
-            if i == 2 * layers // 3:
-                C_aux = C_prev
+        # s0 is twice as large as s1: cell 0 reduces s0 (reduction_prev)
+        self.cells, C_prev, C_aux = eval_cells(genotype, C, C, layers, reduction_prev=True)
         self.auxiliary_head = (AuxiliaryHeadImageNet(C_aux, num_classes, spatial=image_size // 32)
                                if auxiliary else None)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
