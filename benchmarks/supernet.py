@@ -11,6 +11,7 @@ at batch 64 and 256 and the largest batch that fits the device (probed with real
     python benchmarks/supernet.py                      # CPU: batch 16, saved bytes + step time
     python benchmarks/supernet.py --device cuda        # GPU: + peak memory, largest batch
     python benchmarks/supernet.py --device cuda --impl triton   # the fused ops on Triton
+    python benchmarks/supernet.py --device cuda --dataset imagenet --batch 256 1024   # ImageNet, 224x224
 Writes ``supernet_<device>.json`` and ``.png`` into ``--out`` (default benchmarks/results).
 """
 import argparse
@@ -31,15 +32,15 @@ from adarts_kernels.profiling import find_max_batch, is_oom  # noqa: E402
 from adarts_kernels.profiling.report import VARIANTS, build_supernet, saved_bytes_per_sample  # noqa: E402
 
 
-def make_step(variant, batch, device, C, layers, size, amp=False, impl=None):
-    net = build_supernet(variant, C, layers, impl=impl).to(device)
+def make_step(variant, batch, device, C, layers, size, amp=False, impl=None, dataset="cifar"):
+    net = build_supernet(variant, C, layers, impl=impl, dataset=dataset).to(device)
     if amp:
         net.autocast_dtype = torch.bfloat16
     w = list(net.weight_parameters())
     opt = torch.optim.SGD(w, lr=0.01, momentum=0.9, weight_decay=3e-4)
     arch = Architect(net)
     x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    y = torch.randint(0, net.classifier.out_features, (batch,), device=device)
 
     def step():
         search_step(net, arch, opt, w, x, y, x, y, 0.01, 5.0)
@@ -91,7 +92,10 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--C", type=int, default=16)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--size", type=int, default=None, help="input size (default: 32 for cifar, 224 for imagenet)")
+    p.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"],
+                   help="the supernet: CIFAR's, or PC-DARTS's ImageNet supernet (two stride-2 stems, k=2, "
+                        "1000 classes)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="step-time batches (default: 16 on CPU, 64 and 256 on GPU)")
     p.add_argument("--reps", type=int, default=5)
@@ -104,6 +108,7 @@ def main(argv=None):
                    help="GPU: probe the largest batch for these only (default: all)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
+    a.size = a.size or (224 if a.dataset == "imagenet" else 32)
     device = torch.device(a.device)
     # GPU-only branches below (batches 64 and 256, peak memory, the largest batch, empty_cache):
     # exercised by benchmarks/device_suite.sh
@@ -118,13 +123,13 @@ def main(argv=None):
         fused_impl = None
     rows = []
     for v in a.variants:          # memory: deterministic bytes; on GPU peak memory and largest batch
-        net = build_supernet(v, a.C, a.layers, impl=a.impl)
+        net = build_supernet(v, a.C, a.layers, impl=a.impl, dataset=a.dataset)
         row = {"variant": v, "impl": fused_impl if VARIANTS[v][1] == "fused" else None,
                "mb_per_sample": saved_bytes_per_sample(net, a.size, 2) / 1e6}
         for b in batches if gpu else []:
             try:
-                row[f"peak_mb_b{b}"] = peak_mb(make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl),
-                                               device)
+                row[f"peak_mb_b{b}"] = peak_mb(make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl,
+                                                         a.dataset), device)
             except Exception as e:      # noqa: BLE001 - an out-of-memory row is a result
                 if not is_oom(e):
                     raise
@@ -132,7 +137,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         if gpu and not a.no_max_batch and (a.max_batch_variants is None or v in a.max_batch_variants):
             def try_batch(b, v=v):
-                s = make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl)
+                s = make_step(v, b, device, a.C, a.layers, a.size, a.amp, a.impl, a.dataset)
                 s()
                 s()
                 sync(device)
@@ -146,7 +151,7 @@ def main(argv=None):
         for row in rows:
             try:
                 steps[row["variant"]] = make_step(row["variant"], b, device, a.C, a.layers, a.size, a.amp,
-                                                  a.impl)
+                                                  a.impl, a.dataset)
                 for _ in range(2):
                     steps[row["variant"]]()
             except Exception as e:      # noqa: BLE001
@@ -178,14 +183,15 @@ def main(argv=None):
             r["mem_vs_pcdarts"] = r["mb_per_sample"] / base["pcdarts"]["mb_per_sample"]
             if r.get("max_batch") and base["pcdarts"].get("max_batch"):
                 r["max_batch_vs_pcdarts"] = r["max_batch"] / base["pcdarts"]["max_batch"]
-    name = "supernet" + ("_amp" if a.amp else "") + (f"_{a.impl}" if a.impl not in (None, "auto") else "")
+    name = ("supernet" + ("_imagenet" if a.dataset == "imagenet" else "") + ("_amp" if a.amp else "")
+            + (f"_{a.impl}" if a.impl not in (None, "auto") else ""))
     path = write_results(name, rows, device, a.out)
     keys = ["variant", "impl", "mb_per_sample", "mem_vs_pcdarts"] + [f"step_ms_b{b}" for b in batches] + \
         ["step_vs_pcdarts", "step_vs_adarts"] + ([f"peak_mb_b{b}" for b in batches] + ["max_batch"] if gpu else [])
     print_table(rows, keys)
     m = meta(device)
     plot(rows, path.replace(".json", ".png"),
-         f"Supernet C={a.C}, {a.layers} cells, {a.size}x{a.size}, batch {batches[0]}: {m['device']}, {m['date']}")
+         f"{a.dataset.capitalize()} supernet C={a.C}, {a.layers} cells, {a.size}x{a.size}, batch {batches[0]}: {m['device']}, {m['date']}")
     print(f"wrote {path}")
 
 

@@ -256,3 +256,24 @@ def test_memory_report_imagenet_option(capsys):
     assert "ImageNet supernet C=8, 3 cells, 32x32, k=2" in capsys.readouterr().out
     assert main(["--dataset", "imagenet", "--C", "8", "--layers", "3", "--size", "48"]) == 2
     assert "size by 32 (imagenet)" in capsys.readouterr().err
+
+
+def test_supernet_benchmark_takes_the_imagenet_supernet(tmp_path):
+    """benchmarks/supernet.py --dataset imagenet: saved bytes and step time of the ImageNet
+    supernet side by side (tiny here: C=4, 3 cells, 32x32), written to its own results file."""
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import supernet
+    finally:
+        sys.path.remove(str(bench))
+    supernet.main(["--dataset", "imagenet", "--C", "4", "--layers", "3", "--size", "32", "--batch", "2",
+                   "--reps", "1", "--variants", "pcdarts", "adarts-fused", "--impl", "reference",
+                   "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "supernet_imagenet_reference_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["pcdarts", "adarts-fused"]
+    assert rows[1]["mb_per_sample"] < rows[0]["mb_per_sample"] and rows[1]["step_ms"] > 0

@@ -3,6 +3,7 @@ ImageFolder of real JPEGs written here (3 classes, mixed sizes and modes), at 32
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 
 from adarts_kernels.commands import retrain as retrain_cmd
 from adarts_kernels.commands import search as search_cmd
-from adarts_kernels.nas import search_loop
+from adarts_kernels.nas import retrain_loop, search_loop
 from adarts_kernels.nas.config import RetrainConfig, SearchConfig
 from adarts_kernels.nas.imagenet_run import lr_factor
 
@@ -131,6 +132,25 @@ def test_resume_is_bitwise_with_two_workers(folder, searched, tmp_path, capsys, 
     assert code == 2 and "error: cannot resume" in err and "train_fraction" in err
 
 
+def test_retrain_resume_is_bitwise(folder, tmp_path, monkeypatch):
+    """Retrain: 2 epochs in one run == 1 epoch, stopped after its checkpoint, then resumed."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert retrain_cmd.main(retrain_args(folder, whole, "PC_DARTS_image", "--epochs", "2")) == 0
+    real = retrain_loop.run_retrain
+
+    def stop(epoch, rec):
+        raise Stop()
+    monkeypatch.setattr(retrain_cmd, "run_retrain", lambda cfg: real(cfg, on_epoch_end=stop))
+    with pytest.raises(Stop):
+        retrain_cmd.main(retrain_args(folder, resumed, "PC_DARTS_image", "--epochs", "2"))
+    monkeypatch.setattr(retrain_cmd, "run_retrain", real)
+    assert retrain_cmd.main(retrain_args(folder, resumed, "PC_DARTS_image", "--epochs", "2", "--resume")) == 0
+    assert_same(weights(resumed), weights(whole))
+    results = [json.loads((d / "result.json").read_text()) for d in (resumed, whole)]
+    assert [{k: v for k, v in r.items() if k != "out"} for r in results][0] == \
+        {k: v for k, v in results[1].items() if k != "out"}
+
+
 def test_retrain_reports_top1_and_top5(folder, searched, tmp_path):
     out = tmp_path / "retrain"
     assert retrain_cmd.main(retrain_args(folder, out, str(searched / "genotype.json"))) == 0
@@ -218,8 +238,22 @@ def test_torchrun_two_process_search(folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "python/search.py",
            *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "genotype.json").is_file() and (out / "manifest.json").is_file()
     rec = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
     assert rec["world_size"] == 2 and rec["arch_loss"] is not None
+
+
+def test_torchrun_two_process_retrain(folder, tmp_path):
+    """Retrain under torchrun, 2 gloo processes: the global batch of 8 split 4 + 4."""
+    out = tmp_path / "dist-retrain"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "python/retrain.py",
+           *retrain_args(folder, out, "PC_DARTS_image")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert 0 <= result["test_acc"] <= result["test_top5"] == 100.0
+    rec = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    assert rec["world_size"] == 2
