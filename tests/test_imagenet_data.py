@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from jpeg_helpers import smooth_image
 from PIL import Image
 
 from adarts_kernels.data import DataError
@@ -34,14 +35,6 @@ from adarts_kernels.data.imagenet import (
 
 CLASSES = ["cat", "dog", "fox"]
 TRAIN_PER_CLASS = 8
-
-
-def smooth_image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    """Upsampled noise: smooth, JPEG-like content (not flat colour)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
-    img = Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
-    return img if mode == "RGB" else img.convert(mode)
 
 
 def write_folder(root: Path) -> None:

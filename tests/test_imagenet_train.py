@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from jpeg_helpers import smooth_image
 
 from adarts_kernels.commands import retrain as retrain_cmd
 from adarts_kernels.commands import search as search_cmd
@@ -26,13 +26,6 @@ TRAIN_PER_CLASS = 12
 VAL_PER_CLASS = 3
 
 
-def smooth_image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
-    img = Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
-    return img if mode == "RGB" else img.convert(mode)
-
-
 def write_folder(root: Path) -> None:
     sizes = [(80, 60), (60, 80), (48, 40), (100, 75), (64, 64), (36, 50)]
     for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
@@ -42,7 +35,7 @@ def write_folder(root: Path) -> None:
             for i in range(count):
                 w, h = sizes[(i + k) % len(sizes)]
                 mode = "L" if i == 5 else "CMYK" if i == 7 else "RGB"
-                smooth_image(w, h, seed=100 * k + i + (50 if split == "val" else 0), mode=mode).save(
+                smooth_image(w, h, seed=100 * k + i + (50 if split == "val" else 0), mode=mode, cell=16).save(
                     d / f"{name}_{i:03d}.JPEG", quality=90)
 
 
