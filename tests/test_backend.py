@@ -85,3 +85,30 @@ def test_triton_package_flags_and_launchers():
         assert torch.isnan(empty((3,), torch.float32, "cpu")).all()
     finally:
         tr.POISON_OUTPUTS = before
+
+
+def test_backends_import_downwards_only():
+    """The op layer dispatches to the Triton launchers, so the launchers import nothing from
+    the op modules (only the shared reference math and adarts_kernels.limits); the constant
+    they share agrees with the compiled kernels' (csrc/validate.h)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from adarts_kernels.limits import MAX_Z
+    from adarts_kernels.ops.mixed_sum import MAX_Z as ops_max_z
+
+    root = Path(adarts_kernels.__file__).parent
+    op_modules = {"attention_score", "attention_gather", "attention_writeback", "mixed_sum"}
+    for path in sorted((root / "triton").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                assert not ("ops" in parts and op_modules & set(parts)), f"{path.name} imports {node.module}"
+                if node.module == "ops" or parts[-1] == "ops":
+                    assert not op_modules & {a.name for a in node.names}, f"{path.name} imports ops' op modules"
+    validate_h = (root.parent / "csrc" / "validate.h")
+    if validate_h.is_file():
+        m = re.search(r"kMixedSumMaxZ\s*=\s*(\d+)", validate_h.read_text())
+        assert m and int(m.group(1)) == MAX_Z
+    assert ops_max_z == MAX_Z

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .. import backend
 from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
-from ..ops.mixed_sum import MAX_Z
+from ..limits import MAX_Z
 from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
 from .edges import Candidates, ChannelAttention, check_edge_input, check_k
 from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero

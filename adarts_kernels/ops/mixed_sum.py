@@ -37,11 +37,8 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
+from ..limits import MAX_Z  # noqa: F401  (re-exported: ops.mixed_sum.MAX_Z)
 from ._common import check, check_float, contiguous, no_double_backward
-
-#: The most BN-ended inputs ``z`` one call takes (the CUDA and Triton kernels hold the
-#: ``z`` pointers in fixed arrays of this size).
-MAX_Z = 5
 
 
 @torch.library.custom_op("adarts::mixed_sum", mutates_args=())

@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..ops.mixed_sum import MAX_Z   # the kernels below take exactly MAX_Z z pointers
+from ..limits import MAX_Z   # the kernels below take exactly MAX_Z z pointers
 from ..ops.reference import acc_dtype as torch_acc_dtype
 from ._common import (acc_dtype, block_hw, empty, float_dtypes, import_triton, meta_tensor, num_warps,
                       plane_sizes, recording_launches, require)
