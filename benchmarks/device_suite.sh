@@ -46,6 +46,7 @@ rm -f "$OUT"/bench_*.log "$OUT"/bench_*.png
 
 log "supernet side by side (batch 64 and 256, largest batch)"
 timeout 80 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2048 \
+  --variants darts pcdarts adarts adarts-fused adarts-fused-recompute \
   --max-batch-variants pcdarts adarts-fused adarts-fused-recompute --out "$OUT" \
   > "$OUT/supernet.log" 2>&1
 log "supernet rc=$?"; tail -12 "$OUT/supernet.log" | tee -a "$OUT/suite.log"

@@ -26,6 +26,17 @@ VARIANTS: Dict[str, Tuple[str, str, str]] = {
     "adarts-fused-recompute": ("adarts", "fused", "edge"),
 }
 
+#: the ``torch.utils.checkpoint`` peers (:mod:`.checkpointed`): variant -> (variant of
+#: :data:`VARIANTS` it wraps, ``"cell"`` or ``"edge"``). Not in :data:`VARIANTS` and not in
+#: the saved-bytes report by default: what ``checkpoint`` keeps escapes the saved-tensor
+#: hooks, so their honest number is the peak of live tensors
+#: (:class:`~adarts_kernels.profiling.peak.PeakMemoryMode`, ``benchmarks/supernet.py``).
+CHECKPOINT_VARIANTS: Dict[str, Tuple[str, str]] = {
+    "pcdarts-ckpt-cell": ("pcdarts", "cell"),
+    "pcdarts-ckpt-edge": ("pcdarts", "edge"),
+    "adarts-ckpt-edge": ("adarts", "edge"),
+}
+
 #: dataset -> defaults of the report: input size, k, classes, batch of the measuring forward
 DATASETS: Dict[str, Dict[str, int]] = {
     "cifar": {"size": 32, "k": 4, "num_classes": 10, "batch": 4},
@@ -44,10 +55,16 @@ def build_supernet(variant: str, C: int = 16, layers: int = 8, k: Optional[int] 
                    dataset: str = "cifar"):
     """The search supernet of ``variant`` (a key of :data:`VARIANTS`) for ``dataset`` (its stem;
     ``k`` and ``num_classes`` default to the dataset's, see :data:`DATASETS`), in training mode;
-    ``impl``: the backend of the fused ops (``None``: ``ADARTS_KERNELS_IMPL`` / auto)."""
+    ``impl``: the backend of the fused ops (``None``: ``ADARTS_KERNELS_IMPL`` / auto). A key of
+    :data:`CHECKPOINT_VARIANTS` gives the network of the variant it wraps, seeded alike, with
+    its cells or edges checkpointed."""
     from ..nas import SearchNetwork
+    if variant in CHECKPOINT_VARIANTS:
+        from .checkpointed import checkpoint_supernet
+        base, per = CHECKPOINT_VARIANTS[variant]
+        return checkpoint_supernet(build_supernet(base, C, layers, k, num_classes, seed, impl, dataset), per)
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS) + list(CHECKPOINT_VARIANTS)}")
     d = _dataset(dataset)
     edge, kernels, recompute = VARIANTS[variant]
     torch.manual_seed(seed)
