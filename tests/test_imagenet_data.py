@@ -358,12 +358,19 @@ def test_loader_workers_match_in_process_and_shards(folder, folder_root):
     ds = ImageNetDataset.from_manifest(m, "train", folder_root, size=32, seed=1)
     assert ds.train and ds.num_classes == 3 and len(ds) == 14
     ref = ImageNetLoader(ds, batch_size=4, shuffle=True, seed=3, num_workers=0, min_batch=4)
-    par = ImageNetLoader(ds, batch_size=4, shuffle=True, seed=3, num_workers=2, prefetch_factor=2,
-                         min_batch=4)
+    # pin_memory=True is the GPU setting (DeviceBatches on a CUDA device): run its path here too
+    # (torch pins only where an accelerator exists, and says so once)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        par = ImageNetLoader(ds, batch_size=4, shuffle=True, seed=3, num_workers=2, prefetch_factor=2,
+                             min_batch=4, pin_memory=True)
+    assert par.dataloader.pin_memory is True
     for epoch in (0, 1):
         ref.set_epoch(epoch)
         par.set_epoch(epoch)
-        a, b = list(ref), list(par)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            a, b = list(ref), list(par)
         assert len(a) == len(b) == len(ref)
         for (xa, ya), (xb, yb) in zip(a, b):
             assert xa.dtype == torch.uint8 and xa.shape[1:] == (3, 32, 32) and ya.dtype == torch.int64
