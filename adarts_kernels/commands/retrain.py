@@ -11,7 +11,8 @@ import os
 from ..nas.config import RETRAIN_PRESETS, RetrainConfig
 from ..nas.genotypes import PUBLISHED
 from ..nas.retrain_loop import run_retrain
-from ..utils.cli import HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings
+from ..utils.cli import (HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings,
+                         shared_settings)
 from . import REPORTED, report
 
 __all__ = ["build_parser", "main"]
@@ -58,11 +59,9 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     cfg = RetrainConfig(
-        genotype=a.genotype, dataset=a.dataset, data=a.data, download=a.download,
-        out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C, layers=a.layers,
-        batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary, drop_path=a.drop_path,
-        cutout=a.cutout, limit=a.limit, seed=a.seed, device=a.device, progress=not a.no_progress, resume=a.resume,
-        dist_timeout=a.dist_timeout, check_every=a.check_every, **imagenet_settings(p, a, RetrainConfig.image_size))
+        genotype=a.genotype, out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C,
+        layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary,
+        drop_path=a.drop_path, cutout=a.cutout, **shared_settings(a), **imagenet_settings(p, a, RetrainConfig.image_size))
     try:
         run_retrain(cfg)
     except REPORTED as e:

@@ -21,7 +21,8 @@ from ..distributed import is_main_process
 from ..nas.config import SEARCH_PRESETS, SearchConfig
 from ..nas.search_loop import run_search
 from ..nas.search_model import KERNELS
-from ..utils.cli import HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings
+from ..utils.cli import (HelpFormatter, add_data_options, add_imagenet_options, add_run_options, imagenet_settings,
+                         shared_settings)
 from . import REPORTED, report
 
 __all__ = ["build_parser", "main"]
@@ -95,13 +96,11 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     cfg = SearchConfig(
-        dataset=a.dataset, data=a.data, download=a.download,
         out=a.out or os.path.join("runs", f"search-{a.dataset}-{a.edge}"), preset=a.preset, edge=a.edge, k=a.k,
         kernels=a.kernels, impl=a.impl, recompute=a.recompute, amp=a.amp, channels_last=a.channels_last,
         C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
-        warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, limit=a.limit, seed=a.seed, device=a.device,
-        progress=not a.no_progress, resume=a.resume,
-        dist_timeout=a.dist_timeout, check_every=a.check_every, **imagenet_settings(p, a, SearchConfig.image_size))
+        warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, **shared_settings(a),
+        **imagenet_settings(p, a, SearchConfig.image_size))
     try:
         result = run_search(cfg)
     except REPORTED as e:

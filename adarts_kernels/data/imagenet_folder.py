@@ -14,13 +14,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..utils.io import atomic_write
 from .loader import DataError
 
 __all__ = [
@@ -251,22 +251,10 @@ def make_full_manifest(folder: ImageFolder) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, path: PathLike) -> None:
-    """Write ``manifest`` as JSON to ``path`` atomically (temporary file + rename)."""
+    """Write ``manifest`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, "w", lambda f: json.dump(manifest.to_dict(), f), encoding="utf-8")
 
 
 def load_manifest(path: PathLike, root: Optional[PathLike] = None) -> Manifest:

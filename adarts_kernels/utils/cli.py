@@ -83,3 +83,11 @@ def imagenet_settings(p: argparse.ArgumentParser, a: argparse.Namespace, image_s
     if hasattr(a, "train_fraction"):
         out.update(train_fraction=a.train_fraction, arch_fraction=a.arch_fraction)
     return out
+
+
+def shared_settings(a: argparse.Namespace) -> dict:
+    """The config fields that :func:`add_data_options` and :func:`add_run_options` parsed, as
+    keyword arguments of :class:`~adarts_kernels.nas.config.SearchConfig` and
+    :class:`~adarts_kernels.nas.config.RetrainConfig` alike."""
+    return dict(dataset=a.dataset, data=a.data, download=a.download, limit=a.limit, seed=a.seed, device=a.device,
+                progress=not a.no_progress, resume=a.resume, dist_timeout=a.dist_timeout, check_every=a.check_every)
