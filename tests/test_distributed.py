@@ -411,31 +411,40 @@ def test_a_failure_on_one_rank_at_start_stops_every_rank(tmp_path):
 
 def test_global_selector_is_trusted_other_selectors_are_checked(monkeypatch):
     """The fused edge skips the idx value check for a trusted selector (a sort's prefix) and
-    keeps it for any other."""
+    keeps it for any other, on its one-node path and on the composed ops' path alike."""
     import adarts_kernels.nn.fused as fused
+    from adarts_kernels.nn import fused_function as FF
     seen = []
-    real = fused.attention_gather
+    real_op, real_kernel = fused.attention_gather, FF.gather_fwd_kernel
 
-    def spy(*a, validate_idx=True, **k):
+    def spy_op(*a, validate_idx=True, **k):
         seen.append(validate_idx)
-        return real(*a, validate_idx=validate_idx, **k)
-    monkeypatch.setattr(fused, "attention_gather", spy)
-    edge = fused.FusedAttentionMixedOp(8, 1, 4, impl="reference")
-    x, w = torch.randn(2, 8, 4, 4), torch.softmax(torch.randn(8), 0)
+        return real_op(*a, validate_idx=validate_idx, **k)
 
-    class Trusted:
-        trusted = True
+    def spy_kernel(x, a, idx, impl, validate_idx=True):
+        seen.append(validate_idx)
+        return real_kernel(x, a, idx, impl, validate_idx)
+    monkeypatch.setattr(fused, "attention_gather", spy_op)
+    monkeypatch.setattr(FF, "gather_fwd_kernel", spy_kernel)
+    for one_node in (True, False):
+        seen.clear()
+        edge = fused.FusedAttentionMixedOp(8, 1, 4, impl="reference")
+        edge.one_node = one_node
+        x, w = torch.randn(2, 8, 4, 4), torch.softmax(torch.randn(8), 0)
 
-        def __call__(self, score, n):
-            return select_channels(score, n)
-    edge.selector = Trusted()
-    out_trusted = edge(x, w)
-    edge.selector = select_channels           # a plain function: checked
-    out_checked = edge(x, w)
-    edge.selector = None                      # the op's own idx: not checked
-    out_own = edge(x, w)
-    assert seen == [False, True, False]
-    assert torch.equal(out_trusted, out_own) and torch.equal(out_checked, out_own)
+        class Trusted:
+            trusted = True
+
+            def __call__(self, score, n):
+                return select_channels(score, n)
+        edge.selector = Trusted()
+        out_trusted = edge(x, w)
+        edge.selector = select_channels           # a plain function: checked
+        out_checked = edge(x, w)
+        edge.selector = None                      # the op's own idx: not checked
+        out_own = edge(x, w)
+        assert seen == [False, True, False], one_node
+        assert torch.equal(out_trusted, out_own) and torch.equal(out_checked, out_own)
     assert D.GlobalSelector.trusted is True
 
 

@@ -821,14 +821,26 @@ def test_search_log_header_names_the_backends(search_runs, monkeypatch):
 
 
 def test_impl_reaches_every_fused_op_from_the_cli(tmp_path, monkeypatch):
-    """``--impl reference``: the config, the header and every fused op call say "reference"."""
-    import sys
+    """``--impl reference``: the config, the header and every fused kernel call (the edges'
+    one-node path calls the ops' kernels directly, forward and backward) say "reference"."""
+    import inspect
+
+    from adarts_kernels.nn import fused_function as FF
     seen = []
-    for op in FUSED_OPS:
-        mod = sys.modules[f"adarts_kernels.ops.{op}"]
-        real = mod.resolve
-        monkeypatch.setattr(mod, "resolve", lambda impl, device, _op=op, _r=real: (seen.append((_op, impl)),
-                                                                                     _r(impl, device))[1])
+    kernels = {"attention_score": ("score_fwd_kernel", "score_bwd_kernel"),
+               "attention_gather": ("gather_fwd_kernel", "gather_bwd_kernel"),
+               "attention_writeback": ("writeback_fwd_kernel", "writeback_bwd_kernel"),
+               "mixed_sum": ("mixed_sum_fwd_kernel", "mixed_sum_bwd_kernel")}
+    assert set(kernels) == set(FUSED_OPS)
+    for op, names in kernels.items():
+        for name in names:
+            real = getattr(FF, name)
+            sig = inspect.signature(real)
+
+            def spy(*a, _op=op, _r=real, _sig=sig, **kw):
+                seen.append((_op, _sig.bind(*a, **kw).arguments["impl"]))
+                return _r(*a, **kw)
+            monkeypatch.setattr(FF, name, spy)
     search = load_driver("search")
     out = tmp_path / "drv"
     rc = search.main(["--limit", "32", "--C", "4", "--layers", "3", "--batch-size", "16", "--epochs", "1",

@@ -27,18 +27,20 @@ missing pool, a pool of another size) fails at construction with its name.
 """
 from __future__ import annotations
 
+import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import backend
+from .. import _ext, backend
 from ..ops import attention_gather, attention_score, attention_writeback, mixed_sum
 from ..limits import MAX_Z
 from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
 from .edges import Candidates, ChannelAttention, check_edge_input, check_k
 from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero
-from .recompute import ReplayableEdge
+from .fused_function import EdgePlan, FusedEdgeFunction, Run, eager_path_ok, edge_forward
+from .recompute import ReplayableEdge, checkpoint_edge
 from .selection import ChannelSelectingEdge, ChannelSelector
 from .units import SharedReluConvs, Spec, bn_relu_dw_pw, dwpw_spec
 
@@ -185,13 +187,41 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         self.roles = FusedCandidates(self.cands, stride)
         self.selector = selector
         self.last_idx: Optional[torch.Tensor] = None
+        self._plan = EdgePlan(self)
+        self._resolved: Optional[tuple] = None
+
+    #: run eagerly as one autograd node (:mod:`.fused_function`) where it may run; ``False``
+    #: always composes the ``adarts::`` ops (what ``torch.compile`` traces). Same results.
+    one_node: bool = True
+    #: :func:`~adarts_kernels.nn.recompute.recompute_edge` hands this edge ``recompute=True``
+    recomputes_itself = True
+
+    def _backend(self, device: torch.device) -> str:
+        """The backend for tensors on ``device``, resolved once per device, backend setting and
+        extension state (``backend.resolve`` reads the environment and the extension)."""
+        key = (device.type, self.impl, os.environ.get(backend.ENV), _ext.HAS_EXT)
+        if self._resolved is None or self._resolved[0] != key:
+            self._resolved = (key, backend.resolve(self.impl, device))
+        return self._resolved[1]
 
     def forward(self, x, weights, edge_weight: Optional[torch.Tensor] = None, *, replay: bool = False,
-                idx: Optional[torch.Tensor] = None):
+                idx: Optional[torch.Tensor] = None, recompute: bool = False):
+        """``recompute=True``: keep only the inputs (and ``idx``) for backward and re-run the
+        edge there, as :func:`~adarts_kernels.nn.recompute.recompute_edge` does (which passes it)."""
         check_edge_input("FusedAttentionMixedOp", x, weights, self.C, self.stride, len(self.cands.primitives))
         ew = _edge_weight(edge_weight, x)
         if batchnorm_mode(self.roles.bns[0])[0]:
             _check_bn_values(x, self.C // self.k, self.stride)
+        if self.one_node and eager_path_ok(x):
+            trusted = idx is None and getattr(self.selector, "trusted", False) is True
+            grad = torch.is_grad_enabled()
+            run = Run(self, self._plan, self._backend(x.device), idx, trusted, replay, recompute and grad and not replay)
+            params = self._plan.params()
+            if grad:
+                return FusedEdgeFunction.apply(run, x, weights, ew, *params)
+            return edge_forward(run, x, weights, ew, params)[0]      # no graph: nothing kept
+        if recompute and torch.is_grad_enabled() and not replay:
+            return checkpoint_edge(self, x, weights, edge_weight)
         mlp = self.attention.mlp
         # Under autocast the states may be bfloat16/float16 while weights, alpha and beta stay
         # float32: the fused ops take one dtype, the state's (a no-op in plain float32).

@@ -93,8 +93,22 @@ class _EdgeRecompute(torch.autograd.Function):
 def recompute_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
     """``edge(x, weights, edge_weight)`` keeping only ``x``, ``weights`` and ``edge_weight`` for
     backward (plus the parameters, which exist anyway, and a channel-selecting edge's ``idx``);
-    the edge is re-run in backward. Without grad mode it is a plain call."""
+    the edge is re-run in backward. Without grad mode it is a plain call.
+
+    An edge with ``recomputes_itself = True`` (the fused edge) is called as
+    ``edge(x, weights, edge_weight, recompute=True)``: it keeps the same inputs and re-runs
+    itself inside its own backward node, without a second autograd graph; any other edge
+    goes through :func:`checkpoint_edge`."""
     if not torch.is_grad_enabled():
         return edge(x, weights, edge_weight)
+    if getattr(edge, "recomputes_itself", False) is True:
+        return edge(x, weights, edge_weight, recompute=True)
+    return checkpoint_edge(edge, x, weights, edge_weight)
+
+
+def checkpoint_edge(edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
+    """The generic recomputation of :func:`recompute_edge`: ``edge`` is run without a graph,
+    then re-run with autograd inside backward (a :class:`ReplayableEdge` with ``replay=True``)
+    and differentiated there. Grad mode must be on."""
     params = [p for p in edge.parameters() if p.requires_grad]
     return _EdgeRecompute.apply(edge, x, weights, edge_weight, *params)

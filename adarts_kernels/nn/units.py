@@ -17,7 +17,7 @@ gradients are out. Nothing here moves BatchNorm running statistics: the callers 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,11 @@ Spec = Tuple
 
 def _n_weights(spec: Spec) -> int:
     return 1 if spec[0] == "conv" else 2
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when it would return ``t`` itself."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layout(t: Tensor) -> Tensor:
@@ -110,12 +115,52 @@ def grad_like(g: Tensor, w: Tensor) -> Tensor:
     from the weight's only along the size-1 axis: those are re-strided without a copy, so
     data parallelism (whose gradient buckets mirror the parameters' strides) takes them
     as they are; any other layout is copied."""
-    g = g.to(w.dtype)
+    g = _as(g, w.dtype)
     if g.stride() == w.stride():
         return g
     if g.is_contiguous() and w.is_contiguous():
         return g.as_strided(w.shape, w.stride())      # same storage offset
     return torch.empty_like(w).copy_(g)
+
+
+def relu_convs_fwd(u: Tensor, specs: Tuple[Spec, ...], weights: Sequence[Tensor], keep: bool
+                   ) -> Tuple[List[Tensor], Optional[Tensor], List[Optional[Tensor]]]:
+    """The computation of :class:`SharedReluConvs` without autograd: ``(zs, r, ts)``, ``r`` the
+    shared ReLU output and ``ts`` the depthwise outputs when ``keep`` (else ``None`` and ``[]``)."""
+    r = _layout(F.relu(u))
+    ws = [_as(w, u.dtype) for w in weights]
+    zs, ts, at = [], [], 0
+    for spec in specs:
+        z, t = _chain_fwd(r, spec, *ws[at:at + _n_weights(spec)])
+        zs.append(z)
+        ts.append(t)
+        at += _n_weights(spec)
+    return (zs, r, ts) if keep else (zs, None, [])
+
+
+def relu_convs_bwd(gzs: Sequence[Optional[Tensor]], u: Tensor, specs: Tuple[Spec, ...], weights: Sequence[Tensor],
+                   r: Optional[Tensor] = None, ts: Sequence[Optional[Tensor]] = ()
+                   ) -> Tuple[Optional[Tensor], List[Optional[Tensor]]]:
+    """``(du, weight gradients)`` of :class:`SharedReluConvs`; ``r`` and ``ts`` as
+    :func:`relu_convs_fwd` kept them, or recomputed here when not given."""
+    ws = [_as(w, u.dtype) for w in weights]
+    if r is None:
+        r, ts = _layout(F.relu(u)), [None] * len(specs)
+    dr = None
+    grads: List[Optional[Tensor]] = []
+    at = 0
+    for spec, gz, t in zip(specs, gzs, ts):
+        nw = _n_weights(spec)
+        if gz is None:
+            grads += [None] * nw
+        else:
+            pair = list(ws[at:at + nw]) + [None] * (2 - nw)
+            d, dw0, dw1 = _chain_bwd(_layout(_as(gz, u.dtype)), r, spec, *pair, t=t)
+            dr = d if dr is None else dr + d
+            grads += [grad_like(g, w) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
+        at += nw
+    du = None if dr is None else dr * (u > 0)
+    return du, grads
 
 
 class SharedReluConvs(torch.autograd.Function):
@@ -130,14 +175,7 @@ class SharedReluConvs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, specs: Tuple[Spec, ...], keep: bool, *weights: Tensor):
-        r = _layout(F.relu(u))
-        ws = [w.to(u.dtype) for w in weights]
-        zs, ts, at = [], [], 0
-        for spec in specs:
-            z, t = _chain_fwd(r, spec, *ws[at:at + _n_weights(spec)])
-            zs.append(z)
-            ts.append(t)
-            at += _n_weights(spec)
+        zs, r, ts = relu_convs_fwd(u, specs, weights, keep)
         ctx.keep = keep
         if keep:
             ctx.save_for_backward(u, *weights, r, *ts)
@@ -152,26 +190,31 @@ class SharedReluConvs(torch.autograd.Function):
         u = saved[0]
         nw_all = sum(_n_weights(sp) for sp in ctx.specs)
         weights = saved[1:1 + nw_all]
-        ws = [w.to(u.dtype) for w in weights]
-        if ctx.keep:
-            r, ts = saved[1 + nw_all], saved[2 + nw_all:]
-        else:
-            r, ts = _layout(F.relu(u)), [None] * len(ctx.specs)
-        dr = None
-        grads: List[Optional[Tensor]] = []
-        at = 0
-        for spec, gz, t in zip(ctx.specs, gzs, ts):
-            nw = _n_weights(spec)
-            if gz is None:
-                grads += [None] * nw
-            else:
-                pair = list(ws[at:at + nw]) + [None] * (2 - nw)
-                d, dw0, dw1 = _chain_bwd(_layout(gz.to(u.dtype)), r, spec, *pair, t=t)
-                dr = d if dr is None else dr + d
-                grads += [grad_like(g, w) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
-            at += nw
-        du = None if dr is None else dr * (u > 0)
+        r, ts = (saved[1 + nw_all], saved[2 + nw_all:]) if ctx.keep else (None, ())
+        du, grads = relu_convs_bwd(gzs, u, ctx.specs, weights, r, ts)
         return (du, None, None, *grads)
+
+
+def bn_relu_dw_pw_fwd(u: Tensor, w_dw: Tensor, w_pw: Tensor, stride: int, padding: int, dilation: int,
+                      training: bool, run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float,
+                      keep: bool):
+    """The computation of :class:`BnReluDwPw` without autograd: ``(z, mean, var, rstd, kept)``,
+    ``kept = (h, t)`` (the normalised ReLU output and the depthwise output) when ``keep``, else ``()``."""
+    mean, var, rstd = affine_free_stats(u, training, run_mean, run_var, eps)
+    h = _layout(F.relu(((u.to(rstd.dtype) - channel(mean)) * channel(rstd)).to(u.dtype)))
+    z, t = _chain_fwd(h, ("dwpw", stride, padding, dilation), _as(w_dw, u.dtype), _as(w_pw, u.dtype))
+    return z, mean, var, rstd, ((h, t) if keep else ())
+
+
+def bn_relu_dw_pw_bwd(gz: Tensor, u: Tensor, w_dw: Tensor, w_pw: Tensor, mean: Tensor, rstd: Tensor,
+                      stride: int, padding: int, dilation: int, training: bool, kept=()):
+    """``(du, dw_dw, dw_pw)`` of :class:`BnReluDwPw` (``kept`` as :func:`bn_relu_dw_pw_fwd` gave it)."""
+    uh = (u.to(rstd.dtype) - channel(mean)) * channel(rstd)
+    h, t = kept if kept else (_layout(F.relu(uh).to(u.dtype)), None)
+    dh, dwd, dwp = _chain_bwd(_layout(_as(gz, u.dtype)), h, ("dwpw", stride, padding, dilation),
+                              _as(w_dw, u.dtype), _as(w_pw, u.dtype), t=t)
+    du = affine_free_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
+    return du, grad_like(dwd, w_dw), grad_like(dwp, w_pw)
 
 
 class BnReluDwPw(torch.autograd.Function):
@@ -189,10 +232,9 @@ class BnReluDwPw(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w_dw, w_pw, stride: int, padding: int, dilation: int, training: bool,
                 run_mean: Optional[Tensor], run_var: Optional[Tensor], eps: float, keep: bool):
-        mean, var, rstd = affine_free_stats(u, training, run_mean, run_var, eps)
-        h = _layout(F.relu(((u.to(rstd.dtype) - channel(mean)) * channel(rstd)).to(u.dtype)))
-        z, t = _chain_fwd(h, ("dwpw", stride, padding, dilation), w_dw.to(u.dtype), w_pw.to(u.dtype))
-        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *((h, t) if keep else ()))
+        z, mean, var, rstd, kept = bn_relu_dw_pw_fwd(u, w_dw, w_pw, stride, padding, dilation, training,
+                                                     run_mean, run_var, eps, keep)
+        ctx.save_for_backward(u, w_dw, w_pw, mean, rstd, *kept)
         ctx.conf = (stride, padding, dilation, training)
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
@@ -200,13 +242,8 @@ class BnReluDwPw(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gz, _gm, _gv):
         u, w_dw, w_pw, mean, rstd, *kept = ctx.saved_tensors
-        stride, padding, dilation, training = ctx.conf
-        uh = (u.to(rstd.dtype) - channel(mean)) * channel(rstd)
-        h, t = kept if kept else (_layout(F.relu(uh).to(u.dtype)), None)
-        dh, dwd, dwp = _chain_bwd(_layout(gz.to(u.dtype)), h, ("dwpw", stride, padding, dilation),
-                                  w_dw.to(u.dtype), w_pw.to(u.dtype), t=t)
-        du = affine_free_backward(dh.to(rstd.dtype) * (uh > 0), uh, rstd, training).to(u.dtype)
-        return du, grad_like(dwd, w_dw), grad_like(dwp, w_pw), None, None, None, None, None, None, None, None
+        du, dwd, dwp = bn_relu_dw_pw_bwd(gz, u, w_dw, w_pw, mean, rstd, *ctx.conf, kept=kept)
+        return du, dwd, dwp, None, None, None, None, None, None, None, None
 
 
 def dwpw_spec(dw: nn.Conv2d) -> Spec:

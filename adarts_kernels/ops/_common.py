@@ -1,11 +1,25 @@
 """Shared plumbing of the ``adarts::`` ops: argument checks and contiguous inputs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type``: ``torch.autocast(..., enabled=False)``
+    when autocast is on, else a shared no-op context (entering a real one costs microseconds
+    on every kernel call, and the kernels accumulate in float32 themselves either way)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def check(cond: bool, op: str, msg: str, exc=ValueError) -> None:

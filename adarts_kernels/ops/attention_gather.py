@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
+from ._common import autocast_off, check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
 
 
 @torch.library.custom_op("adarts::attention_gather", mutates_args=())
@@ -29,11 +29,12 @@ def _attention_gather(x: Tensor, a: Tensor, idx: Tensor, impl: str, validate_idx
     return R.attention_gather_fwd(x, a, idx)
 
 
-@_attention_gather.register_kernel(["cpu", "cuda"])
-def _(x, a, idx, impl, validate_idx=True):
+def gather_fwd_kernel(x, a, idx, impl, validate_idx=True):
+    """The CPU/CUDA kernel of ``adarts::attention_gather`` on the backend ``impl`` names; the fused edge's
+    eager path calls it directly (:mod:`adarts_kernels.nn.fused_function`)."""
     if validate_idx and impl != "cpp":   # the C++ CPU kernel checks the values itself
         check_idx_values("attention_gather", idx, x.shape[1])
-    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+    with autocast_off(x.device.type):   # the ops accumulate in float32 themselves
         if impl == "reference":
             return R.attention_gather_fwd(x, a, idx)
         x, a, idx = contiguous(x, a, idx)
@@ -43,6 +44,9 @@ def _(x, a, idx, impl, validate_idx=True):
             from ..triton.attention_gather import attention_gather_fwd as triton_attention_gather_fwd
             return triton_attention_gather_fwd(x, a, idx)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_gather.register_kernel(["cpu", "cuda"])(gather_fwd_kernel)
 
 
 @_attention_gather.register_fake
@@ -56,9 +60,9 @@ def _attention_gather_backward(grad: Tensor, x: Tensor, a: Tensor, idx: Tensor, 
     return R.attention_gather_bwd(grad, x, a, idx)
 
 
-@_attention_gather_backward.register_kernel(["cpu", "cuda"])
-def _(grad, x, a, idx, impl):
-    with torch.autocast(x.device.type, enabled=False):
+def gather_bwd_kernel(grad, x, a, idx, impl):
+    """The CPU/CUDA kernel of ``adarts::_attention_gather_backward`` (called directly as above)."""
+    with autocast_off(x.device.type):
         if impl == "reference":
             return R.attention_gather_bwd(grad, x, a, idx)
         grad, x, a, idx = contiguous(grad, x, a, idx)
@@ -68,6 +72,9 @@ def _(grad, x, a, idx, impl):
             from ..triton.attention_gather import attention_gather_bwd as triton_attention_gather_bwd
             return triton_attention_gather_bwd(grad, x, a, idx)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_gather_backward.register_kernel(["cpu", "cuda"])(gather_bwd_kernel)
 
 
 @_attention_gather_backward.register_fake

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, contiguous, no_double_backward
+from ._common import autocast_off, check, check_float, contiguous, no_double_backward
 
 
 @torch.library.custom_op("adarts::attention_score", mutates_args=())
@@ -28,9 +28,10 @@ def _attention_score(x: Tensor, w1: Tensor, w2: Tensor, n_select: int, impl: str
     return R.attention_score_fwd(x, w1, w2, n_select)
 
 
-@_attention_score.register_kernel(["cpu", "cuda"])
-def _(x, w1, w2, n_select, impl):
-    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+def score_fwd_kernel(x, w1, w2, n_select, impl):
+    """The CPU/CUDA kernel of ``adarts::attention_score`` on the backend ``impl`` names; the fused edge's
+    eager path calls it directly (:mod:`adarts_kernels.nn.fused_function`)."""
+    with autocast_off(x.device.type):   # the ops accumulate in float32 themselves
         if impl == "reference":
             return R.attention_score_fwd(x, w1, w2, n_select)
         x, w1, w2 = contiguous(x, w1, w2)
@@ -40,6 +41,9 @@ def _(x, w1, w2, n_select, impl):
             from ..triton.attention_score import attention_score_fwd as triton_attention_score_fwd
             return triton_attention_score_fwd(x, w1, w2, n_select)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_score.register_kernel(["cpu", "cuda"])(score_fwd_kernel)
 
 
 @_attention_score.register_fake
@@ -56,9 +60,9 @@ def _attention_score_backward(grad_a: Tensor, x: Tensor, w1: Tensor, w2: Tensor,
     return R.attention_score_bwd(grad_a, x, w1, w2, a)
 
 
-@_attention_score_backward.register_kernel(["cpu", "cuda"])
-def _(grad_a, x, w1, w2, a, impl):
-    with torch.autocast(x.device.type, enabled=False):
+def score_bwd_kernel(grad_a, x, w1, w2, a, impl):
+    """The CPU/CUDA kernel of ``adarts::_attention_score_backward`` (called directly as above)."""
+    with autocast_off(x.device.type):
         if impl == "reference":
             return R.attention_score_bwd(grad_a, x, w1, w2, a)
         grad_a, x, w1, w2, a = contiguous(grad_a, x, w1, w2, a)
@@ -68,6 +72,9 @@ def _(grad_a, x, w1, w2, a, impl):
             from ..triton.attention_score import attention_score_bwd as triton_attention_score_bwd
             return triton_attention_score_bwd(grad_a, x, w1, w2, a)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_score_backward.register_kernel(["cpu", "cuda"])(score_bwd_kernel)
 
 
 @_attention_score_backward.register_fake

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backend import resolve
 from . import reference as R
-from ._common import check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
+from ._common import autocast_off, check, check_float, check_idx_meta, check_idx_values, contiguous, no_double_backward
 
 
 def _bwd_outputs(dx, da, dy, dbeta, x):
@@ -43,11 +43,12 @@ def _attention_writeback(x: Tensor, a: Tensor, idx: Tensor, y: Tensor, beta: Opt
     return R.attention_writeback_fwd(x, a, idx, y, beta, stride)
 
 
-@_attention_writeback.register_kernel(["cpu", "cuda"])
-def _(x, a, idx, y, beta, stride, impl, validate_idx=True):
+def writeback_fwd_kernel(x, a, idx, y, beta, stride, impl, validate_idx=True):
+    """The CPU/CUDA kernel of ``adarts::attention_writeback`` on the backend ``impl`` names; the fused
+    edge's eager path calls it directly (:mod:`adarts_kernels.nn.fused_function`)."""
     if validate_idx and impl != "cpp":   # the C++ CPU kernel checks the values itself
         check_idx_values("attention_writeback", idx, x.shape[1])
-    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+    with autocast_off(x.device.type):   # the ops accumulate in float32 themselves
         if impl == "reference":
             return R.attention_writeback_fwd(x, a, idx, y, beta, stride)
         x, a, idx, y, beta = contiguous(x, a, idx, y, beta)
@@ -57,6 +58,9 @@ def _(x, a, idx, y, beta, stride, impl, validate_idx=True):
             from ..triton.attention_writeback import attention_writeback_fwd as triton_attention_writeback_fwd
             return triton_attention_writeback_fwd(x, a, idx, y, beta, stride)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_writeback.register_kernel(["cpu", "cuda"])(writeback_fwd_kernel)
 
 
 @_attention_writeback.register_fake
@@ -74,9 +78,9 @@ def _attention_writeback_backward(grad: Tensor, x: Tensor, a: Tensor, idx: Tenso
     return _bwd_outputs(*R.attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
 
 
-@_attention_writeback_backward.register_kernel(["cpu", "cuda"])
-def _(grad, x, a, idx, y, beta, stride, impl):
-    with torch.autocast(x.device.type, enabled=False):
+def writeback_bwd_kernel(grad, x, a, idx, y, beta, stride, impl):
+    """The CPU/CUDA kernel of ``adarts::_attention_writeback_backward`` (called directly as above)."""
+    with autocast_off(x.device.type):
         if impl == "reference":
             return _bwd_outputs(*R.attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
         grad, x, a, idx, y, beta = contiguous(grad, x, a, idx, y, beta)
@@ -86,6 +90,9 @@ def _(grad, x, a, idx, y, beta, stride, impl):
             from ..triton.attention_writeback import attention_writeback_bwd as triton_attention_writeback_bwd
             return _bwd_outputs(*triton_attention_writeback_bwd(grad, x, a, idx, y, beta, stride), x)
     raise ValueError(f"unknown backend {impl!r}")
+
+
+_attention_writeback_backward.register_kernel(["cpu", "cuda"])(writeback_bwd_kernel)
 
 
 @_attention_writeback_backward.register_fake

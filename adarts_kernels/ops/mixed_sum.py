@@ -38,7 +38,7 @@ from torch import Tensor
 from ..backend import resolve
 from . import reference as R
 from ..limits import MAX_Z  # noqa: F401  (re-exported: ops.mixed_sum.MAX_Z)
-from ._common import check, check_float, contiguous, no_double_backward
+from ._common import autocast_off, check, check_float, contiguous, no_double_backward
 
 
 @torch.library.custom_op("adarts::mixed_sum", mutates_args=())
@@ -48,9 +48,10 @@ def _mixed_sum(z: List[Tensor], x: Tensor, z_weights: Tensor, pool_weights: Tens
     return R.mixed_sum_fwd(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var)
 
 
-@_mixed_sum.register_kernel(["cpu", "cuda"])
-def _(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var, impl):
-    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+def mixed_sum_fwd_kernel(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var, impl):
+    """The CPU/CUDA kernel of ``adarts::mixed_sum`` on the backend ``impl`` names; the fused edge's
+    eager path calls it directly (:mod:`adarts_kernels.nn.fused_function`)."""
+    with autocast_off(x.device.type):   # the ops accumulate in float32 themselves
         if impl == "reference":
             return R.mixed_sum_fwd(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var)
         z, x, z_weights, pool_weights, identity_weight, run_mean, run_var = contiguous(
@@ -60,6 +61,9 @@ def _(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run
                                                     run_mean, run_var)
         from ..triton.mixed_sum import mixed_sum_fwd as triton_mixed_sum_fwd
         return triton_mixed_sum_fwd(z, x, z_weights, pool_weights, identity_weight, stride, eps, run_mean, run_var)
+
+
+_mixed_sum.register_kernel(["cpu", "cuda"])(mixed_sum_fwd_kernel)
 
 
 @_mixed_sum.register_fake
@@ -81,9 +85,9 @@ def _mixed_sum_backward(grad: Tensor, z: List[Tensor], x: Tensor, z_weights: Ten
     return R.mixed_sum_bwd(grad, z, x, z_weights, pool_weights, identity_weight, mean, var, stride, eps, training)
 
 
-@_mixed_sum_backward.register_kernel(["cpu", "cuda"])
-def _(grad, z, x, z_weights, pool_weights, identity_weight, mean, var, stride, eps, training, impl):
-    with torch.autocast(x.device.type, enabled=False):   # the ops accumulate in float32 themselves
+def mixed_sum_bwd_kernel(grad, z, x, z_weights, pool_weights, identity_weight, mean, var, stride, eps, training, impl):
+    """The CPU/CUDA kernel of ``adarts::_mixed_sum_backward`` (called directly as above)."""
+    with autocast_off(x.device.type):   # the ops accumulate in float32 themselves
         if impl == "reference":
             out = R.mixed_sum_bwd(grad, z, x, z_weights, pool_weights, identity_weight, mean, var, stride, eps,
                                   training)
@@ -99,6 +103,9 @@ def _(grad, z, x, z_weights, pool_weights, identity_weight, mean, var, stride, e
                                            stride, eps, training)
     dz, dx, dzw, dpw, diw = out
     return list(dz), dx, dzw, dpw, diw
+
+
+_mixed_sum_backward.register_kernel(["cpu", "cuda"])(mixed_sum_bwd_kernel)
 
 
 @_mixed_sum_backward.register_fake

@@ -1,0 +1,309 @@
+"""The fused ADARTS edge as one autograd node: the eager path of ``FusedAttentionMixedOp``.
+
+On a GPU a search step at CIFAR batch sizes spends microseconds per kernel, so an edge's
+cost is set by the host: Python, dispatch and autograd bookkeeping. Composed of the four
+``adarts::`` ops (each a ``torch.library`` custom op with its own autograd wrapper) and three
+``autograd.Function`` units, one edge forward + backward made 15 autograd nodes and eight
+custom-op calls, each with its argument handling. :class:`FusedEdgeFunction` computes the
+same edge in one node:
+
+- forward: ``attention_score`` -> selection -> ``attention_gather`` -> the shared-ReLU
+  convolution chains and the sep_convs' second halves -> ``mixed_sum`` -> the running
+  statistics of all the edge's BatchNorms in one batched update -> ``attention_writeback``;
+- backward: the same kernels' backwards in reverse.
+
+It calls the ops' registered kernels directly (``adarts_kernels.ops.*.*_kernel``) and the
+units' functional cores (``adarts_kernels.nn.units``), in the order autograd runs them in
+the composed edge, so the arithmetic is the same and the edge's outputs and gradients are
+bitwise those of the composed path (tested). Arguments are not re-checked per op: the edge
+builds them itself from inputs it has checked (``check_edge_input``); indices that did not
+come from the edge's own selection are still validated, as in the composed path.
+
+Saved for backward: exactly what the composed edge saves (``x``, ``a``, ``idx``, ``x_sel``,
+the BN inputs, the sep_conv halves' inputs and statistics, ``y``, the edge and candidate
+weights), or with ``recompute=True`` only the edge's inputs and ``idx``: the edge is then
+re-run inside backward (without autograd: its intermediates are kept for the backward that
+follows at once) and no BatchNorm statistics move a second time.
+
+The composed path stays the definition: ``torch.compile`` traces it (the custom ops have
+fakes and compile without graph breaks), as do fake-tensor, proxy and functional modes and
+functorch transforms; :func:`eager_path_ok` decides.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from ..ops.attention_gather import gather_bwd_kernel, gather_fwd_kernel
+from ..ops.attention_score import score_bwd_kernel, score_fwd_kernel
+from ..ops.attention_writeback import writeback_bwd_kernel, writeback_fwd_kernel
+from ..ops.mixed_sum import mixed_sum_bwd_kernel, mixed_sum_fwd_kernel
+from .batchnorm import batchnorm_mode, update_running_stats_rows
+from .operations import FactorizedReduce, SepConv
+from .units import bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
+
+Tensor = torch.Tensor
+_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
+
+
+def eager_path_ok(x: Tensor) -> bool:
+    """Whether the one-node eager path may run for edge input ``x``: eager (not traced by
+    ``torch.compile``), a plain CPU or CUDA tensor, no fake/proxy/functional dispatch mode
+    and no functorch transform. Otherwise the edge runs the composed ``adarts::`` ops."""
+    if torch.compiler.is_compiling() or not isinstance(x, Tensor) or type(x) not in (Tensor, nn.Parameter):
+        return False
+    if x.device.type not in ("cpu", "cuda") or torch._C._are_functorch_transforms_active():
+        return False
+    return all(torch._C._get_dispatch_mode(k) is None for k in _MODES)
+
+
+class _Sep(NamedTuple):
+    at: int                 # the chain (BN input) whose first half it continues
+    bn1: nn.BatchNorm2d
+    dw2: nn.Conv2d
+    pw2: nn.Conv2d
+
+
+class EdgePlan:
+    """What the edge function reads of a ``FusedAttentionMixedOp``, gathered once: the chain
+    specs, the modules holding the weights (in the order the function takes them), the
+    sep_convs' second halves, the BNs and the candidate columns."""
+
+    def __init__(self, edge):
+        roles = edge.roles
+        self.roles = roles
+        self.specs = roles.specs()
+        self.stride, self.n, self.eps = edge.stride, edge.C // edge.k, roles.eps
+        first: List[nn.Module] = []
+        self.seps: List[_Sep] = []
+        for i, b in enumerate(roles.bn_inputs):
+            m = b.module
+            if isinstance(m, SepConv):
+                L = m.layers()
+                first += [L.dw1, L.pw1]
+                self.seps.append(_Sep(i, L.bn1, L.dw2, L.pw2))
+            elif isinstance(m, FactorizedReduce):
+                first += [m.conv_1, m.conv_2]
+            else:
+                L = m.layers()
+                first += [L.dw, L.pw]
+        self.weight_modules: List[nn.Module] = [edge.attention.mlp[0], edge.attention.mlp[2]] + first + [
+            mod for s in self.seps for mod in (s.dw2, s.pw2)]
+        self.n_first = len(first)
+        #: every BN whose running statistics the edge moves: the mixed sum's rows, then the sep_convs' first BNs
+        self.stat_bns: List[nn.BatchNorm2d] = list(roles.bns) + [s.bn1 for s in self.seps]
+        self.n_cols = len(roles_columns(roles))
+
+    def params(self) -> List[Tensor]:
+        return [m.weight for m in self.weight_modules]
+
+
+def roles_columns(roles) -> List[int]:
+    cols = list(roles.z_columns) + list(roles.pool_columns)
+    if roles.identity_column is not None:
+        cols.append(roles.identity_column)
+    return cols
+
+
+class Run(NamedTuple):
+    """One call's settings: the edge, its plan, the backend, the given ``idx`` (or ``None``),
+    whether given/selected indices are validated, and the mode."""
+    edge: nn.Module
+    plan: EdgePlan
+    impl: str
+    idx: Optional[Tensor]
+    trusted: bool       # a trusted selector's indices (a sort's prefix): not validated
+    keep: bool          # replay: keep the intermediates, move no statistics
+    recompute: bool     # save the inputs only; re-run inside backward
+
+
+class _State(NamedTuple):
+    a: Tensor
+    idx: Tensor
+    xs: Tensor
+    zs: List[Tensor]
+    r: Optional[Tensor]
+    ts: List[Optional[Tensor]]
+    sep: List[tuple]        # per sep_conv: (u, mean, rstd, kept)
+    y: Tensor
+    mean: Tensor
+    var: Tensor
+    training: bool
+    ew: Optional[Tensor]
+
+
+def _split(roles, w: Tensor):
+    from .fused import _columns
+    iw = None if roles.identity_column is None else w[roles.identity_column]
+    return _columns(w, roles.z_columns), _columns(w, roles.pool_columns), iw
+
+
+def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], params: Sequence[Tensor],
+                 *, given_idx: Optional[Tensor] = None, replay: bool = False) -> Tuple[Tensor, _State]:
+    """The edge's forward without autograd: ``(out, state)``; ``state`` holds what backward reads.
+    ``replay``: a re-run of a forward already made (its ``given_idx``) inside backward:
+    intermediates kept, no statistics moved, no index validation, and no output (``None``)."""
+    plan, impl, edge = run.plan, run.impl, run.edge
+    roles, n, stride = plan.roles, plan.n, plan.stride
+    dt = x.dtype
+    w1, w2 = params[0].to(dt).flatten(1), params[1].to(dt).flatten(1)
+    a, own_idx = score_fwd_kernel(x, w1, w2, n, impl)
+    if replay:
+        idx, check = given_idx, False
+    else:
+        idx = edge._choose(a, n, run.idx, lambda: own_idx)
+        # as the composed path: attention_score's idx is distinct and in range by construction,
+        # a replay's was checked in the forward it replays, a trusted selector's is a sort's prefix
+        check = idx is not own_idx and not run.keep and not (run.idx is None and run.trusted)
+    keep = replay or run.keep
+    xs = gather_fwd_kernel(x, a, idx, impl, check)
+    zs, r, ts = relu_convs_fwd(xs, plan.specs, params[2:2 + plan.n_first], keep)
+    B, _, H, W = xs.shape
+    count = B * (H // stride) * (W // stride)
+    update = not keep
+    rows_m: List[Tensor] = []
+    rows_v: List[Tensor] = []
+    sep_state = []
+    at = 2 + plan.n_first
+    for s in plan.seps:
+        training1, rm1, rv1 = batchnorm_mode(s.bn1)
+        u = zs[s.at]
+        z, m1, v1, rstd1, kept = bn_relu_dw_pw_fwd(u, params[at], params[at + 1], s.dw2.stride[0], s.dw2.padding[0],
+                                                   s.dw2.dilation[0], training1, rm1, rv1, s.bn1.eps, keep)
+        zs[s.at] = z
+        sep_state.append((u, m1, rstd1, kept, (s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], training1)))
+        rows_m.append(m1)
+        rows_v.append(v1)
+        at += 2
+    # the mixed sum reads NCHW: convert the BN inputs once here, and keep those (the kernels'
+    # own contiguous() would copy channels_last ones again in backward)
+    zs = [z.contiguous() for z in zs]
+    z_w, pool_w, id_w = _split(roles, weights.to(dt))
+    training = batchnorm_mode(roles.bns[0])[0]
+    if training:
+        y, mean, var = mixed_sum_fwd_kernel(zs, xs, z_w, pool_w, id_w, stride, roles.eps, None, None, impl)
+    else:
+        rm = torch.stack([bn.running_mean for bn in roles.bns])
+        rv = torch.stack([bn.running_var for bn in roles.bns])
+        y, mean, var = mixed_sum_fwd_kernel(zs, xs, z_w, pool_w, id_w, stride, roles.eps, rm, rv, impl)
+    if update:   # every BN of the edge in one batched update (no-op for BNs in eval mode)
+        update_running_stats_rows(plan.stat_bns, list(mean.unbind(0)) + rows_m, list(var.unbind(0)) + rows_v,
+                                  count)
+    ewd = None if ew is None else ew.to(dt)
+    st = _State(a, idx, xs, zs, r, ts, sep_state, y, mean, var, training, ewd)
+    if replay:      # the re-run inside backward needs the state, not the output
+        return None, st
+    return writeback_fwd_kernel(x, a, idx, y, ewd, stride, impl, check), st
+
+
+def edge_backward(run: Run, grad: Tensor, x: Tensor, weights: Tensor, ew: Optional[Tensor],
+                  params: Sequence[Tensor], st: _State):
+    """Gradients ``(dx, dweights, dew, *dparams)`` from the forward's ``state``."""
+    plan, impl = run.plan, run.impl
+    roles, stride = plan.roles, plan.stride
+    dt = x.dtype
+    dx_wb, da_wb, dy, dbeta = writeback_bwd_kernel(grad.contiguous(), x, st.a, st.idx, st.y, st.ew, stride, impl)
+    z_w, pool_w, id_w = _split(roles, weights.to(dt))
+    dz, dxs_ms, dzw, dpw, diw = mixed_sum_bwd_kernel(dy.contiguous(), st.zs, st.xs, z_w, pool_w, id_w, st.mean,
+                                                     st.var, stride, roles.eps, st.training, impl)
+    gzs: List[Optional[Tensor]] = list(dz)
+    dsep: List[Tensor] = []
+    at = 2 + plan.n_first
+    for s, (u, m1, rstd1, kept, conf) in zip(plan.seps, st.sep):
+        du, dwd, dwp = bn_relu_dw_pw_bwd(gzs[s.at], u, params[at], params[at + 1], m1, rstd1, *conf, kept=kept)
+        gzs[s.at] = du
+        dsep += [dwd, dwp]
+        at += 2
+    dxs_relu, dfirst = relu_convs_bwd(gzs, st.xs, plan.specs, params[2:2 + plan.n_first], st.r, st.ts)
+    dxs = dxs_ms + dxs_relu
+    dx_g, da_g = gather_bwd_kernel(dxs.contiguous(), x, st.a, st.idx, impl)
+    da = da_wb + da_g
+    w1, w2 = params[0].to(dt).flatten(1), params[1].to(dt).flatten(1)
+    dx_s, dw1, dw2 = score_bwd_kernel(da.contiguous(), x, w1, w2, st.a, impl)
+    dx = dx_wb + dx_g + dx_s
+    dw = torch.zeros(weights.shape, dtype=dzw.dtype, device=dzw.device)
+    _put(dw, roles.z_columns, dzw)
+    _put(dw, roles.pool_columns, dpw)
+    if roles.identity_column is not None:
+        dw[roles.identity_column] = diw
+    dew = None if ew is None else dbeta.to(ew.dtype)
+    dparams = [dw1.reshape(params[0].shape).to(params[0].dtype), dw2.reshape(params[1].shape).to(params[1].dtype),
+               *dfirst, *dsep]
+    return dx, dw.to(weights.dtype), dew, *dparams
+
+
+def _put(dst: Tensor, cols: Sequence[int], src: Tensor) -> None:
+    if not cols:
+        return
+    if all(b == a + 1 for a, b in zip(cols, cols[1:])):
+        dst[cols[0]:cols[0] + len(cols)] = src
+    else:
+        dst[list(cols)] = src
+
+
+class FusedEdgeFunction(torch.autograd.Function):
+    """``FusedEdgeFunction.apply(run, x, weights, edge_weight, *params)``: the edge output
+    ``(B, C, H/s, W/s)`` as one autograd node (see the module docstring). ``params``: the
+    plan's weights (:meth:`EdgePlan.params`), whose gradients it returns. Backward is
+    first-order only (a gradient of the gradient raises)."""
+
+    @staticmethod
+    def forward(ctx, run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], *params: Tensor):
+        out, st = edge_forward(run, x, weights, ew, params)
+        ctx.run = run
+        if run.recompute:
+            dev = x.device.type
+            ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
+            idx = st.idx
+            if idx.untyped_storage().nbytes() != idx.nbytes:
+                idx = idx.clone()   # a view into a full sort: keep only the C/k selected
+            ctx.save_for_backward(x, weights, ew, idx, *params)
+            return out
+        ctx.n_zs, ctx.n_sep, ctx.has_r = len(st.zs), len(st.sep), st.r is not None
+        ctx.training = st.training
+        sep_flat = [t for (u, m1, rstd1, kept, _) in st.sep for t in (u, m1, rstd1, *kept)]
+        ctx.sep_conf = [(len(kept), conf) for (_, _, _, kept, conf) in st.sep]
+        ts = st.ts if st.r is not None else []
+        ctx.n_ts = len(ts)
+        ctx.save_for_backward(x, weights, ew, st.a, st.idx, st.xs, st.y, st.mean, st.var, st.ew,
+                              *params, *st.zs, *sep_flat, *(([st.r] + list(ts)) if st.r is not None else []))
+        ctx.n_params = len(params)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        run = ctx.run
+        if run.recompute:
+            x, weights, ew, idx, *params = ctx.saved_tensors
+            enabled, dtype, dev = ctx.autocast
+            if enabled:
+                with torch.autocast(dev, dtype=dtype):
+                    grads = _rerun_and_backward(run, grad, x, weights, ew, params, idx)
+            else:
+                grads = _rerun_and_backward(run, grad, x, weights, ew, params, idx)
+            return (None, *grads)
+        saved = list(ctx.saved_tensors)
+        x, weights, ew, a, idx, xs, y, mean, var, ewd = saved[:10]
+        at = 10
+        params = saved[at:at + ctx.n_params]
+        at += ctx.n_params
+        zs = saved[at:at + ctx.n_zs]
+        at += ctx.n_zs
+        sep = []
+        for n_kept, conf in ctx.sep_conf:
+            u, m1, rstd1 = saved[at:at + 3]
+            kept = tuple(saved[at + 3:at + 3 + n_kept])
+            sep.append((u, m1, rstd1, kept, conf))
+            at += 3 + n_kept
+        r, ts = (saved[at], list(saved[at + 1:])) if ctx.has_r else (None, [None] * len(zs))
+        st = _State(a, idx, xs, list(zs), r, ts, sep, y, mean, var, ctx.training, ewd)
+        return (None, *edge_backward(run, grad, x, weights, ew, params, st))
+
+
+def _rerun_and_backward(run: Run, grad, x, weights, ew, params, idx):
+    _, st = edge_forward(run, x, weights, ew, params, given_idx=idx, replay=True)
+    return edge_backward(run, grad, x, weights, ew, params, st)

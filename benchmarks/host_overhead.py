@@ -1,0 +1,213 @@
+"""Host cost of one supernet edge: time and aten ops per forward + backward at negligible size.
+
+On a GPU a CIFAR search step spends microseconds per kernel, so what it costs per edge is
+set by the host: Python, dispatch, autograd bookkeeping and launches. This benchmark makes
+the arithmetic vanish (a few channels, 8x8 planes, batch 2, one thread) and measures, for
+every edge variant, per edge forward + backward:
+
+- host time (median over interleaved rounds: every variant runs once per round, so a
+  noisy neighbour hits all of them alike; ratios are taken against PC-DARTS in one run);
+- the part of that time spent inside convolution calls (``torch.profiler``: forward and
+  backward convolutions; their count at stride 1 in brackets), and the rest;
+- non-view aten ops (a proxy for GPU launches), counted by a dispatch mode: every op the
+  dispatcher sees, a fused ``adarts::`` op as one, views (``aten.view``, ``unsqueeze``,
+  ``select``...) apart. The counts are exact and do not depend on the machine.
+
+Variants: ``pcdarts`` (PartialMixedOp), ``adarts`` (the plain-PyTorch AttentionMixedOp),
+``adarts-fused`` (FusedAttentionMixedOp), ``adarts-fused-recompute`` (the fused edge under
+``recompute_edge``, which re-runs it in backward), ``pcdarts-ckpt-edge`` (PartialMixedOp under
+``torch.utils.checkpoint``). Each is timed at stride 1 and stride 2; ``per edge`` weighs them
+as an 8-cell supernet does (96 stride-1 and 16 stride-2 edges of 112).
+
+    python benchmarks/host_overhead.py [--rounds 30] [--out benchmarks/results/host_overhead_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from adarts_kernels.nn import AttentionMixedOp, FusedAttentionMixedOp, PartialMixedOp  # noqa: E402
+from adarts_kernels.nn.recompute import recompute_edge  # noqa: E402
+
+VARIANTS = ("pcdarts", "pcdarts-ckpt-edge", "adarts", "adarts-fused", "adarts-fused-recompute")
+#: stride-1 and stride-2 edges of an 8-cell, 4-step supernet (6 normal + 2 reduction cells)
+EDGE_MIX = {1: 96, 2: 16}
+
+
+def make_edge(variant: str, C: int, stride: int, k: int, impl=None):
+    """``(edge module, run(x, w, ew) -> out)`` of ``variant``."""
+    torch.manual_seed(0)
+    if variant.startswith("pcdarts"):
+        edge = PartialMixedOp(C, stride, k)
+    elif variant == "adarts":
+        edge = AttentionMixedOp(C, stride, k)
+    else:
+        edge = FusedAttentionMixedOp(C, stride, k, impl=impl)
+    edge.train()
+    if variant == "adarts-fused-recompute":
+        return edge, lambda x, w, ew: recompute_edge(edge, x, w, ew)
+    if variant == "pcdarts-ckpt-edge":
+        from torch.utils.checkpoint import checkpoint
+        return edge, lambda x, w, ew: checkpoint(edge, x, w, ew, use_reentrant=False)
+    return edge, edge
+
+
+def make_case(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None):
+    """A closure running one forward + backward of the edge on fixed random inputs."""
+    edge, run = make_edge(variant, C, stride, k, impl)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, C, size, size, generator=g).requires_grad_()
+    alpha = (1e-3 * torch.randn(8, generator=g)).requires_grad_()
+    beta = torch.randn(1, generator=g).requires_grad_()
+    gout = torch.randn(B, C, size // stride, size // stride, generator=g)
+    leaves = [x, alpha, beta, *edge.parameters()]
+
+    def step():
+        for t in leaves:      # as a training step's zero_grad(set_to_none=True): no accumulation
+            t.grad = None
+        w = torch.softmax(alpha, 0)
+        out = run(x, w, beta[0])
+        out.backward(gout)
+    return step
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op the dispatcher hands to Python, views apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.views = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).replace("aten::", "").replace("aten.", "")
+        (self.views if getattr(func, "is_view", False) else self.ops)[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def conv_share(step, n: int = 20) -> float:
+    """Fraction of a step's host time spent inside convolution calls (forward and backward;
+    ``torch.profiler``'s total time of the outermost ``aten::convolution`` and
+    ``aten::convolution_backward`` calls over the profiled time of the step)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("host_overhead_step"):
+            for _ in range(n):
+                step()
+    ev = {e.key: e for e in prof.key_averages()}
+    total = ev["host_overhead_step"].cpu_time_total
+    conv = sum(ev[k].cpu_time_total for k in ("aten::convolution", "aten::convolution_backward") if k in ev)
+    return conv / total
+
+
+def count_ops(step) -> OpCounter:
+    step()                                 # first call: lazy initialisation out of the count
+    with OpCounter() as c:
+        step()
+    return c
+
+
+def time_rounds(cases: dict, rounds: int, reps: int) -> dict:
+    """Median seconds per call of each case, interleaved: each round runs every case ``reps`` times."""
+    for f in cases.values():
+        for _ in range(3):
+            f()
+    samples = {k: [] for k in cases}
+    order = list(cases)
+    for r in range(rounds):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            f = cases[key]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f()
+            samples[key].append((time.perf_counter() - t0) / reps)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8, rounds: int = 30, reps: int = 5,
+            impl=None) -> dict:
+    """Per-variant host time (ms) and op counts per edge forward + backward; see the module docstring."""
+    cases = {(v, s): make_case(v, C, s, k, B, size, impl) for v in variants for s in EDGE_MIX}
+    counts = {key: count_ops(f) for key, f in cases.items()}
+    share = {key: conv_share(f) for key, f in cases.items()}
+    med = time_rounds(cases, rounds, reps)
+    total = sum(EDGE_MIX.values())
+    rows = []
+    for v in variants:
+        ms = {s: 1e3 * med[(v, s)] for s in EDGE_MIX}
+        ops = {s: sum(counts[(v, s)].ops.values()) for s in EDGE_MIX}
+        views = {s: sum(counts[(v, s)].views.values()) for s in EDGE_MIX}
+        conv_ms = {s: ms[s] * share[(v, s)] for s in EDGE_MIX}
+        rows.append({
+            "variant": v,
+            "ms_per_edge": sum(ms[s] * n for s, n in EDGE_MIX.items()) / total,
+            "conv_ms_per_edge": sum(conv_ms[s] * n for s, n in EDGE_MIX.items()) / total,
+            "conv_calls_stride1": counts[(v, 1)].ops["convolution"] + counts[(v, 1)].ops["convolution_backward"],
+            "ms_stride1": ms[1], "ms_stride2": ms[2],
+            "ops_per_edge": sum(ops[s] * n for s, n in EDGE_MIX.items()) / total,
+            "ops_stride1": ops[1], "ops_stride2": ops[2],
+            "views_stride1": views[1], "views_stride2": views[2],
+            "top_ops_stride1": dict(counts[(v, 1)].ops.most_common(12)),
+        })
+    base = next((r for r in rows if r["variant"] == "pcdarts"), None)
+    for r in rows:
+        r["time_vs_pcdarts"] = None if base is None else r["ms_per_edge"] / base["ms_per_edge"]
+        r["ops_vs_pcdarts"] = None if base is None else r["ops_per_edge"] / base["ops_per_edge"]
+    return {"config": {"C": C, "k": k, "batch": B, "size": size, "rounds": rounds, "reps": reps,
+                       "threads": torch.get_num_threads(), "edge_mix": EDGE_MIX, "impl": impl},
+            "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| variant | host ms per edge fwd+bwd | vs PC-DARTS | of which in convolutions (calls) | "
+             "the rest, ms | non-view ops per edge | vs PC-DARTS |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        tv = "" if r["time_vs_pcdarts"] is None else f"{r['time_vs_pcdarts']:.2f}"
+        ov = "" if r["ops_vs_pcdarts"] is None else f"{r['ops_vs_pcdarts']:.2f}"
+        rest = r["ms_per_edge"] - r["conv_ms_per_edge"]
+        lines.append(f"| {r['variant']} | {r['ms_per_edge']:.3f} | {tv} | {r['conv_ms_per_edge']:.3f} "
+                     f"({r['conv_calls_stride1']}) | {rest:.3f} | {r['ops_per_edge']:.0f} | {ov} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--C", type=int, default=8)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--impl", default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from _harness import commit
+    res = measure(a.variants, a.C, a.k, a.batch, a.size, a.rounds, a.reps, a.impl)
+    res["machine"] = {"torch": torch.__version__, "cpus": os.cpu_count(), "commit": commit(),
+                      "date": time.strftime("%Y-%m-%d")}
+    print(table(res))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The fused edge's one-node eager path (adarts_kernels/nn/fused_function.py) against the
+composed ``adarts::`` ops it replaces in eager mode: the same kernels in the same order, so
+outputs, every gradient and the BatchNorm buffers are bitwise equal; the same bytes saved
+for backward; the composed path wherever the one-node path may not run (torch.compile,
+fake tensors); first-order backward only."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adarts_kernels.backend import why_unavailable
+from adarts_kernels.nn import FusedAttentionMixedOp
+from adarts_kernels.nn import fused_function as FF
+from adarts_kernels.nn.recompute import recompute_edge
+from adarts_kernels.profiling import saved_activation_bytes
+
+IMPLS = [i for i in ("reference", "cpp") if why_unavailable(i, "cpu") is None]
+
+
+def edges(C, stride, k, impl, seed):
+    torch.manual_seed(seed)
+    one = FusedAttentionMixedOp(C, stride, k, impl=impl)
+    composed = copy.deepcopy(one)
+    composed.one_node = False
+    return one, composed
+
+
+def inputs(B, C, H, W, seed, layout=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":    # a non-contiguous view of a larger tensor
+        x = torch.randn(B, C + 3, H, W + 2, generator=g)[:, 1:C + 1, :, 1:W + 1]
+    alpha = torch.randn(8, generator=g)
+    beta = torch.randn((), generator=g)
+    return x, alpha, beta, g
+
+
+def run_pair(one, composed, x, alpha, beta, g, edge_weight=True, recompute=False):
+    outs, leaves = [], []
+    for m in (one, composed):
+        xi, ai, bi = (t.detach().clone().requires_grad_() for t in (x, alpha, beta))
+        ew = torch.sigmoid(bi) if edge_weight else None
+        w = F.softmax(ai, 0)
+        out = recompute_edge(m, xi, w, ew) if recompute else m(xi, w, ew)
+        outs.append(out)
+        leaves.append((xi, ai, bi))
+    grad = torch.randn(outs[0].shape, generator=g)
+    for o in outs:
+        o.backward(grad)
+    return outs, leaves
+
+
+def assert_bitwise(one, composed, outs, leaves, edge_weight=True):
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(one.last_idx, composed.last_idx)
+    names = ("x", "alpha", "beta") if edge_weight else ("x", "alpha")
+    for name, a, b in zip(names, leaves[0], leaves[1]):
+        assert torch.equal(a.grad, b.grad), name
+    for (n, p), (_, q) in zip(one.named_parameters(), composed.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), n
+            assert p.grad.stride() == q.grad.stride(), n
+    for (n, b1), (_, b2) in zip(one.named_buffers(), composed.named_buffers()):
+        assert torch.equal(b1, b2), n
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bitwise_equal_to_the_composed_ops(impl, stride, train, recompute):
+    one, composed = edges(12 if stride == 1 else 16, stride, 4, impl, seed=stride + 2 * train)
+    one.train(train), composed.train(train)
+    x, alpha, beta, g = inputs(3, one.C, 6, 10, seed=5 + stride)
+    outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
+    assert_bitwise(one, composed, outs, leaves)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_non_contiguous_and_odd_shapes(layout, stride):
+    one, composed = edges(8, stride, 2, None, seed=7)
+    x, alpha, beta, g = inputs(3, 8, 7 if stride == 1 else 6, 5 if stride == 1 else 10, seed=9, layout=layout)
+    assert not x.is_contiguous()
+    outs, leaves = run_pair(one, composed, x, alpha, beta, g, edge_weight=False)
+    assert_bitwise(one, composed, outs, leaves, edge_weight=False)
+
+
+def test_bf16_autocast_equal_to_the_composed_ops():
+    one, composed = edges(8, 1, 4, None, seed=2)
+    x, alpha, beta, g = inputs(4, 8, 8, 8, seed=3)
+    outs, grads = [], []
+    for m in (one, composed):
+        xi = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi.to(torch.bfloat16), F.softmax(alpha, 0), torch.sigmoid(beta))
+        out.float().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert outs[0].dtype == torch.bfloat16
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_given_indices_are_still_validated():
+    one, _ = edges(8, 1, 4, None, seed=1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0)
+    for on in (True, False):
+        one.one_node = on
+        with pytest.raises((ValueError, RuntimeError), match="repeat a channel|distinct"):
+            one(x, w, idx=torch.tensor([3, 3]))
+        with pytest.raises((ValueError, RuntimeError), match=r"\[0, 8\)"):
+            one(x, w, idx=torch.tensor([1, 9]))
+
+
+def test_saved_bytes_equal_to_the_composed_ops():
+    for recompute in (False, True):
+        one, composed = edges(16, 1, 4, None, seed=4)
+        x = torch.randn(4, 16, 8, 8, requires_grad=True)
+        w = torch.softmax(torch.randn(8, requires_grad=True), 0)
+
+        def fwd(m, x=x, w=w, recompute=recompute):
+            return lambda: (recompute_edge(m, x * 1.0, w) if recompute else m(x * 1.0, w))
+        assert saved_activation_bytes(fwd(one), module=one) == saved_activation_bytes(fwd(composed), module=composed)
+
+
+def test_recompute_moves_the_statistics_once():
+    one, _ = edges(8, 1, 4, None, seed=6)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0)
+    recompute_edge(one, x, w).sum().backward()
+    counts = {int(b) for n, b in one.named_buffers() if n.endswith("num_batches_tracked")}
+    assert counts == {1}
+
+
+def test_double_backward_refused():
+    one, _ = edges(8, 1, 4, None, seed=8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    out = one(x, torch.softmax(torch.randn(8), 0))
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_one_node_only_where_it_may_run(monkeypatch):
+    x = torch.randn(2, 8, 6, 6)
+    assert FF.eager_path_ok(x)
+    assert not FF.eager_path_ok(x.to("meta"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert not FF.eager_path_ok(torch.empty(2, 8, 6, 6))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not FF.eager_path_ok(x)
+
+
+def test_composed_path_runs_when_the_one_node_path_may_not(monkeypatch):
+    """The same edge, told it may not run as one node, calls the custom ops (whose fakes
+    torch.compile traces) and gives the same result."""
+    one, _ = edges(8, 1, 4, None, seed=3)
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.softmax(torch.randn(8), 0)
+    with torch.no_grad():
+        fast = one(x, w)
+    called = []
+    real = FF.FusedEdgeFunction.apply
+    monkeypatch.setattr(FF.FusedEdgeFunction, "apply", lambda *a: called.append(1) or real(*a))
+    import adarts_kernels.nn.fused as fused_mod
+    monkeypatch.setattr(fused_mod, "eager_path_ok", lambda x: False)
+    seen = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad(), Names():
+        slow = one(x, w)
+    assert not called
+    assert any(s.startswith("adarts.mixed_sum") for s in seen), sorted(set(seen))
+    assert torch.equal(fast, slow)
+
+
+def test_backend_resolved_once_per_setting(monkeypatch):
+    one, _ = edges(8, 1, 4, None, seed=3)
+    import adarts_kernels.backend as B
+    calls = []
+    real = B.resolve
+    monkeypatch.setattr(B, "resolve", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.softmax(torch.randn(8), 0)
+    for _ in range(3):
+        one(x, w)
+    assert len(calls) == 1
+    monkeypatch.setenv(B.ENV, "reference")
+    one(x, w)
+    assert len(calls) == 2 and one._backend(x.device) == "reference"
