@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes: the step timeouts add up to 470 s: 150 build + 100 tests + 35 emulation
-# cases on CUDA + 4 x 15 op benchmarks + 80 supernet + 25 torchrun NCCL smoke + 20 collectives per step): build the extension with CUDA kernels, run the GPU
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 475 s: 150 build + 100 tests + 35 emulation
+# cases on CUDA + 4 x 15 op benchmarks + 80 supernet + 15 CUDA graphs + 20 torchrun NCCL smoke + 15 collectives per
+# step): build the extension with CUDA kernels, run the GPU
 # tests (every backend against the reference, fused supernet, no host sync), run the op
-# benchmarks and the supernet comparison (peak memory, largest batch, step time), a 1-GPU torchrun search
+# benchmarks and the supernet comparison (peak memory, largest batch, step time), the eager against the
+# CUDA-graph search step (--cuda-graphs), a 1-GPU torchrun search
 # under NCCL (smoke test) and the collectives of a data-parallel search step.
 # Results land in $OUT (default benchmarks/results/device): suite.log, tests.log, tests_emulated_cases.log,
-# bench_*_cuda.json, supernet_cuda.json/png, ddp_smoke.log, distributed_cuda.json/md.
+# bench_*_cuda.json, supernet_cuda.json/png, graphs_step_cuda.json, ddp_smoke.log, distributed_cuda.json/md.
 #   OUT=/tmp/out bash benchmarks/device_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,15 +54,19 @@ timeout 80 $PY benchmarks/supernet.py --device cuda --reps 3 --max-batch-limit 2
 log "supernet rc=$?"; tail -12 "$OUT/supernet.log" | tee -a "$OUT/suite.log"
 rm -f "$OUT/supernet.log"
 
+log "search step eager against CUDA graphs (pcdarts, adarts-fused; batch 64, then 256; the JSON keeps each row)"
+timeout 15 $PY benchmarks/graphs_step.py --reps 3 --out "$OUT/graphs_step_cuda.json" > "$OUT/graphs_step.log" 2>&1
+log "graphs step rc=$?"; tail -6 "$OUT/graphs_step.log" | tee -a "$OUT/suite.log"
+
 log "torchrun, 1 GPU, NCCL: a short search (smoke test of the data-parallel path)"
-timeout 25 $PY -m torch.distributed.run --standalone --nproc_per_node=1 python/search.py --dataset digits --limit 128 \
+timeout 20 $PY -m torch.distributed.run --standalone --nproc_per_node=1 python/search.py --dataset digits --limit 128 \
   --batch-size 32 --epochs 1 --warmup-epochs 0 --no-progress --device cuda --out /tmp/adarts_ddp_smoke \
   > "$OUT/ddp_smoke.log" 2>&1
 log "torchrun smoke rc=$?"; tail -4 "$OUT/ddp_smoke.log" | tee -a "$OUT/suite.log"
 head -1 /tmp/adarts_ddp_smoke/log.jsonl >> "$OUT/ddp_smoke.log" 2>/dev/null
 
 log "collectives of a data-parallel search step (1 rank, NCCL; C=16, 8 cells, 32x32, batch 64)"
-timeout 20 $PY benchmarks/distributed_step.py --device cuda --ranks 1 --only-ranks --batch 64 --C 16 --layers 8 \
+timeout 15 $PY benchmarks/distributed_step.py --device cuda --ranks 1 --only-ranks --batch 64 --C 16 --layers 8 \
   --image 32 --steps 3 --out "$OUT/distributed_cuda" > /dev/null 2>&1
 log "distributed bench rc=$?"; cat "$OUT/distributed_cuda.md" 2>/dev/null | tee -a "$OUT/suite.log"
 log "done"

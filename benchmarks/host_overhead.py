@@ -19,6 +19,9 @@ Variants: ``pcdarts`` (PartialMixedOp), ``adarts`` (the plain-PyTorch AttentionM
 ``torch.utils.checkpoint``). Each is timed at stride 1 and stride 2; ``per edge`` weighs them
 as an 8-cell supernet does (96 stride-1 and 16 stride-2 edges of 112).
 
+A second table times a whole supernet's loss forward + backward at negligible size (C=4,
+8 cells, 8x8, batch 2) per edge, stem, preprocessing and classifier included.
+
     python benchmarks/host_overhead.py [--rounds 30] [--out benchmarks/results/host_overhead_cpu.json]
 """
 from __future__ import annotations
@@ -82,7 +85,10 @@ def make_case(variant: str, C: int, stride: int, k: int, B: int, size: int, impl
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every op the dispatcher hands to Python, views apart."""
+    """Counts every op the dispatcher hands to Python, views apart (an aliasing op whose
+    output is a copy, as ``contiguous`` into another layout, counts as an operation). ``adarts_C::edge_fwd`` and
+    ``edge_bwd`` (the fused edge's host sequence in C++) are not counted themselves: the
+    operations they issue are (the mode is re-entered while they run)."""
 
     def __init__(self):
         super().__init__()
@@ -91,8 +97,18 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket).replace("aten::", "").replace("aten.", "")
-        (self.views if getattr(func, "is_view", False) else self.ops)[name] += 1
-        return func(*args, **(kwargs or {}))
+        if name.startswith("adarts_C.edge_"):
+            # the fused edge's host sequence in one call: run its kernel with this mode on the
+            # stack, so that the operations it issues are counted instead
+            with self:
+                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        view = getattr(func, "is_view", False)
+        if view and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            # ops that alias or copy (contiguous, reshape): a copy is an operation
+            view = out.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
+        (self.views if view else self.ops)[name] += 1
+        return out
 
 
 def conv_share(step, n: int = 20) -> float:
@@ -153,7 +169,7 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
             "variant": v,
             "ms_per_edge": sum(ms[s] * n for s, n in EDGE_MIX.items()) / total,
             "conv_ms_per_edge": sum(conv_ms[s] * n for s, n in EDGE_MIX.items()) / total,
-            "conv_calls_stride1": counts[(v, 1)].ops["convolution"] + counts[(v, 1)].ops["convolution_backward"],
+            "conv_calls_stride1": sum(counts[(v, 1)].ops[k] for k in ("convolution", "conv2d", "convolution_backward")),
             "ms_stride1": ms[1], "ms_stride2": ms[2],
             "ops_per_edge": sum(ops[s] * n for s, n in EDGE_MIX.items()) / total,
             "ops_stride1": ops[1], "ops_stride2": ops[2],
@@ -167,6 +183,44 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
     return {"config": {"C": C, "k": k, "batch": B, "size": size, "rounds": rounds, "reps": reps,
                        "threads": torch.get_num_threads(), "edge_mix": EDGE_MIX, "impl": impl},
             "rows": rows}
+
+
+def measure_network(variants=VARIANTS, C: int = 4, layers: int = 8, B: int = 2, size: int = 8, rounds: int = 6,
+                    reps: int = 2, impl=None) -> dict:
+    """Host time of a whole supernet's loss forward + backward (C=4, 8 cells, 8x8, batch 2: the
+    arithmetic vanishes) divided by its 112 edges: what the edges cost where they really run,
+    stem, preprocessing and classifier included."""
+    from adarts_kernels.nas.search_model import num_edges
+    from adarts_kernels.profiling.report import build_supernet
+    cases = {}
+    for v in variants:
+        net = build_supernet(v, C, layers, impl=impl)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(B, 3, size, size, generator=g)
+        y = torch.randint(0, 10, (B,), generator=g)
+
+        params = tuple(net.parameters())
+
+        def step(net=net, x=x, y=y, params=params):
+            for p in params:
+                p.grad = None
+            net.loss(x, y).backward()
+        cases[v] = step
+    med = time_rounds(cases, rounds, reps)
+    edges = layers * num_edges(4)
+    base = med.get("pcdarts")
+    rows = [{"variant": v, "ms_per_edge": 1e3 * med[v] / edges,
+             "time_vs_pcdarts": None if base is None else med[v] / base} for v in variants]
+    return {"config": {"C": C, "layers": layers, "batch": B, "size": size, "edges": edges, "rounds": rounds,
+                       "reps": reps}, "rows": rows}
+
+
+def network_table(result: dict) -> str:
+    lines = ["| variant | supernet fwd+bwd host ms per edge | vs PC-DARTS |", "|---|---|---|"]
+    for r in result["rows"]:
+        tv = "" if r["time_vs_pcdarts"] is None else f"{r['time_vs_pcdarts']:.2f}"
+        lines.append(f"| {r['variant']} | {r['ms_per_edge']:.3f} | {tv} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -193,14 +247,20 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--impl", default=None)
+    p.add_argument("--no-network", action="store_true", help="skip the whole-supernet measurement")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from _harness import commit
     res = measure(a.variants, a.C, a.k, a.batch, a.size, a.rounds, a.reps, a.impl)
+    if not a.no_network:
+        res["network"] = measure_network(a.variants, rounds=max(2, a.rounds // 4), impl=a.impl)
     res["machine"] = {"torch": torch.__version__, "cpus": os.cpu_count(), "commit": commit(),
                       "date": time.strftime("%Y-%m-%d")}
     print(table(res))
+    if "network" in res:
+        print()
+        print(network_table(res["network"]))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

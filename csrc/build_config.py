@@ -26,8 +26,9 @@ def _under(csrc, *parts):
 
 
 def cpu_sources(csrc):
-    """adarts.cpp (the schemas) and cpu/*.cpp (the CPU kernels)."""
-    return [os.path.join(csrc, "adarts.cpp")] + _under(csrc, "cpu", "*.cpp")
+    """adarts.cpp (the schemas), edge.cpp (the fused edge's host sequence, device-generic ATen)
+    and cpu/*.cpp (the CPU kernels)."""
+    return [os.path.join(csrc, "adarts.cpp"), os.path.join(csrc, "edge.cpp")] + _under(csrc, "cpu", "*.cpp")
 
 
 def cuda_sources(csrc):

@@ -14,6 +14,7 @@ from adarts_kernels.nn import FusedAttentionMixedOp
 from adarts_kernels.nn import fused_function as FF
 from adarts_kernels.nn.recompute import recompute_edge
 from adarts_kernels.profiling import saved_activation_bytes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IMPLS = [i for i in ("reference", "cpp") if why_unavailable(i, "cpu") is None]
 
@@ -68,15 +69,55 @@ def assert_bitwise(one, composed, outs, leaves, edge_weight=True):
         assert torch.equal(b1, b2), n
 
 
+class EdgeCalls(TorchDispatchMode):
+    """Records the adarts_C::edge_* calls (the C++ host sequence) made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "edge_" in str(func):
+            self.calls.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_bitwise_equal_to_the_composed_ops(impl, stride, train, recompute):
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+def test_bitwise_equal_to_the_composed_ops(impl, stride, train, recompute, cxx, monkeypatch):
+    """The one-node path, its host sequence in C++ (adarts_C::edge_fwd/edge_bwd: the compiled
+    backends in training mode) or in Python, against the composed ops."""
+    monkeypatch.setattr(FF, "USE_CXX", cxx)
     one, composed = edges(12 if stride == 1 else 16, stride, 4, impl, seed=stride + 2 * train)
     one.train(train), composed.train(train)
     x, alpha, beta, g = inputs(3, one.C, 6, 10, seed=5 + stride)
-    outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
+    with EdgeCalls() as calls:
+        outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
+    assert_bitwise(one, composed, outs, leaves)
+    expect_cxx = cxx and train and impl != "reference"
+    assert calls.calls == (["edge_fwd", "edge_fwd", "edge_bwd"] if recompute else ["edge_fwd", "edge_bwd"]
+                           ) * expect_cxx, calls.calls
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_selector_bitwise_equal_to_the_composed_ops(stride):
+    """With a selector the attention is computed first, the selector chooses, and the rest runs
+    as one call: the same result as the composed ops."""
+    from adarts_kernels.nn.selection import select_channels
+
+    class Trusted:
+        trusted = True
+
+        def __call__(self, score, n):
+            return select_channels(score, n)
+    one, composed = edges(16, stride, 4, None, seed=11)
+    for m in (one, composed):
+        m.selector = Trusted()
+    x, alpha, beta, g = inputs(3, 16, 6, 10, seed=12)
+    outs, leaves = run_pair(one, composed, x, alpha, beta, g)
     assert_bitwise(one, composed, outs, leaves)
 
 
@@ -200,3 +241,23 @@ def test_backend_resolved_once_per_setting(monkeypatch):
     monkeypatch.setenv(B.ENV, "reference")
     one(x, w)
     assert len(calls) == 2 and one._backend(x.device) == "reference"
+
+
+def test_flip_threshold_is_the_same_in_python_and_cxx():
+    from pathlib import Path
+
+    from adarts_kernels.nn import units
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "edge.cpp").read_text()
+    assert f"constexpr int64_t kFlipMinValues = {units.FLIP_MIN_VALUES};" in src
+
+
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
+    """Batch 2 at 8x8 (128 values per channel: one combined convolution backward) and batch 4 at
+    32x32 (4096: the flipped forward convolution) against the composed ops."""
+    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    for B, S in ((2, 8), (4, 32)):
+        one, composed = edges(8, 1, 4, None, seed=B)
+        x, alpha, beta, g = inputs(B, 8, S, S, seed=S)
+        outs, leaves = run_pair(one, composed, x, alpha, beta, g)
+        assert_bitwise(one, composed, outs, leaves)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final drop-path probability, ramped linearly from 0 over the epochs (default: the "
                         "preset's)")
     p.add_argument("--cutout", type=int, default=None, help="cutout length, 0: off (default: the preset's)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward and backward from a CUDA graph (captured again when the "
+                        "drop-path probability changes), the optimizer step eager; a batch of another shape runs "
+                        "eagerly (one GPU, not with torchrun)")
     add_imagenet_options(p, search=False)
     add_run_options(p, seed=d.seed, device=d.device)
     return p
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     cfg = RetrainConfig(
         genotype=a.genotype, out=a.out or os.path.join("runs", f"retrain-{a.dataset}"), preset=a.preset, C=a.C,
         layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, auxiliary=a.auxiliary,
-        drop_path=a.drop_path, cutout=a.cutout, **shared_settings(a), **imagenet_settings(p, a, RetrainConfig.image_size))
+        drop_path=a.drop_path, cutout=a.cutout, cuda_graphs=a.cuda_graphs, **shared_settings(a),
+        **imagenet_settings(p, a, RetrainConfig.image_size))
     try:
         run_retrain(cfg)
     except REPORTED as e:

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edge: keep only each edge's input and recompute the edge in backward")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (float32 without it)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU only)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward and backward from CUDA graphs, the optimizer steps eager; a "
+                        "batch of another shape (the last of an epoch) runs eagerly (one GPU, first order, not "
+                        "with torchrun, --unrolled or --batch-size auto)")
     p.add_argument("--C", type=int, default=None, help="initial channels (default: the preset's)")
     p.add_argument("--layers", type=int, default=None, help="cells (default: the preset's)")
     p.add_argument("--batch-size", type=_batch_size, default=None,
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     cfg = SearchConfig(
         out=a.out or os.path.join("runs", f"search-{a.dataset}-{a.edge}"), preset=a.preset, edge=a.edge, k=a.k,
         kernels=a.kernels, impl=a.impl, recompute=a.recompute, amp=a.amp, channels_last=a.channels_last,
+        cuda_graphs=a.cuda_graphs,
         C=a.C, layers=a.layers, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs,
         warmup_epochs=a.warmup_epochs, unrolled=a.unrolled, **shared_settings(a),
         **imagenet_settings(p, a, SearchConfig.image_size))

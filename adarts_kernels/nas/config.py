@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .. import backend
-from ..distributed import DEFAULT_CHECK_EVERY, DEFAULT_TIMEOUT_S
+from ..distributed import DEFAULT_CHECK_EVERY, DEFAULT_TIMEOUT_S, launched
 from . import genotypes as G
 from .search_model import check_impl_name, resolve_kernels
 
@@ -84,6 +84,7 @@ class SearchConfig:
     recompute: str = "none"     # "none" or "edge" (keep only edge inputs; re-run edges in backward)
     amp: bool = False           # bfloat16 autocast (float32 by default)
     channels_last: bool = False
+    cuda_graphs: bool = False   # replay the step from CUDA graphs (nas/graphs.py); one GPU, first order
     C: Optional[int] = None
     layers: Optional[int] = None
     batch_size: Optional[Union[int, str]] = None   # an int, or "auto" (largest that fits the GPU)
@@ -171,6 +172,7 @@ class RetrainConfig:
     lr_warmup_epochs: Optional[int] = None
     label_smoothing: Optional[float] = None
     top5: Optional[bool] = None
+    cuda_graphs: bool = False   # replay the step from a CUDA graph (nas/graphs.py); one GPU
 
     def resolved(self) -> "RetrainConfig":
         name = self.preset or {"digits": "digits", IMAGENET: "imagenet-darts"}.get(self.dataset, "darts")
@@ -198,6 +200,19 @@ def check_impl(cfg: SearchConfig, device: torch.device) -> None:
         backend.resolve(cfg.impl, device)
     except RuntimeError as e:
         raise ValueError(f"impl={cfg.impl!r} cannot run the fused kernels on {device}: {e}") from None
+
+
+def check_cuda_graphs(cfg, device: torch.device) -> None:
+    """Refuse ``cuda_graphs`` where the step cannot be captured (before anything is written): a
+    device other than a GPU, or a run under torchrun (data parallelism, even with one process:
+    its all-reduce and global channel selection are collectives the graphs do not hold)."""
+    if not getattr(cfg, "cuda_graphs", False):
+        return
+    if launched():
+        raise ValueError("--cuda-graphs captures a one-process step; it cannot run under torchrun (data "
+                         "parallelism): drop --cuda-graphs, or run one process without torchrun")
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graphs captures the step into CUDA graphs and needs a CUDA device, got {device}")
 
 
 def _apply_preset(c, preset: dict, scale_lr: bool = True):
@@ -304,6 +319,13 @@ def _check_search(c: SearchConfig) -> None:
                          f"candidates); choose --k among {', '.join(map(str, divisors))}, or another --C")
     if c.warmup_epochs < 0:
         raise ValueError(f"--warmup-epochs must be >= 0, got {c.warmup_epochs}")
+    if c.cuda_graphs and c.unrolled:
+        raise ValueError("--cuda-graphs captures the first-order architecture step only; drop --unrolled or "
+                         "--cuda-graphs")
+    if c.cuda_graphs and c.batch_size == "auto":
+        raise ValueError("--cuda-graphs with --batch-size auto: the probe measures eager steps, while a graphed "
+                         "run keeps its graph memory reserved when an odd-sized last batch runs eagerly; give "
+                         "--batch-size N")
 
 
 def _check_retrain(c: RetrainConfig) -> None:

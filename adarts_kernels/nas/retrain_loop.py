@@ -6,13 +6,15 @@ The driver (:mod:`adarts_kernels.commands.retrain`: ``adarts-retrain``, or
 :class:`~adarts_kernels.nas.config.RetrainConfig` and calls :func:`run_retrain`. What the
 retrain shares with the search loop (non-finite guards, evaluation, data and batch checks,
 data parallelism, launch and resume) is in :mod:`.loop_common`, whose docstring describes it.
+One step is :func:`retrain_step`; with ``cuda_graphs`` it is replayed from a CUDA graph
+(:class:`~adarts_kernels.nas.graphs.GraphedRetrainStep`).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,11 +27,38 @@ from . import genotypes as G
 from . import imagenet_run as IN
 from .architect import scaled_loss
 from .checkpoint import CHECKPOINT, payload, restore, resume_keys
-from .config import RetrainConfig
+from .config import RetrainConfig, check_cuda_graphs
 from .eval_model import EvalNetwork, NetworkImageNet, count_parameters
 from .loop_common import (READ_EVERY, EpochHook, FiniteGuard, Meter, _check_sizes, _check_trainable, _finish_epoch,
                           _launch, _load_agreed, _loss_scale, _min_batch, _periodic_read, _plot, _resume_point, _say,
                           check_finite_parameters, evaluate)
+
+
+def retrain_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, auxiliary_weight: float,
+                 smooth: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, logits)`` of a training forward: the cross-entropy of the logits, plus
+    ``auxiliary_weight`` times the auxiliary head's when the network has one; ``smooth``:
+    ``{"label_smoothing": s}`` or ``{}``."""
+    logits, logits_aux = net(x)
+    loss = F.cross_entropy(logits, y, **smooth)
+    if logits_aux is not None:
+        loss = loss + auxiliary_weight * F.cross_entropy(logits_aux, y, **smooth)
+    return loss, logits
+
+
+def retrain_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
+                 auxiliary_weight: float, smooth: dict, scale: float = 1.0,
+                 net: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One retrain step: :func:`retrain_loss` through ``net`` (``model``, or it in
+    ``DistributedDataParallel``) times ``scale`` (data parallelism; 1 otherwise), backward,
+    gradient-norm clipping of ``model``'s parameters at ``grad_clip``, ``opt.step()``.
+    Returns ``(loss, logits)``, detached, unscaled."""
+    opt.zero_grad(set_to_none=True)
+    loss, logits = retrain_loss(net if net is not None else model, x, y, auxiliary_weight, smooth)
+    scaled_loss(loss, scale).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), logits.detach()
 
 
 def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) -> dict:
@@ -38,7 +67,7 @@ def run_retrain(cfg: RetrainConfig, on_epoch_end: Optional[EpochHook] = None) ->
     ``result.json``, ``cells.png``. Under ``torchrun`` every rank calls this (data parallel,
     ``cfg.batch_size`` the global batch); rank 0 writes the files."""
     cfg = cfg.resolved()
-    with _launch(cfg) as (ctx, device), IN.closing_loaders():
+    with _launch(cfg, lambda device: check_cuda_graphs(cfg, device)) as (ctx, device), IN.closing_loaders():
         return _run_retrain(cfg, device, on_epoch_end, ctx)
 
 
@@ -86,7 +115,8 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
     sched = IN.scheduler(opt, cfg) if cfg.lr_schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
     smooth = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
 
-    run_keys = resume_keys(cfg, ignore=("genotype",))   # the genotype itself is compared below
+    # the genotype itself is compared below; a replayed step computes what the eager one does
+    run_keys = resume_keys(cfg, ignore=("genotype", "cuda_graphs"))
     if ckpt is not None and ckpt.get("genotype") != G.to_dict(genotype):
         raise ValueError(f"cannot resume {cfg.out}: the checkpoint was trained with another genotype")
     history, start_epoch, logger, _ = restore(ckpt, cfg, run_keys, {"model": model, "opt": opt, "sched": sched},
@@ -99,7 +129,11 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
     ranks = f", {ctx.world_size} ranks ({ctx.backend}, {cfg.batch_size // ctx.world_size} per rank)" if ctx.active else ""
     _say(ctx, f"retrain: C={cfg.C} layers={cfg.layers} aux={cfg.auxiliary}, {n_params / 1e6:.3f}M weights "
               f"(auxiliary excluded); {cfg.dataset} {len(train_set)} images, batch {cfg.batch_size}{ranks}, "
-              f"lr {cfg.lr:g}, {cfg.epochs} epochs, {device}")
+              f"lr {cfg.lr:g}, {cfg.epochs} epochs{', CUDA graphs' if cfg.cuda_graphs else ''}, {device}")
+    graphed = None
+    if cfg.cuda_graphs:     # one process (check_cuda_graphs): net is model
+        from .graphs import GraphedRetrainStep
+        graphed = GraphedRetrainStep(model, opt, cfg.auxiliary_weight, cfg.label_smoothing or 0.0)
     if ctx.main:
         _plot(genotype, os.path.join(cfg.out, "cells.png"), f"retrained cell ({cfg.genotype})")
 
@@ -117,14 +151,11 @@ def _run_retrain(cfg: RetrainConfig, device: torch.device, on_epoch_end: Optiona
                        enable=cfg.progress and ctx.main)
         for step, (x, y) in enumerate(bar):
             scale = _loss_scale(train_loader, step, ctx)
-            opt.zero_grad(set_to_none=True)
-            logits, logits_aux = net(x)
-            loss = F.cross_entropy(logits, y, **smooth)
-            if logits_aux is not None:
-                loss = loss + cfg.auxiliary_weight * F.cross_entropy(logits_aux, y, **smooth)
-            scaled_loss(loss, scale).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            if graphed is not None:
+                loss, logits = graphed(x, y, cfg.grad_clip)
+            else:
+                loss, logits = retrain_step(model, opt, x, y, cfg.grad_clip, cfg.auxiliary_weight, smooth, scale,
+                                            net)
             guard.check(loss, step, 1)
             meter.update(loss, logits, y)
             if step % READ_EVERY == READ_EVERY - 1:    # the loop's only host read, outside the step

@@ -7,7 +7,8 @@ The driver (:mod:`adarts_kernels.commands.search`: ``adarts-search``, or ``pytho
 in a checkout) only parses arguments into a :class:`~adarts_kernels.nas.config.SearchConfig`
 and calls :func:`run_search`. What the search shares with the retrain loop (non-finite
 guards, evaluation, data and batch checks, data parallelism, launch and resume) is in
-:mod:`.loop_common`, whose docstring describes it.
+:mod:`.loop_common`, whose docstring describes it. With ``cuda_graphs`` the steps are
+replayed from CUDA graphs (:class:`~adarts_kernels.nas.graphs.GraphedSearchStep`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from . import genotypes as G
 from . import imagenet_run as IN
 from .architect import Architect, scaled_loss
 from .checkpoint import CHECKPOINT, payload, restore, resume_keys
-from .config import SEARCH_PRESETS, SearchConfig, check_impl, scaled_lr
+from .config import SEARCH_PRESETS, SearchConfig, check_cuda_graphs, check_impl, scaled_lr
 from .loop_common import (READ_EVERY, EpochHook, FiniteGuard, Meter, _check_batch, _check_sizes, _check_trainable,
                           _finish_epoch, _launch, _load_agreed, _loss_scale, _min_batch, _periodic_read, _plot,
                           _resume_point, _say, check_finite_parameters)
@@ -176,8 +177,8 @@ def search_header(cfg: SearchConfig, model: SearchNetwork, device: torch.device,
     ``world_size`` is the number of data-parallel ranks (1 without torchrun)."""
     return {"kind": "header", "run": "search", "edge": cfg.edge, "kernels": cfg.kernels, "impl": cfg.impl,
             "backends": model.backends(device), "recompute": cfg.recompute, "amp": cfg.amp,
-            "channels_last": cfg.channels_last, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "auto_batch": auto, "device": str(device), "torch": torch.__version__,
+            "channels_last": cfg.channels_last, "cuda_graphs": cfg.cuda_graphs, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "auto_batch": auto, "device": str(device), "torch": torch.__version__,
             "world_size": ctx.world_size, "backend": ctx.backend}
 
 
@@ -200,6 +201,7 @@ def run_search(cfg: SearchConfig, on_epoch_end: Optional[EpochHook] = None,
 
     def check(device: torch.device) -> None:
         check_impl(cfg, device)
+        check_cuda_graphs(cfg, device)
         if cfg.channels_last and device.type != "cuda":
             raise ValueError("channels_last is a GPU option: on CPU the fused kernels already run their "
                              "convolutions in channels_last where it pays, and torch's CPU channels_last "
@@ -261,7 +263,7 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
     architect = Architect(model, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay, unrolled=cfg.unrolled,
                           reduce=(lambda ts: D.average_(ts, "arch_grads")) if ctx.active else None)
 
-    run_keys = resume_keys(cfg)
+    run_keys = resume_keys(cfg, ignore=("cuda_graphs",))   # a replayed step computes what the eager one does
     history, start_epoch, logger, header = restore(ckpt, cfg, run_keys, {
         "model": model, "w_opt": w_opt, "a_opt": architect, "sched": sched},
         header=search_header(cfg, model, device, auto, ctx), write=ctx.main)
@@ -283,9 +285,14 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
               f"{'second' if cfg.unrolled else 'first'} order, kernels {cfg.kernels}"
               f"{' (' + ', '.join(sorted(set(backends.values()))) + ' backend)' if backends else ''}, "
               f"recompute {cfg.recompute}"
-              f"{', bf16 autocast' if cfg.amp else ''}{', channels_last' if cfg.channels_last else ''}, {device}")
+              f"{', bf16 autocast' if cfg.amp else ''}{', channels_last' if cfg.channels_last else ''}"
+              f"{', CUDA graphs' if cfg.cuda_graphs else ''}, {device}")
 
     weights = list(model.weight_parameters())
+    graphed = None
+    if cfg.cuda_graphs:     # one process (check_cuda_graphs): net is model
+        from .graphs import GraphedSearchStep
+        graphed = GraphedSearchStep(model, architect, w_opt, weights, channels_last=cfg.channels_last)
     bad_total = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -312,9 +319,12 @@ def _run_search(cfg: SearchConfig, device: torch.device, on_epoch_end: Optional[
                 arch_scale = _loss_scale(arch_loader, arch_step, ctx)
                 arch_step += 1
             scale = _loss_scale(train_loader, step, ctx)
-            loss, logits, vloss = search_step(net, architect, w_opt, weights, x, y, xv, yv, lr, cfg.grad_clip,
-                                              channels_last=cfg.channels_last, scale=scale,
-                                              arch_scale=arch_scale)
+            if graphed is not None:
+                loss, logits, vloss = graphed(x, y, xv, yv, lr, cfg.grad_clip)
+            else:
+                loss, logits, vloss = search_step(net, architect, w_opt, weights, x, y, xv, yv, lr, cfg.grad_clip,
+                                                  channels_last=cfg.channels_last, scale=scale,
+                                                  arch_scale=arch_scale)
             if vloss is not None:
                 arch_meter.loss += vloss.double() * yv.shape[0]
                 arch_meter.n += yv.shape[0]

@@ -70,33 +70,37 @@ def update_running_stats(bns: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tenso
 def update_running_stats_rows(bns: Sequence[nn.BatchNorm2d], means: Sequence[Tensor], variances: Sequence[Tensor],
                               count: int) -> None:
     """:func:`update_running_stats` with one ``(n,)`` row per BN (``means[q]``, ``variances[q]``
-    for ``bns[q]``), the BNs of one edge in one batched update: a handful of ``torch._foreach_*``
+    for ``bns[q]``), the BNs of one edge in one batched update: three ``torch._foreach_*``
     calls for all of them instead of three ops per BN (the same arithmetic, element by element)."""
-    live = [q for q, bn in enumerate(bns) if bn.training and bn.track_running_stats and bn.running_mean is not None]
+    live = []
+    for q, bn in enumerate(bns):
+        buf = bn._buffers         # bn.running_mean etc., without Module.__getattr__
+        if bn.training and bn.track_running_stats and buf.get("running_mean") is not None:
+            live.append((q, bn, buf))
     if not live:
         return
     factor = count / max(count - 1, 1)
     with torch.no_grad():
-        torch._foreach_add_([bns[q].num_batches_tracked for q in live], 1)
+        torch._foreach_add_([buf["num_batches_tracked"] for _, _, buf in live], 1)
         groups: dict = {}
-        for q in live:
-            bn = bns[q]
+        for q, bn, buf in live:
+            rm, rv = buf["running_mean"], buf["running_var"]
             m, v = means[q], variances[q]
-            if m.dtype != bn.running_mean.dtype:
-                m = m.to(bn.running_mean.dtype)
+            if m.dtype != rm.dtype:
+                m = m.to(rm.dtype)
             if bn.momentum is None:      # cumulative average, as BatchNorm2d
-                uv = (v * factor).to(bn.running_var.dtype)
-                w = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-                bn.running_mean.add_((m - bn.running_mean) * w)
-                bn.running_var.add_((uv - bn.running_var) * w)
+                uv = (v * factor).to(rv.dtype)
+                w = 1.0 / buf["num_batches_tracked"].to(rm.dtype)
+                rm.add_((m - rm) * w)
+                rv.add_((uv - rv) * w)
             else:
-                groups.setdefault(bn.momentum, []).append((bn, m, v))
+                groups.setdefault(bn.momentum, []).append((rm, rv, m, v))
         for momentum, items in groups.items():
-            unbiased = torch._foreach_mul([v for _, _, v in items], factor)
-            unbiased = [u if u.dtype == bn.running_var.dtype else u.to(bn.running_var.dtype)
-                        for u, (bn, _, _) in zip(unbiased, items)]
-            torch._foreach_lerp_([bn.running_mean for bn, _, _ in items], [m for _, m, _ in items], momentum)
-            torch._foreach_lerp_([bn.running_var for bn, _, _ in items], unbiased, momentum)
+            unbiased = torch._foreach_mul([v for _, _, _, v in items], factor)
+            unbiased = [u if u.dtype == rv.dtype else u.to(rv.dtype) for u, (_, rv, _, _) in zip(unbiased, items)]
+            # means and variances in one call
+            torch._foreach_lerp_([rm for rm, _, _, _ in items] + [rv for _, rv, _, _ in items],
+                                 [m for _, _, m, _ in items] + unbiased, momentum)
 
 
 class BatchNormKeepOutput(torch.autograd.Function):

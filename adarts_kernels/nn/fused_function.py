@@ -41,9 +41,10 @@ from ..ops.attention_gather import gather_bwd_kernel, gather_fwd_kernel
 from ..ops.attention_score import score_bwd_kernel, score_fwd_kernel
 from ..ops.attention_writeback import writeback_bwd_kernel, writeback_fwd_kernel
 from ..ops.mixed_sum import mixed_sum_bwd_kernel, mixed_sum_fwd_kernel
+from ..ops.reference import acc_dtype
 from .batchnorm import batchnorm_mode, update_running_stats_rows
 from .operations import FactorizedReduce, SepConv
-from .units import bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
+from .units import _as, _channels_last_pays, bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
 
 Tensor = torch.Tensor
 _MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
@@ -96,9 +97,60 @@ class EdgePlan:
         #: every BN whose running statistics the edge moves: the mixed sum's rows, then the sep_convs' first BNs
         self.stat_bns: List[nn.BatchNorm2d] = list(roles.bns) + [s.bn1 for s in self.seps]
         self.n_cols = len(roles_columns(roles))
+        # the encodings of adarts_C::edge_fwd / edge_bwd (csrc/edge.cpp)
+        kinds = {"conv": 0, "fr": 1, "dwpw": 2}
+        self.spec_ints = [v for sp in self.specs for v in (kinds[sp[0]],) + _pad4(sp[1:])]
+        self.sep_ints = [v for sp in self.seps for v in (sp.at, sp.dw2.stride[0], sp.dw2.padding[0], sp.dw2.dilation[0])]
+        self.sep_eps = [float(sp.bn1.eps) for sp in self.seps]
+        self.col_ints = [len(roles.z_columns), *roles.z_columns, *roles.pool_columns,
+                         -1 if roles.identity_column is None else roles.identity_column]
+        self.dwpw = [sp[0] == "dwpw" for sp in self.specs]
+
+    def batch_stats(self) -> bool:
+        """Whether every BN the edge folds normalises with batch statistics (training mode)."""
+        return batchnorm_mode(self.roles.bns[0])[0] and all(batchnorm_mode(s.bn1)[0] for s in self.seps)
+
+    def running(self, dtype: torch.dtype):
+        """``(buffers, momentum)`` for ``adarts_C::edge_fwd`` to move every BN's running statistics
+        itself: the running means, the running variances, the ``num_batches_tracked`` of
+        :attr:`stat_bns`. ``None`` where it cannot (a BN in eval mode or tracking none, another
+        dtype than the statistics', a cumulative or a differing momentum): then the caller does."""
+        rms, rvs, nbts = [], [], []
+        momentum = None
+        for bn in self.stat_bns:
+            buf = bn._buffers
+            rm = buf.get("running_mean")
+            if (not bn.training or not bn.track_running_stats or rm is None or rm.dtype != dtype
+                    or bn.momentum is None or (momentum is not None and bn.momentum != momentum)):
+                return None
+            momentum = bn.momentum
+            rms.append(rm)
+            rvs.append(buf["running_var"])
+            nbts.append(buf["num_batches_tracked"])
+        return rms + rvs + nbts, float(momentum)
 
     def params(self) -> List[Tensor]:
-        return [m.weight for m in self.weight_modules]
+        return [m._parameters["weight"] for m in self.weight_modules]   # m.weight, without Module.__getattr__
+
+
+def _pad4(rest: tuple) -> tuple:
+    """A spec's (stride, padding, dilation): ``("fr",)`` has none, ``("conv", s, p)`` no dilation."""
+    return tuple(rest) + (1,) * (3 - len(rest)) if rest else (2, 0, 1)
+
+
+#: run the fused edge's host sequence in C++ (adarts_C::edge_fwd / edge_bwd) where it can;
+#: ``False`` keeps the Python sequence (same kernels, same order: bitwise the same results)
+USE_CXX = True
+_HAS_CXX: Optional[bool] = None
+
+
+def cxx_available() -> bool:
+    """Whether the compiled library has the edge operators (an older build has not)."""
+    global _HAS_CXX
+    if _HAS_CXX is None:
+        from .. import _ext
+        _HAS_CXX = bool(_ext.HAS_EXT) and hasattr(torch.ops.adarts_C, "edge_fwd")
+    return _HAS_CXX
 
 
 def roles_columns(roles) -> List[int]:
@@ -133,6 +185,7 @@ class _State(NamedTuple):
     var: Tensor
     training: bool
     ew: Optional[Tensor]
+    cxx: bool = False       # made by adarts_C::edge_fwd: backward runs adarts_C::edge_bwd
 
 
 def _split(roles, w: Tensor):
@@ -149,6 +202,12 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     plan, impl, edge = run.plan, run.impl, run.edge
     roles, n, stride = plan.roles, plan.n, plan.stride
     dt = x.dtype
+    cxx = USE_CXX and impl in ("cpp", "cuda") and plan.batch_stats() and cxx_available()
+    if cxx and replay:          # the re-run inside backward: attention and the rest in one call
+        return _cxx_forward(run, x, None, given_idx, weights, ew, params, True, True)
+    if cxx and run.idx is None and edge.selector is None:
+        # the built-in top-k: attention, selection and the rest in one call
+        return _cxx_forward(run, x, None, None, weights, ew, params, run.keep, False)
     w1, w2 = params[0].to(dt).flatten(1), params[1].to(dt).flatten(1)
     a, own_idx = score_fwd_kernel(x, w1, w2, n, impl)
     if replay:
@@ -159,6 +218,8 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
         # a replay's was checked in the forward it replays, a trusted selector's is a sort's prefix
         check = idx is not own_idx and not run.keep and not (run.idx is None and run.trusted)
     keep = replay or run.keep
+    if cxx and not check:
+        return _cxx_forward(run, x, a, idx, weights, ew, params, keep, replay)
     xs = gather_fwd_kernel(x, a, idx, impl, check)
     zs, r, ts = relu_convs_fwd(xs, plan.specs, params[2:2 + plan.n_first], keep)
     B, _, H, W = xs.shape
@@ -199,9 +260,63 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     return writeback_fwd_kernel(x, a, idx, y, ewd, stride, impl, check), st
 
 
+def _cxx_forward(run: Run, x, a, idx, weights, ew, params, keep: bool, replay: bool):
+    """:func:`edge_forward` after the selection, in one call of ``adarts_C::edge_fwd``."""
+    plan = run.plan
+    dt = x.dtype
+    given = None if keep else plan.running(acc_dtype(dt))
+    running, momentum = ([], 0.0) if given is None else given
+    res = torch.ops.adarts_C.edge_fwd(x, a, idx, plan.n, list(params), _as(weights, dt), ew, plan.spec_ints,
+                                      plan.sep_ints, plan.col_ints, plan.stride, plan.eps, plan.sep_eps, keep, replay,
+                                      _channels_last_pays(x), running, momentum)
+    if a is None:       # it computed the attention: a and idx come last
+        a, idx = res[-2], res[-1]
+        if not replay:
+            run.edge.last_idx = idx
+    xs, y, mean, var = res[1:5]
+    P = len(plan.specs)
+    zs = list(res[5:5 + P])
+    at = 5 + P
+    per = 6 if keep else 4
+    sep, rows_m, rows_v = [], [], []
+    for s in plan.seps:
+        u, m1, v1, rstd1 = res[at:at + 4]
+        kept = tuple(res[at + 4:at + 6]) if keep else ()
+        sep.append((u, m1, rstd1, kept, (s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], True)))
+        rows_m.append(m1)
+        rows_v.append(v1)
+        at += per
+    r, ts = None, []
+    if keep:
+        r = res[at]
+        ts = [t if d else None for t, d in zip(res[at + 1:at + 1 + P], plan.dwpw)]
+    elif given is None:         # the statistics the kernel did not move
+        B, _, H, W = xs.shape
+        count = B * (H // plan.stride) * (W // plan.stride)
+        update_running_stats_rows(plan.stat_bns, list(mean.unbind(0)) + rows_m, list(var.unbind(0)) + rows_v,
+                                  count)
+    ewd = None if ew is None else ew.to(dt)
+    st = _State(a, idx, xs, zs, r, ts, sep, y, mean, var, True, ewd, True)
+    return (None if replay else res[0]), st
+
+
+def _cxx_backward(run: Run, grad, x, weights, ew, params, st: _State):
+    plan = run.plan
+    empty = x.new_empty(0)
+    sep_state = [t for (u, m1, rstd1, kept, _) in st.sep for t in (u, m1, rstd1, *kept)]
+    kept = [] if st.r is None else [st.r] + [empty if t is None else t for t in st.ts]
+    dx, dw, dbeta, *dparams = torch.ops.adarts_C.edge_bwd(
+        grad, x, st.a, st.idx, st.xs, st.y, st.mean, st.var, ew, _as(weights, x.dtype), list(params), list(st.zs),
+        sep_state, kept, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride, plan.eps,
+        _channels_last_pays(x), x.device.type == "cpu")
+    return (dx, _as(dw, weights.dtype), None if ew is None else dbeta, *dparams)
+
+
 def edge_backward(run: Run, grad: Tensor, x: Tensor, weights: Tensor, ew: Optional[Tensor],
                   params: Sequence[Tensor], st: _State):
     """Gradients ``(dx, dweights, dew, *dparams)`` from the forward's ``state``."""
+    if st.cxx:
+        return _cxx_backward(run, grad, x, weights, ew, params, st)
     plan, impl = run.plan, run.impl
     roles, stride = plan.roles, plan.stride
     dt = x.dtype
@@ -263,7 +378,7 @@ class FusedEdgeFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weights, ew, idx, *params)
             return out
         ctx.n_zs, ctx.n_sep, ctx.has_r = len(st.zs), len(st.sep), st.r is not None
-        ctx.training = st.training
+        ctx.training, ctx.cxx = st.training, st.cxx
         sep_flat = [t for (u, m1, rstd1, kept, _) in st.sep for t in (u, m1, rstd1, *kept)]
         ctx.sep_conf = [(len(kept), conf) for (_, _, _, kept, conf) in st.sep]
         ts = st.ts if st.r is not None else []
@@ -300,7 +415,7 @@ class FusedEdgeFunction(torch.autograd.Function):
             sep.append((u, m1, rstd1, kept, conf))
             at += 3 + n_kept
         r, ts = (saved[at], list(saved[at + 1:])) if ctx.has_r else (None, [None] * len(zs))
-        st = _State(a, idx, xs, list(zs), r, ts, sep, y, mean, var, ctx.training, ewd)
+        st = _State(a, idx, xs, list(zs), r, ts, sep, y, mean, var, ctx.training, ewd, ctx.cxx)
         return (None, *edge_backward(run, grad, x, weights, ew, params, st))
 
 

@@ -58,6 +58,14 @@ def _channels_last_pays(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+#: The stride-1 depthwise input gradient is taken as a flipped forward convolution (CPU) from
+#: this many values per channel (B * H * W) up: below it one convolution_backward for both
+#: gradients is cheaper. Measured on CPU, one thread, 4 channels, 3x3 and 5x5 dilated kernels,
+#: combined against flipped (us): B*H*W = 128: 64 / 72; 512: 68-86 / 75-88; 2048: 91-148 /
+#: 89-135; 16384: 258-720 / 218-594 (2026-12-07). csrc/edge.cpp uses the same rule.
+FLIP_MIN_VALUES = 2048
+
+
 def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None
                ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(z, t)``: the chain's output and its depthwise output (``None`` for other chains)."""
@@ -98,10 +106,11 @@ def _chain_bwd(gz: Tensor, r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tenso
     dt, dw1, _ = _conv_bwd(gz, t, w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
     del t
     k = w0.shape[-1]
-    if s == 1 and 2 * p == d * (k - 1) and r.device.type == "cpu":
+    if s == 1 and 2 * p == d * (k - 1) and r.device.type == "cpu" and r.numel() >= FLIP_MIN_VALUES * n:
         # a "same" stride-1 depthwise convolution's input gradient is the same convolution
         # with the kernel flipped: oneDNN's forward is ~2x faster than its backward-data
-        # (measured, 16x4x32x32, 5x5: 0.10 vs 0.19 ms)
+        # (measured, 16x4x32x32, 5x5: 0.10 vs 0.19 ms); below FLIP_MIN_VALUES values per
+        # channel the one combined call is cheaper
         dr = F.conv2d(dt, w0.flip(2, 3), None, 1, p, d, n)
         _, dw0, _ = _conv_bwd(dt, r, w0, None, [1, 1], [p, p], [d, d], False, [0, 0], n, [False, True, False])
     else:

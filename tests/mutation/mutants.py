@@ -49,7 +49,7 @@ class Mutant:
 
     @property
     def backend(self) -> str:
-        if self.file.startswith("csrc/cpu/"):
+        if self.file.startswith("csrc/cpu/") or self.file == "csrc/edge.cpp":
             return "cpp"
         if self.file.startswith("csrc/cuda/"):
             return "cuda"
@@ -83,8 +83,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            (OPS + "test_mixed_sum.py",), "reference or cpp",
            "the reference accumulates float16 inputs in float16"),
     Mutant("nn_running_var_not_updated", "skipped running-statistics update", "adarts_kernels/nn/batchnorm.py",
-           "            torch._foreach_lerp_([bn.running_var for bn, _, _ in items], unbiased, momentum)\n",
-           "            pass\n",
+           "                                 [m for _, _, m, _ in items] + unbiased, momentum)\n",
+           "                                 [m for _, _, m, _ in items] + [rv for _, rv, _, _ in items], momentum)\n",
            ("tests/test_units.py",), "running_stats"),
     Mutant("nn_running_var_biased", "variance correction", "adarts_kernels/nn/batchnorm.py",
            "    factor = count / max(count - 1, 1)\n",
@@ -107,6 +107,16 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    dx = dx_wb + dx_g\n",
            ("tests/test_fused_edge.py",), None,
            "the one-node edge's input gradient misses the attention scoring's term"),
+    Mutant("cpp_edge_running_stats_skipped", "skipped running-statistics update", "csrc/edge.cpp",
+           "    at::_foreach_lerp_(dst, src, momentum);\n",
+           "    (void)dst;\n",
+           ("tests/test_fused_edge.py",), "cpp",
+           "the fused edge's C++ host sequence leaves the BNs' running statistics alone"),
+    Mutant("cpp_edge_sep_bn_no_stat_terms", "backward scaling", "csrc/edge.cpp",
+           "    g = g - g.mean({0, 2, 3}, true) - uh * (g * uh).mean({0, 2, 3}, true);\n",
+           "    g = g - g.mean({0, 2, 3}, true);\n",
+           ("tests/test_fused_edge.py",), "cpp",
+           "the sep_conv's folded first BN loses its variance term in the C++ backward"),
     # ------------------------------------------------------------ C++ CPU kernels
     Mutant("cpp_score_grad_rel_1e-4", "backward scaling", "csrc/cpu/attention_score_kernel.cpp",
            "dzp[i] = static_cast<acc_t>(gp[i]) * av * (acc_t(1) - av);",

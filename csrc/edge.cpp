@@ -1,0 +1,459 @@
+// adarts_C::edge_fwd / edge_bwd: the fused ADARTS edge after the channel selection, in one
+// call per direction (the host-side sequence of adarts_kernels/nn/fused_function.py, in C++).
+//
+// A search step at CIFAR batch sizes spends microseconds per GPU kernel, so what an edge costs
+// is set by the host. The one-node eager path of FusedAttentionMixedOp runs about a hundred
+// small operations per edge forward + backward; issued from Python each costs the
+// interpreter's time on top of the dispatcher's. These two operators issue the same ATen and
+// adarts_C calls, in the same order and with the same arguments, from C++: the results are
+// bitwise those of the Python sequence (tested in tests/test_fused_function.py), on whatever
+// device the tensors live (ATen dispatches; the adarts_C kernels are reached through the
+// dispatcher, so CPU tensors run csrc/cpu and CUDA tensors the CUDA kernels).
+//
+// Device-dependent choices are made by the caller and passed in (channels_last: the
+// convolutions' operand layout; flip: the stride-1 depthwise input gradient as a flipped
+// forward convolution), so that every line here runs in the CPU tests.
+//
+// Scope: batch statistics (every BatchNorm of the edge in training mode), indices that need
+// no validation; the caller runs the Python sequence otherwise. The running statistics are
+// moved by the caller from the returned batch statistics.
+//
+// Encodings (ints):
+//   specs: 4 per chain after the shared ReLU: kind (0 conv, 1 FactorizedReduce, 2 depthwise
+//          then pointwise), stride, padding, dilation;
+//   seps:  4 per sep_conv second half: chain index, stride, padding, dilation;
+//   cols:  P, the P z columns, the two pool columns, the identity column (-1: none).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace adarts {
+namespace {
+
+using at::Tensor;
+using TL = std::vector<Tensor>;
+
+enum Kind : int64_t { kConv = 0, kFr = 1, kDwPw = 2 };
+
+// adarts_kernels/nn/units.py: FLIP_MIN_VALUES (the flipped input gradient pays from this many
+// values per channel up; tests/test_fused_function.py checks the two agree)
+constexpr int64_t kFlipMinValues = 2048;
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+Tensor as(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+Tensor layout(const Tensor& t, bool channels_last) {
+  if (channels_last && t.dim() == 4) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  return t.contiguous();
+}
+
+Tensor channel(const Tensor& v) { return v.view({1, -1, 1, 1}); }
+
+// the parameter gradient g in w's dtype and strides (units.grad_like)
+Tensor grad_like(const Tensor& g0, const Tensor& w) {
+  Tensor g = as(g0, w.scalar_type());
+  if (g.strides() == w.strides()) return g;
+  if (g.is_contiguous() && w.is_contiguous()) return g.as_strided(w.sizes(), w.strides());
+  return at::empty_like(w).copy_(g);
+}
+
+Tensor even(const Tensor& r) { return r.slice(2, 0, c10::nullopt, 2).slice(3, 0, c10::nullopt, 2); }
+Tensor odd(const Tensor& r) { return r.slice(2, 1, c10::nullopt, 2).slice(3, 1, c10::nullopt, 2); }
+Tensor mat(const Tensor& w) { return w.select(2, 0).select(2, 0); }   // w[:, :, 0, 0]
+
+// (z, t): a chain's output and its depthwise output (undefined for other chains)
+std::pair<Tensor, Tensor> chain_fwd(const Tensor& r, const int64_t* sp, const Tensor& w0, const Tensor& w1) {
+  const int64_t kind = sp[0], s = sp[1], p = sp[2], d = sp[3];
+  if (kind == kConv) return {at::conv2d(r, w0, {}, {s, s}, {p, p}), Tensor()};
+  if (kind == kFr) {
+    return {at::cat({at::einsum("oc,bchw->bohw", {mat(w0), even(r)}), at::einsum("oc,bchw->bohw", {mat(w1), odd(r)})},
+                    1),
+            Tensor()};
+  }
+  Tensor t = at::conv2d(r, w0, {}, {s, s}, {p, p}, {d, d}, r.size(1));
+  return {at::conv2d(t, w1), t};
+}
+
+// (dr, dw0, dw1); t recomputed unless given
+std::tuple<Tensor, Tensor, Tensor> chain_bwd(const Tensor& gz, const Tensor& r, const int64_t* sp, const Tensor& w0,
+                                             const Tensor& w1, Tensor t, bool flip) {
+  const int64_t kind = sp[0], s = sp[1], p = sp[2], d = sp[3];
+  if (kind == kConv) {
+    auto res = at::convolution_backward(gz, r, w0, c10::nullopt, {s, s}, {p, p}, {1, 1}, false, {0, 0}, 1,
+                                        {true, true, false});
+    return {std::get<0>(res), std::get<1>(res), Tensor()};
+  }
+  if (kind == kFr) {
+    const int64_t half = w0.size(0);
+    Tensor g0 = gz.slice(1, 0, half), g1 = gz.slice(1, half);
+    Tensor r0 = even(r), r1 = odd(r);
+    Tensor dw0 = at::einsum("bohw,bchw->oc", {g0, r0}).unsqueeze(2).unsqueeze(3);
+    Tensor dw1 = at::einsum("bohw,bchw->oc", {g1, r1}).unsqueeze(2).unsqueeze(3);
+    Tensor dr = at::zeros_like(r);
+    even(dr).copy_(at::einsum("bohw,oc->bchw", {g0, mat(w0)}));
+    odd(dr).copy_(at::einsum("bohw,oc->bchw", {g1, mat(w1)}));
+    return {dr, dw0, dw1};
+  }
+  const int64_t n = r.size(1);
+  if (!t.defined()) t = at::conv2d(r, w0, {}, {s, s}, {p, p}, {d, d}, n);
+  auto pw = at::convolution_backward(gz, t, w1, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                     {true, true, false});
+  t.reset();
+  Tensor dt = std::get<0>(pw), dw1 = std::get<1>(pw);
+  const int64_t k = w0.size(-1);
+  Tensor dr, dw0;
+  if (s == 1 && 2 * p == d * (k - 1) && flip && r.numel() >= kFlipMinValues * n) {
+    dr = at::conv2d(dt, w0.flip({2, 3}), {}, {1, 1}, {p, p}, {d, d}, n);
+    dw0 = std::get<1>(at::convolution_backward(dt, r, w0, c10::nullopt, {1, 1}, {p, p}, {d, d}, false, {0, 0}, n,
+                                               {false, true, false}));
+  } else {
+    auto dw = at::convolution_backward(dt, r, w0, c10::nullopt, {s, s}, {p, p}, {d, d}, false, {0, 0}, n,
+                                       {true, true, false});
+    dr = std::get<0>(dw);
+    dw0 = std::get<1>(dw);
+  }
+  return {dr, dw0, dw1};
+}
+
+int64_t n_weights(const int64_t* sp) { return sp[0] == kConv ? 1 : 2; }
+
+Tensor columns(const Tensor& w, const std::vector<int64_t>& cols) {
+  bool consecutive = true;
+  for (size_t i = 1; i < cols.size(); ++i) consecutive = consecutive && cols[i] == cols[i - 1] + 1;
+  if (consecutive) return w.slice(0, cols[0], cols[0] + static_cast<int64_t>(cols.size()));
+  TL parts;
+  for (int64_t c : cols) parts.push_back(w.select(0, c));
+  return at::stack(parts);
+}
+
+void put(Tensor& dst, const std::vector<int64_t>& cols, const Tensor& src) {
+  if (cols.empty()) return;
+  bool consecutive = true;
+  for (size_t i = 1; i < cols.size(); ++i) consecutive = consecutive && cols[i] == cols[i - 1] + 1;
+  if (consecutive) {
+    dst.slice(0, cols[0], cols[0] + static_cast<int64_t>(cols.size())).copy_(src);
+  } else {
+    for (size_t i = 0; i < cols.size(); ++i) dst.select(0, cols[i]).copy_(src.select(0, static_cast<int64_t>(i)));
+  }
+}
+
+struct Cols {
+  std::vector<int64_t> z, pool;
+  int64_t identity;
+};
+
+Cols read_cols(at::IntArrayRef cols) {
+  Cols c;
+  const int64_t P = cols[0];
+  c.z.assign(cols.begin() + 1, cols.begin() + 1 + P);
+  c.pool.assign(cols.begin() + 1 + P, cols.begin() + 3 + P);
+  c.identity = cols[3 + P];
+  return c;
+}
+
+// The adarts_C kernels accumulate in float32 themselves and run with autocast off, as the Python
+// kernel wrappers (adarts_kernels/ops/_common.py: autocast_off) run them; the ATen operations
+// between them see the caller's autocast state, as they do in Python.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+// the adarts_C kernels, through the dispatcher (CPU or CUDA by the tensors' device)
+Tensor gather_fwd(const Tensor& x, const Tensor& a, const Tensor& idx) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_gather_fwd", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&)>();
+  const NoAutocast guard;
+  return op.call(x, a, idx);
+}
+
+std::tuple<Tensor, Tensor> gather_bwd(const Tensor& g, const Tensor& x, const Tensor& a, const Tensor& idx) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_gather_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  const NoAutocast guard;
+  return op.call(g, x, a, idx);
+}
+
+std::tuple<Tensor, Tensor> score_fwd(const Tensor& x, const Tensor& w1, const Tensor& w2, int64_t n) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_score_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+  const NoAutocast guard;
+  return op.call(x, w1, w2, n);
+}
+
+std::tuple<Tensor, Tensor, Tensor> score_bwd(const Tensor& g, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                                             const Tensor& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_score_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, const Tensor&)>();
+  const NoAutocast guard;
+  return op.call(g, x, w1, w2, a);
+}
+
+Tensor writeback_fwd(const Tensor& x, const Tensor& a, const Tensor& idx, const Tensor& y,
+                     const std::optional<Tensor>& beta, int64_t stride) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_writeback_fwd", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const std::optional<Tensor>&, int64_t)>();
+  const NoAutocast guard;
+  return op.call(x, a, idx, y, beta, stride);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> writeback_bwd(const Tensor& g, const Tensor& x, const Tensor& a,
+                                                         const Tensor& idx, const Tensor& y,
+                                                         const std::optional<Tensor>& beta, int64_t stride) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::attention_writeback_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const std::optional<Tensor>&, int64_t)>();
+  const NoAutocast guard;
+  return op.call(g, x, a, idx, y, beta, stride);
+}
+
+std::tuple<Tensor, Tensor, Tensor> mixed_fwd(const TL& z, const Tensor& x, const Tensor& zw, const Tensor& pw,
+                                             const std::optional<Tensor>& iw, int64_t stride, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::mixed_sum_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           at::TensorList, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                           int64_t, double, const std::optional<Tensor>&, const std::optional<Tensor>&)>();
+  const NoAutocast guard;
+  return op.call(z, x, zw, pw, iw, stride, eps, c10::nullopt, c10::nullopt);
+}
+
+std::tuple<TL, Tensor, Tensor, Tensor, Tensor> mixed_bwd(const Tensor& g, const TL& z, const Tensor& x,
+                                                         const Tensor& zw, const Tensor& pw,
+                                                         const std::optional<Tensor>& iw, const Tensor& mean,
+                                                         const Tensor& var, int64_t stride, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adarts_C::mixed_sum_bwd", "")
+                       .typed<std::tuple<TL, Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
+                           const std::optional<Tensor>&, const Tensor&, const Tensor&, int64_t, double, bool)>();
+  const NoAutocast guard;
+  return op.call(g, z, x, zw, pw, iw, mean, var, stride, eps, true);
+}
+
+std::optional<Tensor> identity_weight(const Tensor& w, const Cols& c) {
+  if (c.identity < 0) return c10::nullopt;
+  return w.select(0, c.identity);
+}
+
+}  // namespace
+
+// Without a: the attention first, by adarts_C::attention_score_fwd, and without idx its own
+// top-n_select channels (with idx: those, as a re-run of a forward already made).
+// running: the running statistics to move from the batch statistics, as BatchNorm2d's training
+// forward does (empty: the caller moves them): the running means of the mixed sum's rows and of
+// the sep_convs' first BNs in the order of the returned statistics, then their running variances,
+// then their num_batches_tracked; momentum: their common momentum; count: values per channel.
+// Returns [out (empty when replay), xs, y, mean, var, z_0..z_{P-1}, per sep (u, mean1, var1, rstd1[, h, t]),
+//          with keep: r, then one depthwise output per chain (an empty tensor for other chains),
+//          and, without a given a: a and idx last].
+TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optional<Tensor>& idx_, int64_t n_select,
+            at::TensorList params, const Tensor& weights, const std::optional<Tensor>& ew, at::IntArrayRef specs,
+            at::IntArrayRef seps, at::IntArrayRef cols_, int64_t stride, double eps, at::ArrayRef<double> sep_eps,
+            bool keep, bool replay, bool channels_last, at::TensorList running, double momentum) {
+  const at::ScalarType dt = x.scalar_type();
+  const Cols c = read_cols(cols_);
+  Tensor a, idx;
+  const bool select = !a_.has_value();
+  if (select) {
+    auto sc = score_fwd(x.contiguous(), as(params[0], dt).flatten(1).contiguous(),
+                        as(params[1], dt).flatten(1).contiguous(), n_select);
+    a = std::get<0>(sc);
+    idx = idx_.has_value() ? *idx_ : std::get<1>(sc);
+  } else {
+    a = *a_;
+    idx = *idx_;
+  }
+  const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4, n_seps = static_cast<int64_t>(seps.size()) / 4;
+  Tensor xs = gather_fwd(x.contiguous(), a.contiguous(), idx.contiguous());
+  // the shared ReLU and the chains (units.relu_convs_fwd)
+  Tensor r = layout(at::relu(xs), channels_last);
+  TL ws;
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) ws.push_back(as(params[i], xs.scalar_type()));
+  TL zs, ts;
+  int64_t at_w = 2;
+  for (int64_t i = 0; i < n_chains; ++i) {
+    const int64_t* sp = specs.data() + 4 * i;
+    auto zt = chain_fwd(r, sp, ws[at_w], n_weights(sp) == 2 ? ws[at_w + 1] : Tensor());
+    zs.push_back(zt.first);
+    ts.push_back(zt.second);
+    at_w += n_weights(sp);
+  }
+  // the sep_convs' second halves (units.bn_relu_dw_pw_fwd, batch statistics)
+  TL sep_out;
+  for (int64_t i = 0; i < n_seps; ++i) {
+    const int64_t* sp = seps.data() + 4 * i;
+    const int64_t ch = sp[0];
+    const Tensor u = zs[ch];
+    const at::ScalarType acc = acc_type(u.scalar_type());
+    auto vm = at::var_mean(as(u, acc), at::IntArrayRef{0, 2, 3}, /*unbiased=*/false);
+    Tensor var1 = std::get<0>(vm), mean1 = std::get<1>(vm);
+    Tensor rstd1 = at::rsqrt(var1 + sep_eps[i]);
+    Tensor h = layout(at::relu(as((as(u, acc) - channel(mean1)) * channel(rstd1), u.scalar_type())), channels_last);
+    const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
+    auto zt = chain_fwd(h, dwpw, as(params[at_w], u.scalar_type()), as(params[at_w + 1], u.scalar_type()));
+    zs[ch] = zt.first;
+    sep_out.insert(sep_out.end(), {u, mean1, var1, rstd1});
+    if (keep) sep_out.insert(sep_out.end(), {h, zt.second});
+    at_w += 2;
+  }
+  for (auto& z : zs) z = z.contiguous();   // the mixed sum reads NCHW; keep those
+  Tensor zw = columns(weights, c.z), pw = columns(weights, c.pool);
+  auto ms = mixed_fwd(zs, xs, zw.contiguous(), pw.contiguous(), identity_weight(weights, c), stride, eps);
+  Tensor y = std::get<0>(ms);
+  if (!running.empty()) {   // units/batchnorm.update_running_stats_rows, in one place
+    const size_t q = running.size() / 3;
+    TL rows_m = std::get<1>(ms).unbind(0), rows_v = std::get<2>(ms).unbind(0);
+    for (size_t i = 0; i < sep_out.size(); i += keep ? 6 : 4) {
+      rows_m.push_back(sep_out[i + 1]);
+      rows_v.push_back(sep_out[i + 2]);
+    }
+    TORCH_CHECK(rows_m.size() == q, "adarts edge_fwd: ", q, " running statistics for ", rows_m.size(), " BatchNorms");
+    const int64_t count = xs.size(0) * (xs.size(2) / stride) * (xs.size(3) / stride);
+    const double factor = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+    TL nbt(running.begin() + 2 * q, running.end());
+    at::_foreach_add_(nbt, 1);
+    TL unbiased = at::_foreach_mul(rows_v, factor);
+    TL dst(running.begin(), running.begin() + 2 * q);
+    TL src(rows_m);
+    src.insert(src.end(), unbiased.begin(), unbiased.end());
+    at::_foreach_lerp_(dst, src, momentum);
+  }
+  TL out;
+  if (replay) {
+    out.push_back(at::empty({0}, x.options()));
+  } else {
+    std::optional<Tensor> ewd = ew.has_value() ? std::optional<Tensor>(as(*ew, dt).contiguous()) : c10::nullopt;
+    out.push_back(writeback_fwd(x.contiguous(), a.contiguous(), idx.contiguous(), y.contiguous(), ewd, stride));
+  }
+  out.insert(out.end(), {xs, y, std::get<1>(ms), std::get<2>(ms)});
+  out.insert(out.end(), zs.begin(), zs.end());
+  out.insert(out.end(), sep_out.begin(), sep_out.end());
+  if (keep) {
+    out.push_back(r);
+    for (auto& t : ts) out.push_back(t.defined() ? t : at::empty({0}, x.options()));
+  }
+  if (select) out.insert(out.end(), {a, idx});
+  return out;
+}
+
+// Returns [dx, dweights (in the z weights' dtype), dbeta (empty without ew), one gradient per param].
+TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& idx, const Tensor& xs, const Tensor& y,
+            const Tensor& mean, const Tensor& var, const std::optional<Tensor>& ew, const Tensor& weights,
+            at::TensorList params, at::TensorList zs_, at::TensorList sep_state, at::TensorList kept,
+            at::IntArrayRef specs, at::IntArrayRef seps, at::IntArrayRef cols_, int64_t stride, double eps,
+            bool channels_last, bool flip) {
+  const at::ScalarType dt = x.scalar_type();
+  const Cols c = read_cols(cols_);
+  const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4, n_seps = static_cast<int64_t>(seps.size()) / 4;
+  const bool keep = !kept.empty();
+  std::optional<Tensor> ewd = ew.has_value() ? std::optional<Tensor>(as(*ew, dt).contiguous()) : c10::nullopt;
+  auto wb = writeback_bwd(grad.contiguous(), x.contiguous(), a.contiguous(), idx.contiguous(), y.contiguous(), ewd,
+                          stride);
+  Tensor dx_wb = std::get<0>(wb), da_wb = std::get<1>(wb), dy = std::get<2>(wb), dbeta = std::get<3>(wb);
+  TL zs(zs_.begin(), zs_.end());
+  for (auto& z : zs) z = z.contiguous();
+  Tensor zw = columns(weights, c.z).contiguous(), pw = columns(weights, c.pool).contiguous();
+  std::optional<Tensor> iw = identity_weight(weights, c);
+  if (iw.has_value()) iw = iw->contiguous();
+  auto mb = mixed_bwd(dy.contiguous(), zs, xs.contiguous(), zw, pw, iw, mean.contiguous(), var.contiguous(), stride,
+                      eps);
+  TL gzs = std::get<0>(mb);
+  Tensor dxs_ms = std::get<1>(mb), dzw = std::get<2>(mb), dpw = std::get<3>(mb), diw = std::get<4>(mb);
+  // the sep_convs' second halves (units.bn_relu_dw_pw_bwd, batch statistics)
+  int64_t n_first = 0;
+  for (int64_t i = 0; i < n_chains; ++i) n_first += n_weights(specs.data() + 4 * i);
+  TL dsep;
+  int64_t at_s = 0, at_w = 2 + n_first;
+  for (int64_t i = 0; i < n_seps; ++i) {
+    const int64_t* sp = seps.data() + 4 * i;
+    const int64_t ch = sp[0];
+    const Tensor &u = sep_state[at_s], &mean1 = sep_state[at_s + 1], &rstd1 = sep_state[at_s + 2];
+    const at::ScalarType udt = u.scalar_type(), acc = acc_type(udt);
+    Tensor uh = (as(u, acc) - channel(mean1)) * channel(rstd1);
+    Tensor h, t;
+    if (keep) {
+      h = sep_state[at_s + 3];
+      t = sep_state[at_s + 4];
+      at_s += 5;
+    } else {
+      h = layout(as(at::relu(uh), udt), channels_last);
+      at_s += 3;
+    }
+    const Tensor &wd = params[at_w], &wp = params[at_w + 1];
+    const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
+    auto cb = chain_bwd(layout(as(gzs[ch], udt), channels_last), h, dwpw, as(wd, udt), as(wp, udt), t, flip);
+    Tensor g = as(std::get<0>(cb), acc) * uh.gt(0);
+    g = g - g.mean({0, 2, 3}, true) - uh * (g * uh).mean({0, 2, 3}, true);
+    gzs[ch] = as(g * channel(rstd1), udt);
+    dsep.push_back(grad_like(std::get<1>(cb), wd));
+    dsep.push_back(grad_like(std::get<2>(cb), wp));
+    at_w += 2;
+  }
+  // the shared ReLU and the chains (units.relu_convs_bwd)
+  const at::ScalarType xdt = xs.scalar_type();
+  Tensor r = keep ? kept[0] : layout(at::relu(xs), channels_last);
+  Tensor dr;
+  TL dfirst;
+  at_w = 2;
+  for (int64_t i = 0; i < n_chains; ++i) {
+    const int64_t* sp = specs.data() + 4 * i;
+    const int64_t nw = n_weights(sp);
+    Tensor w0 = as(params[at_w], xdt), w1 = nw == 2 ? as(params[at_w + 1], xdt) : Tensor();
+    Tensor t = (keep && sp[0] == kDwPw) ? kept[1 + i] : Tensor();
+    auto cb = chain_bwd(layout(as(gzs[i], xdt), channels_last), r, sp, w0, w1, t, flip);
+    dr = dr.defined() ? dr + std::get<0>(cb) : std::get<0>(cb);
+    dfirst.push_back(grad_like(std::get<1>(cb), params[at_w]));
+    if (nw == 2) dfirst.push_back(grad_like(std::get<2>(cb), params[at_w + 1]));
+    at_w += nw;
+  }
+  Tensor dxs = dxs_ms + dr * xs.gt(0);
+  auto gb = gather_bwd(dxs.contiguous(), x.contiguous(), a.contiguous(), idx.contiguous());
+  Tensor da = da_wb + std::get<1>(gb);
+  Tensor w1 = as(params[0], dt).flatten(1).contiguous(), w2 = as(params[1], dt).flatten(1).contiguous();
+  auto sb = score_bwd(da.contiguous(), x.contiguous(), w1, w2, a.contiguous());
+  Tensor dx = dx_wb + std::get<0>(gb) + std::get<0>(sb);
+  Tensor dw = at::zeros(weights.sizes(), dzw.options());
+  put(dw, c.z, dzw);
+  put(dw, c.pool, dpw);
+  if (c.identity >= 0) dw.select(0, c.identity).copy_(diw);
+  TL out{dx, dw, ew.has_value() ? as(dbeta, ew->scalar_type()) : at::empty({0}, x.options())};
+  out.push_back(as(std::get<1>(sb).reshape(params[0].sizes()), params[0].scalar_type()));
+  out.push_back(as(std::get<2>(sb).reshape(params[1].sizes()), params[1].scalar_type()));
+  out.insert(out.end(), dfirst.begin(), dfirst.end());
+  out.insert(out.end(), dsep.begin(), dsep.end());
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(adarts_C, m) {
+  m.def("edge_fwd(Tensor x, Tensor? a, Tensor? idx, int n_select, Tensor[] params, Tensor weights, Tensor? ew, "
+        "int[] specs, "
+        "int[] seps, int[] cols, int stride, float eps, float[] sep_eps, bool keep, bool replay, "
+        "bool channels_last, Tensor[] running, float momentum) -> Tensor[]");
+  m.def("edge_bwd(Tensor grad, Tensor x, Tensor a, Tensor idx, Tensor xs, Tensor y, Tensor mean, Tensor var, "
+        "Tensor? ew, Tensor weights, Tensor[] params, Tensor[] zs, Tensor[] sep_state, Tensor[] kept, int[] specs, "
+        "int[] seps, int[] cols, int stride, float eps, bool channels_last, bool flip) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(adarts_C, CompositeExplicitAutograd, m) {
+  m.impl("edge_fwd", TORCH_FN(edge_fwd));
+  m.impl("edge_bwd", TORCH_FN(edge_bwd));
+}
+
+}  // namespace adarts
