@@ -106,16 +106,26 @@ def _sync_reason(func, args, kwargs):
 class NoHostSync(TorchDispatchMode):
     """Raises :class:`HostSyncError` on any op that would synchronise the host with the device
     (see :data:`SYNC_OPS`; a boolean-mask index; a copy to the host), and on the Python-level
-    reads that skip the dispatcher (``tolist``, ``numpy``, ``__array__``). The ops' own
-    kernels (C++, CUDA) are not looked into: what is checked is every op the Python code and
-    autograd dispatch."""
+    reads that skip the dispatcher (``tolist``, ``numpy``, ``__array__``). The kernels
+    themselves (C++, CUDA) are not looked into: what is checked is every op the Python code,
+    autograd and the fused edge's C++ host sequence (``adarts_C::edge_fwd``/``edge_bwd``,
+    run with this mode on the stack) dispatch."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         why = _sync_reason(func, args, kwargs)
         if why is not None:
             raise HostSyncError(f"{func._schema.name}: {why}")
+        if func._schema.name in ("adarts_C::edge_fwd", "adarts_C::edge_bwd"):
+            self.host_sequences += 1
+            TorchDispatchMode.__enter__(self)   # the ATen and adarts_C calls it issues pass through this mode too
+            try:
+                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
         return func(*args, **kwargs)
+
+    host_sequences = 0
 
     def __enter__(self):
         self._saved = {name: torch.Tensor.__dict__.get(name) for name in PY_READS}
@@ -472,25 +482,28 @@ def test_the_flags_reach_the_configs():
 
 # ----------------------------------------------------------------------------- no host sync in a search step
 
-def _sync_free_halves(net: SearchNetwork, gen: torch.Generator) -> None:
+def _sync_free_halves(net: SearchNetwork, gen: torch.Generator) -> int:
     """Both halves of a search step, the forward and backward of each under the detector
     (the architecture gradient as Architect.step computes it; the weight step with its
-    gradient clipping); the optimizer steps outside it."""
+    gradient clipping); the optimizer steps outside it. Returns how many fused-edge host
+    sequences (adarts_C::edge_fwd/edge_bwd) the detector looked into."""
     w, opt, arch = _search_parts(net)
     x, y = _batch(gen, 4)
     xv, yv = _batch(gen, 4)
-    with NoHostSync():
+    first, second = NoHostSync(), NoHostSync()
+    with first:
         vloss = net.loss(xv, yv)
         grads = torch.autograd.grad(vloss, arch.model.arch_parameters())
     for p, g in zip(arch.model.arch_parameters(), grads):
         p.grad = g
     arch.optimizer.step()
     opt.zero_grad(set_to_none=True)
-    with NoHostSync():
+    with second:
         loss = F.cross_entropy(net(x), y)
         loss.backward()
         nn.utils.clip_grad_norm_(w, 5.0, foreach=True)
     opt.step()
+    return first.host_sequences + second.host_sequences
 
 
 @pytest.mark.parametrize("recompute", ["none", "edge"])
@@ -506,7 +519,8 @@ def test_a_fused_search_step_makes_no_host_sync(monkeypatch, recompute):
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
     net = _supernet("fused", recompute)
     gen = torch.Generator().manual_seed(4)
-    _sync_free_halves(net, gen)
+    # every edge forward and backward, both halves: the C++ host sequences were looked into
+    assert _sync_free_halves(net, gen) >= 4 * sum(1 for _ in net.selecting_edges())
     forward = net.classifier.forward
     monkeypatch.setattr(net.classifier, "forward", lambda t: forward(t) + 0 * t.sum().item())
     with pytest.raises(HostSyncError, match="_local_scalar_dense"):

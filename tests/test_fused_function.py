@@ -261,3 +261,21 @@ def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
         x, alpha, beta, g = inputs(B, 8, S, S, seed=S)
         outs, leaves = run_pair(one, composed, x, alpha, beta, g)
         assert_bitwise(one, composed, outs, leaves)
+
+
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, monkeypatch):
+    """With the GPU's operand layout injected (NCHW convolutions: ``_channels_last_pays`` ->
+    False), the C++ and Python host sequences still match the composed ops bit for bit."""
+    from adarts_kernels.nn import units
+    monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
+    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    one, composed = edges(8, 1, 4, None, seed=21)
+    x, alpha, beta, g = inputs(3, 8, 6, 6, seed=22)
+    with EdgeCalls() as calls:
+        outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
+    assert_bitwise(one, composed, outs, leaves)
+    assert bool(calls.calls) == cxx
+    for r in outs:
+        assert r.is_contiguous()

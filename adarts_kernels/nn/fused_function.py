@@ -44,7 +44,8 @@ from ..ops.mixed_sum import mixed_sum_bwd_kernel, mixed_sum_fwd_kernel
 from ..ops.reference import acc_dtype
 from .batchnorm import batchnorm_mode, update_running_stats_rows
 from .operations import FactorizedReduce, SepConv
-from .units import _as, _channels_last_pays, bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
+from . import units
+from .units import _as, bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
 
 Tensor = torch.Tensor
 _MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
@@ -268,7 +269,7 @@ def _cxx_forward(run: Run, x, a, idx, weights, ew, params, keep: bool, replay: b
     running, momentum = ([], 0.0) if given is None else given
     res = torch.ops.adarts_C.edge_fwd(x, a, idx, plan.n, list(params), _as(weights, dt), ew, plan.spec_ints,
                                       plan.sep_ints, plan.col_ints, plan.stride, plan.eps, plan.sep_eps, keep, replay,
-                                      _channels_last_pays(x), running, momentum)
+                                      units._channels_last_pays(x), running, momentum)
     if a is None:       # it computed the attention: a and idx come last
         a, idx = res[-2], res[-1]
         if not replay:
@@ -308,7 +309,7 @@ def _cxx_backward(run: Run, grad, x, weights, ew, params, st: _State):
     dx, dw, dbeta, *dparams = torch.ops.adarts_C.edge_bwd(
         grad, x, st.a, st.idx, st.xs, st.y, st.mean, st.var, ew, _as(weights, x.dtype), list(params), list(st.zs),
         sep_state, kept, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride, plan.eps,
-        _channels_last_pays(x), x.device.type == "cpu")
+        units._channels_last_pays(x), x.device.type == "cpu")
     return (dx, _as(dw, weights.dtype), None if ew is None else dbeta, *dparams)
 
 
