@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes: the step timeouts add up to 475 s: 150 build + 100 tests + 35 emulation
-# cases on CUDA + 4 x 15 op benchmarks + 80 supernet + 15 CUDA graphs + 20 torchrun NCCL smoke + 15 collectives per
-# step): build the extension with CUDA kernels, run the GPU
+# One prepared GPU run (under 8 minutes: the step timeouts add up to 479 s: 150 build + 97 tests + 30 emulation
+# cases on CUDA + 4 x 15 op benchmarks + 80 supernet + 15 CUDA graphs + 12 host cost per edge + 20 torchrun NCCL
+# smoke + 15 collectives per step): build the extension with CUDA kernels, run the GPU
 # tests (every backend against the reference, fused supernet, no host sync), run the op
 # benchmarks and the supernet comparison (peak memory, largest batch, step time), the eager against the
 # CUDA-graph search step (--cuda-graphs), a 1-GPU torchrun search
 # under NCCL (smoke test) and the collectives of a data-parallel search step.
 # Results land in $OUT (default benchmarks/results/device): suite.log, tests.log, tests_emulated_cases.log,
-# bench_*_cuda.json, supernet_cuda.json/png, graphs_step_cuda.json, ddp_smoke.log, distributed_cuda.json/md.
+# bench_*_cuda.json, supernet_cuda.json/png, graphs_step_cuda.json, host_overhead_cuda.json, ddp_smoke.log, distributed_cuda.json/md.
 #   OUT=/tmp/out bash benchmarks/device_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +32,11 @@ log "build rc=$rc in $(( $(date +%s) - start ))s"; tail -25 /tmp/adarts_build.lo
 $PY -c "import adarts_kernels; print(adarts_kernels.backends())" 2>&1 | tee -a "$OUT/suite.log"
 
 log "tests (the GPU-marked cases: every op on the cuda and triton backends, fused supernet)"
-timeout 100 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
+timeout 97 $PY -m pytest -q -ra -m gpu tests/ops/ tests/test_gpu_supernet.py > "$OUT/tests.log" 2>&1
 log "tests rc=$?"; tail -15 "$OUT/tests.log" | tee -a "$OUT/suite.log"
 
 log "the emulated kernels' case list on the real CUDA kernels (tests/test_cuda_emulated.py, device cuda)"
-timeout 35 $PY -m pytest -q -ra -m gpu tests/test_cuda_emulated.py > "$OUT/tests_emulated_cases.log" 2>&1
+timeout 30 $PY -m pytest -q -ra -m gpu tests/test_cuda_emulated.py > "$OUT/tests_emulated_cases.log" 2>&1
 log "emulated cases on cuda rc=$?"; tail -8 "$OUT/tests_emulated_cases.log" | tee -a "$OUT/suite.log"
 
 for op in attention_score attention_gather attention_writeback mixed_sum; do
@@ -57,6 +57,11 @@ rm -f "$OUT/supernet.log"
 log "search step eager against CUDA graphs (pcdarts, adarts-fused; batch 64, then 256; the JSON keeps each row)"
 timeout 15 $PY benchmarks/graphs_step.py --reps 3 --out "$OUT/graphs_step_cuda.json" > "$OUT/graphs_step.log" 2>&1
 log "graphs step rc=$?"; tail -6 "$OUT/graphs_step.log" | tee -a "$OUT/suite.log"
+
+log "host cost per edge forward + backward with CUDA tensors (every variant; negligible arithmetic: launches)"
+timeout 12 $PY benchmarks/host_overhead.py --device cuda --rounds 8 --reps 3 --no-network \
+  --out "$OUT/host_overhead_cuda.json" > "$OUT/host_overhead.log" 2>&1
+log "host overhead rc=$?"; tail -8 "$OUT/host_overhead.log" | tee -a "$OUT/suite.log"
 
 log "torchrun, 1 GPU, NCCL: a short search (smoke test of the data-parallel path)"
 timeout 20 $PY -m torch.distributed.run --standalone --nproc_per_node=1 python/search.py --dataset digits --limit 128 \

@@ -65,14 +65,15 @@ def make_edge(variant: str, C: int, stride: int, k: int, impl=None):
     return edge, edge
 
 
-def make_case(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None):
+def make_case(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None, device="cpu"):
     """A closure running one forward + backward of the edge on fixed random inputs."""
     edge, run = make_edge(variant, C, stride, k, impl)
+    edge.to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, C, size, size, generator=g).requires_grad_()
-    alpha = (1e-3 * torch.randn(8, generator=g)).requires_grad_()
-    beta = torch.randn(1, generator=g).requires_grad_()
-    gout = torch.randn(B, C, size // stride, size // stride, generator=g)
+    x = torch.randn(B, C, size, size, generator=g).to(device).requires_grad_()
+    alpha = (1e-3 * torch.randn(8, generator=g)).to(device).requires_grad_()
+    beta = torch.randn(1, generator=g).to(device).requires_grad_()
+    gout = torch.randn(B, C, size // stride, size // stride, generator=g).to(device)
     leaves = [x, alpha, beta, *edge.parameters()]
 
     def step():
@@ -134,8 +135,15 @@ def count_ops(step) -> OpCounter:
     return c
 
 
-def time_rounds(cases: dict, rounds: int, reps: int) -> dict:
-    """Median seconds per call of each case, interleaved: each round runs every case ``reps`` times."""
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":   # GPU-only: run by benchmarks/device_suite.sh
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(cases: dict, rounds: int, reps: int, device="cpu") -> dict:
+    """Median seconds per call of each case, interleaved: each round runs every case ``reps``
+    times (on a GPU the device is synchronised before and after: what is timed is the longer
+    of the host's and the device's work)."""
     for f in cases.values():
         for _ in range(3):
             f()
@@ -144,20 +152,22 @@ def time_rounds(cases: dict, rounds: int, reps: int) -> dict:
     for r in range(rounds):
         for key in (order if r % 2 == 0 else order[::-1]):
             f = cases[key]
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 f()
+            _sync(device)
             samples[key].append((time.perf_counter() - t0) / reps)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8, rounds: int = 30, reps: int = 5,
-            impl=None) -> dict:
+            impl=None, device="cpu") -> dict:
     """Per-variant host time (ms) and op counts per edge forward + backward; see the module docstring."""
-    cases = {(v, s): make_case(v, C, s, k, B, size, impl) for v in variants for s in EDGE_MIX}
+    cases = {(v, s): make_case(v, C, s, k, B, size, impl, device) for v in variants for s in EDGE_MIX}
     counts = {key: count_ops(f) for key, f in cases.items()}
     share = {key: conv_share(f) for key, f in cases.items()}
-    med = time_rounds(cases, rounds, reps)
+    med = time_rounds(cases, rounds, reps, device)
     total = sum(EDGE_MIX.values())
     rows = []
     for v in variants:
@@ -181,12 +191,12 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
         r["time_vs_pcdarts"] = None if base is None else r["ms_per_edge"] / base["ms_per_edge"]
         r["ops_vs_pcdarts"] = None if base is None else r["ops_per_edge"] / base["ops_per_edge"]
     return {"config": {"C": C, "k": k, "batch": B, "size": size, "rounds": rounds, "reps": reps,
-                       "threads": torch.get_num_threads(), "edge_mix": EDGE_MIX, "impl": impl},
+                       "threads": torch.get_num_threads(), "edge_mix": EDGE_MIX, "impl": impl, "device": str(device)},
             "rows": rows}
 
 
 def measure_network(variants=VARIANTS, C: int = 4, layers: int = 8, B: int = 2, size: int = 8, rounds: int = 6,
-                    reps: int = 2, impl=None) -> dict:
+                    reps: int = 2, impl=None, device="cpu") -> dict:
     """Host time of a whole supernet's loss forward + backward (C=4, 8 cells, 8x8, batch 2: the
     arithmetic vanishes) divided by its 112 edges: what the edges cost where they really run,
     stem, preprocessing and classifier included."""
@@ -194,10 +204,10 @@ def measure_network(variants=VARIANTS, C: int = 4, layers: int = 8, B: int = 2, 
     from adarts_kernels.profiling.report import build_supernet
     cases = {}
     for v in variants:
-        net = build_supernet(v, C, layers, impl=impl)
+        net = build_supernet(v, C, layers, impl=impl).to(device)
         g = torch.Generator().manual_seed(3)
-        x = torch.randn(B, 3, size, size, generator=g)
-        y = torch.randint(0, 10, (B,), generator=g)
+        x = torch.randn(B, 3, size, size, generator=g).to(device)
+        y = torch.randint(0, 10, (B,), generator=g).to(device)
 
         params = tuple(net.parameters())
 
@@ -206,7 +216,7 @@ def measure_network(variants=VARIANTS, C: int = 4, layers: int = 8, B: int = 2, 
                 p.grad = None
             net.loss(x, y).backward()
         cases[v] = step
-    med = time_rounds(cases, rounds, reps)
+    med = time_rounds(cases, rounds, reps, device)
     edges = layers * num_edges(4)
     base = med.get("pcdarts")
     rows = [{"variant": v, "ms_per_edge": 1e3 * med[v] / edges,
@@ -247,16 +257,18 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--impl", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: host time of tiny edges, launches included)")
     p.add_argument("--no-network", action="store_true", help="skip the whole-supernet measurement")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from _harness import commit
-    res = measure(a.variants, a.C, a.k, a.batch, a.size, a.rounds, a.reps, a.impl)
+    res = measure(a.variants, a.C, a.k, a.batch, a.size, a.rounds, a.reps, a.impl, a.device)
     if not a.no_network:
-        res["network"] = measure_network(a.variants, rounds=max(2, a.rounds // 4), impl=a.impl)
+        res["network"] = measure_network(a.variants, rounds=max(2, a.rounds // 4), impl=a.impl, device=a.device)
     res["machine"] = {"torch": torch.__version__, "cpus": os.cpu_count(), "commit": commit(),
-                      "date": time.strftime("%Y-%m-%d")}
+                      "date": time.strftime("%Y-%m-%d"),
+                      "gpu": torch.cuda.get_device_name() if torch.device(a.device).type == "cuda" else None}
     print(table(res))
     if "network" in res:
         print()
