@@ -54,13 +54,7 @@ TINY_SEARCH = TINY + ["--warmup-epochs", "0"]
 TINY_RETRAIN = TINY + ["--genotype", "PC_DARTS"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is as fast, and immune to an oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture

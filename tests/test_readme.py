@@ -45,13 +45,7 @@ def _parsers():
 PY_BLOCKS = blocks("python")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small networks: one intra-op thread is as fast, and immune to an oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_the_readme_has_code_blocks():
