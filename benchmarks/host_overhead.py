@@ -266,9 +266,11 @@ def main(argv=None):
     res = measure(a.variants, a.C, a.k, a.batch, a.size, a.rounds, a.reps, a.impl, a.device)
     if not a.no_network:
         res["network"] = measure_network(a.variants, rounds=max(2, a.rounds // 4), impl=a.impl, device=a.device)
+    on_gpu = torch.device(a.device).type == "cuda"
     res["machine"] = {"torch": torch.__version__, "cpus": os.cpu_count(), "commit": commit(),
                       "date": time.strftime("%Y-%m-%d"),
-                      "gpu": torch.cuda.get_device_name() if torch.device(a.device).type == "cuda" else None}
+                      # GPU-only: the device's name, run by benchmarks/device_suite.sh
+                      "gpu": torch.cuda.get_device_name() if on_gpu else None}
     print(table(res))
     if "network" in res:
         print()

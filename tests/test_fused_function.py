@@ -265,14 +265,18 @@ def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
 
 @pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, monkeypatch):
-    """With the GPU's operand layout injected (NCHW convolutions: ``_channels_last_pays`` ->
-    False), the C++ and Python host sequences still match the composed ops bit for bit."""
+@pytest.mark.parametrize("B,S", [(3, 6), (4, 32)])
+def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, B, S, monkeypatch):
+    """With the GPU's choices injected (NCHW convolutions: ``_channels_last_pays`` -> False; no
+    flipped depthwise input gradient: ``_flip_pays`` -> False, which matters from 2048 values
+    per channel: the 4x32x32 case), the C++ and Python host sequences still match the composed
+    ops bit for bit."""
     from adarts_kernels.nn import units
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
+    monkeypatch.setattr(units, "_flip_pays", lambda t: False)
     monkeypatch.setattr(FF, "USE_CXX", cxx)
     one, composed = edges(8, 1, 4, None, seed=21)
-    x, alpha, beta, g = inputs(3, 8, 6, 6, seed=22)
+    x, alpha, beta, g = inputs(B, 8, S, S, seed=22)
     with EdgeCalls() as calls:
         outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
     assert_bitwise(one, composed, outs, leaves)

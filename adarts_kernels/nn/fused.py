@@ -122,20 +122,24 @@ class FusedCandidates:
     def specs(self) -> Tuple[Spec, ...]:
         return tuple(b.spec for b in self.bn_inputs)
 
-    def first_weights(self) -> List[torch.Tensor]:
-        """The weights of each BN input's chain after the shared ReLU, in ``specs()`` order."""
-        out: List[torch.Tensor] = []
+    def first_modules(self) -> List[nn.Conv2d]:
+        """The convolutions of each BN input's chain after the shared ReLU, in ``specs()`` order."""
+        out: List[nn.Conv2d] = []
         for b in self.bn_inputs:
             m = b.module
             if isinstance(m, FactorizedReduce):
-                out += [m.conv_1.weight, m.conv_2.weight]
+                out += [m.conv_1, m.conv_2]
             elif isinstance(m, SepConv):
                 L = m.layers()
-                out += [L.dw1.weight, L.pw1.weight]
+                out += [L.dw1, L.pw1]
             else:
                 L = m.layers()
-                out += [L.dw.weight, L.pw.weight]
+                out += [L.dw, L.pw]
         return out
+
+    def first_weights(self) -> List[torch.Tensor]:
+        """The weights of :meth:`first_modules`."""
+        return [m.weight for m in self.first_modules()]
 
     def split(self, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """``(z_weights (P,), pool_weights (2,), identity_weight (0-dim) or None)`` from ``weights``."""

@@ -43,8 +43,9 @@ from ..ops.attention_writeback import writeback_bwd_kernel, writeback_fwd_kernel
 from ..ops.mixed_sum import mixed_sum_bwd_kernel, mixed_sum_fwd_kernel
 from ..ops.reference import acc_dtype
 from .batchnorm import batchnorm_mode, update_running_stats_rows
-from .operations import FactorizedReduce, SepConv
+from .operations import SepConv
 from . import units
+from .recompute import selected_only
 from .units import _as, bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
 
 Tensor = torch.Tensor
@@ -79,25 +80,17 @@ class EdgePlan:
         self.roles = roles
         self.specs = roles.specs()
         self.stride, self.n, self.eps = edge.stride, edge.C // edge.k, roles.eps
-        first: List[nn.Module] = []
+        first = roles.first_modules()
         self.seps: List[_Sep] = []
         for i, b in enumerate(roles.bn_inputs):
-            m = b.module
-            if isinstance(m, SepConv):
-                L = m.layers()
-                first += [L.dw1, L.pw1]
+            if isinstance(b.module, SepConv):
+                L = b.module.layers()
                 self.seps.append(_Sep(i, L.bn1, L.dw2, L.pw2))
-            elif isinstance(m, FactorizedReduce):
-                first += [m.conv_1, m.conv_2]
-            else:
-                L = m.layers()
-                first += [L.dw, L.pw]
         self.weight_modules: List[nn.Module] = [edge.attention.mlp[0], edge.attention.mlp[2]] + first + [
             mod for s in self.seps for mod in (s.dw2, s.pw2)]
         self.n_first = len(first)
         #: every BN whose running statistics the edge moves: the mixed sum's rows, then the sep_convs' first BNs
         self.stat_bns: List[nn.BatchNorm2d] = list(roles.bns) + [s.bn1 for s in self.seps]
-        self.n_cols = len(roles_columns(roles))
         # the encodings of adarts_C::edge_fwd / edge_bwd (csrc/edge.cpp)
         kinds = {"conv": 0, "fr": 1, "dwpw": 2}
         self.spec_ints = [v for sp in self.specs for v in (kinds[sp[0]],) + _pad4(sp[1:])]
@@ -148,17 +141,12 @@ _HAS_CXX: Optional[bool] = None
 def cxx_available() -> bool:
     """Whether the compiled library has the edge operators (an older build has not)."""
     global _HAS_CXX
-    if _HAS_CXX is None:
-        from .. import _ext
-        _HAS_CXX = bool(_ext.HAS_EXT) and hasattr(torch.ops.adarts_C, "edge_fwd")
+    from .. import _ext
+    if not _ext.HAS_EXT:
+        return False
+    if _HAS_CXX is None:     # asked once the library is loaded
+        _HAS_CXX = hasattr(torch.ops.adarts_C, "edge_fwd")
     return _HAS_CXX
-
-
-def roles_columns(roles) -> List[int]:
-    cols = list(roles.z_columns) + list(roles.pool_columns)
-    if roles.identity_column is not None:
-        cols.append(roles.identity_column)
-    return cols
 
 
 class Run(NamedTuple):
@@ -187,12 +175,6 @@ class _State(NamedTuple):
     training: bool
     ew: Optional[Tensor]
     cxx: bool = False       # made by adarts_C::edge_fwd: backward runs adarts_C::edge_bwd
-
-
-def _split(roles, w: Tensor):
-    from .fused import _columns
-    iw = None if roles.identity_column is None else w[roles.identity_column]
-    return _columns(w, roles.z_columns), _columns(w, roles.pool_columns), iw
 
 
 def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], params: Sequence[Tensor],
@@ -243,7 +225,7 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     # the mixed sum reads NCHW: convert the BN inputs once here, and keep those (the kernels'
     # own contiguous() would copy channels_last ones again in backward)
     zs = [z.contiguous() for z in zs]
-    z_w, pool_w, id_w = _split(roles, weights.to(dt))
+    z_w, pool_w, id_w = roles.split(weights.to(dt))
     training = batchnorm_mode(roles.bns[0])[0]
     if training:
         y, mean, var = mixed_sum_fwd_kernel(zs, xs, z_w, pool_w, id_w, stride, roles.eps, None, None, impl)
@@ -303,13 +285,15 @@ def _cxx_forward(run: Run, x, a, idx, weights, ew, params, keep: bool, replay: b
 
 def _cxx_backward(run: Run, grad, x, weights, ew, params, st: _State):
     plan = run.plan
-    empty = x.new_empty(0)
     sep_state = [t for (u, m1, rstd1, kept, _) in st.sep for t in (u, m1, rstd1, *kept)]
-    kept = [] if st.r is None else [st.r] + [empty if t is None else t for t in st.ts]
+    kept = []
+    if st.r is not None:    # a replay's intermediates; the kernel skips the placeholders of non-depthwise chains
+        empty = x.new_empty(0)
+        kept = [st.r] + [empty if t is None else t for t in st.ts]
     dx, dw, dbeta, *dparams = torch.ops.adarts_C.edge_bwd(
         grad, x, st.a, st.idx, st.xs, st.y, st.mean, st.var, ew, _as(weights, x.dtype), list(params), list(st.zs),
         sep_state, kept, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride, plan.eps,
-        units._channels_last_pays(x), x.device.type == "cpu")
+        units._channels_last_pays(x), units._flip_pays(x))
     return (dx, _as(dw, weights.dtype), None if ew is None else dbeta, *dparams)
 
 
@@ -322,7 +306,7 @@ def edge_backward(run: Run, grad: Tensor, x: Tensor, weights: Tensor, ew: Option
     roles, stride = plan.roles, plan.stride
     dt = x.dtype
     dx_wb, da_wb, dy, dbeta = writeback_bwd_kernel(grad.contiguous(), x, st.a, st.idx, st.y, st.ew, stride, impl)
-    z_w, pool_w, id_w = _split(roles, weights.to(dt))
+    z_w, pool_w, id_w = roles.split(weights.to(dt))
     dz, dxs_ms, dzw, dpw, diw = mixed_sum_bwd_kernel(dy.contiguous(), st.zs, st.xs, z_w, pool_w, id_w, st.mean,
                                                      st.var, stride, roles.eps, st.training, impl)
     gzs: List[Optional[Tensor]] = list(dz)
@@ -373,10 +357,7 @@ class FusedEdgeFunction(torch.autograd.Function):
         if run.recompute:
             dev = x.device.type
             ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
-            idx = st.idx
-            if idx.untyped_storage().nbytes() != idx.nbytes:
-                idx = idx.clone()   # a view into a full sort: keep only the C/k selected
-            ctx.save_for_backward(x, weights, ew, idx, *params)
+            ctx.save_for_backward(x, weights, ew, selected_only(st.idx), *params)
             return out
         ctx.n_zs, ctx.n_sep, ctx.has_r = len(st.zs), len(st.sep), st.r is not None
         ctx.training, ctx.cxx = st.training, st.cxx

@@ -50,6 +50,12 @@ def _bn_buffers(edge: nn.Module) -> List[Tensor]:
     return [b for m in edge.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
+def selected_only(idx: Tensor) -> Tensor:
+    """``idx`` to keep for a re-run: a view into the top-k's full sort is cloned, so that only
+    the ``C/k`` selected indices are kept."""
+    return idx.clone() if idx.untyped_storage().nbytes() != idx.nbytes else idx
+
+
 class _EdgeRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, edge: nn.Module, x: Tensor, weights: Tensor, edge_weight: Optional[Tensor],
@@ -60,8 +66,8 @@ class _EdgeRecompute(torch.autograd.Function):
             out = edge(x, weights, edge_weight)
         ctx.edge = edge
         idx = edge.last_idx if selects_channels(edge) else None    # the channels of this forward
-        if idx is not None and idx.untyped_storage().nbytes() != idx.nbytes:
-            idx = idx.clone()   # a view into the top-k's full sort: keep only the C/k selected
+        if idx is not None:
+            idx = selected_only(idx)
         ctx.save_for_backward(x, weights, edge_weight, idx, *params)
         return out
 
