@@ -125,6 +125,90 @@ std::tuple<Tensor, Tensor, Tensor> chain_bwd(const Tensor& gz, const Tensor& r, 
 
 int64_t n_weights(const int64_t* sp) { return sp[0] == kConv ? 1 : 2; }
 
+// units.merge_groups / units._groups: the chains that share their convolution calls (merge: the
+// caller's units._merge_pays): depthwise-then-pointwise chains with one stride, dilation and
+// pointwise output width and a centred odd square kernel, grouped in the order of their first
+// chain; every other chain alone. ws: the chains' weights, from offset 2 (after the attention's two).
+std::vector<std::vector<int64_t>> chain_groups(at::IntArrayRef specs, const TL& ws, bool merge) {
+  const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4;
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, size_t>> where;
+  int64_t at_w = 2;
+  for (int64_t i = 0; i < n_chains; ++i) {
+    const int64_t* sp = specs.data() + 4 * i;
+    const int64_t o = at_w;
+    at_w += n_weights(sp);
+    if (merge && sp[0] == kDwPw) {
+      const Tensor& w = ws[o];
+      const int64_t k = w.size(-1);
+      if (k == w.size(-2) && k % 2 == 1 && 2 * sp[2] == sp[3] * (k - 1)) {
+        const std::tuple<int64_t, int64_t, int64_t> key{sp[1], sp[3], ws[o + 1].size(0)};
+        auto it = std::find_if(where.begin(), where.end(), [&](const auto& e) { return e.first == key; });
+        if (it != where.end()) {
+          groups[it->second].push_back(i);
+          continue;
+        }
+        where.push_back({key, groups.size()});
+      }
+    }
+    groups.push_back({i});
+  }
+  return groups;
+}
+
+// units._merged_kernel: the group's depthwise kernels (n, 1, k_j, k_j) as one (n * m, 1, K, K)
+std::pair<Tensor, int64_t> merged_kernel(const TL& w0s) {
+  const int64_t m = static_cast<int64_t>(w0s.size()), n = w0s[0].size(0);
+  int64_t K = 0;
+  for (const auto& w : w0s) K = std::max(K, w.size(-1));
+  Tensor wd = w0s[0].new_zeros({n, m, K, K});
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
+    wd.select(1, j).slice(1, o, o + k).slice(2, o, o + k).copy_(w0s[j].select(1, 0));
+  }
+  return {wd.reshape({n * m, 1, K, K}), K};
+}
+
+// units._group_fwd: (zs, t), t the merged depthwise output, chain j's channels at j::m
+std::pair<TL, Tensor> group_fwd(const Tensor& r, int64_t s, int64_t d, const TL& w0s, const TL& w1s,
+                                bool channels_last) {
+  const int64_t m = static_cast<int64_t>(w0s.size());
+  auto [wd, K] = merged_kernel(w0s);
+  const int64_t P = d * (K - 1) / 2;
+  Tensor t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, r.size(1));
+  TL zs;
+  for (int64_t j = 0; j < m; ++j) zs.push_back(at::conv2d(layout(t.slice(1, j, c10::nullopt, m), channels_last), w1s[j]));
+  return {zs, t};
+}
+
+// units._group_bwd: (dr, dw0s, dw1s), every chain with a gradient (the mixed sum gives each one);
+// t recomputed unless given
+std::tuple<Tensor, TL, TL> group_bwd(const TL& gzs, const Tensor& r, int64_t s, int64_t d, const TL& w0s,
+                                     const TL& w1s, Tensor t, bool channels_last) {
+  const int64_t m = static_cast<int64_t>(w0s.size()), n = r.size(1);
+  auto [wd, K] = merged_kernel(w0s);
+  const int64_t P = d * (K - 1) / 2;
+  if (!t.defined()) t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, n);
+  Tensor dt = at::empty_like(t);
+  TL dw1s;
+  for (int64_t j = 0; j < m; ++j) {
+    auto pw = at::convolution_backward(gzs[j], layout(t.slice(1, j, c10::nullopt, m), channels_last), w1s[j],
+                                       c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+    dt.slice(1, j, c10::nullopt, m).copy_(std::get<0>(pw));
+    dw1s.push_back(std::get<1>(pw));
+  }
+  t.reset();
+  auto dw = at::convolution_backward(dt, r, wd, c10::nullopt, {s, s}, {P, P}, {d, d}, false, {0, 0}, n,
+                                     {true, true, false});
+  Tensor dwd = std::get<1>(dw).reshape({n, m, K, K});
+  TL dw0s;
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
+    dw0s.push_back(dwd.select(1, j).slice(1, o, o + k).slice(2, o, o + k).unsqueeze(1));
+  }
+  return {std::get<0>(dw), dw0s, dw1s};
+}
+
 Tensor columns(const Tensor& w, const std::vector<int64_t>& cols) {
   bool consecutive = true;
   for (size_t i = 1; i < cols.size(); ++i) consecutive = consecutive && cols[i] == cols[i - 1] + 1;
@@ -266,7 +350,7 @@ std::optional<Tensor> identity_weight(const Tensor& w, const Cols& c) {
 TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optional<Tensor>& idx_, int64_t n_select,
             at::TensorList params, const Tensor& weights, const std::optional<Tensor>& ew, at::IntArrayRef specs,
             at::IntArrayRef seps, at::IntArrayRef cols_, int64_t stride, double eps, at::ArrayRef<double> sep_eps,
-            bool keep, bool replay, bool channels_last, at::TensorList running, double momentum) {
+            bool keep, bool replay, bool channels_last, at::TensorList running, double momentum, bool merge) {
   const at::ScalarType dt = x.scalar_type();
   const Cols c = read_cols(cols_);
   Tensor a, idx;
@@ -286,14 +370,33 @@ TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optiona
   Tensor r = layout(at::relu(xs), channels_last);
   TL ws;
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) ws.push_back(as(params[i], xs.scalar_type()));
-  TL zs, ts;
+  TL zs(n_chains), ts(n_chains);
+  std::vector<int64_t> offs(n_chains);
   int64_t at_w = 2;
   for (int64_t i = 0; i < n_chains; ++i) {
-    const int64_t* sp = specs.data() + 4 * i;
-    auto zt = chain_fwd(r, sp, ws[at_w], n_weights(sp) == 2 ? ws[at_w + 1] : Tensor());
-    zs.push_back(zt.first);
-    ts.push_back(zt.second);
-    at_w += n_weights(sp);
+    offs[i] = at_w;
+    at_w += n_weights(specs.data() + 4 * i);
+  }
+  for (const auto& g : chain_groups(specs, ws, merge)) {
+    if (g.size() == 1) {
+      const int64_t i = g[0];
+      const int64_t* sp = specs.data() + 4 * i;
+      auto zt = chain_fwd(r, sp, ws[offs[i]], n_weights(sp) == 2 ? ws[offs[i] + 1] : Tensor());
+      zs[i] = zt.first;
+      ts[i] = zt.second;
+    } else {
+      TL w0s, w1s;
+      for (int64_t i : g) {
+        w0s.push_back(ws[offs[i]]);
+        w1s.push_back(ws[offs[i] + 1]);
+      }
+      const int64_t* sp = specs.data() + 4 * g[0];
+      auto zt = group_fwd(r, sp[1], sp[3], w0s, w1s, channels_last);
+      for (size_t j = 0; j < g.size(); ++j) {
+        zs[g[j]] = zt.first[j];
+        ts[g[j]] = zt.second;
+      }
+    }
   }
   // the sep_convs' second halves (units.bn_relu_dw_pw_fwd, batch statistics)
   TL sep_out;
@@ -358,7 +461,7 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
             const Tensor& mean, const Tensor& var, const std::optional<Tensor>& ew, const Tensor& weights,
             at::TensorList params, at::TensorList zs_, at::TensorList sep_state, at::TensorList kept,
             at::IntArrayRef specs, at::IntArrayRef seps, at::IntArrayRef cols_, int64_t stride, double eps,
-            bool channels_last, bool flip) {
+            bool channels_last, bool flip, bool merge) {
   const at::ScalarType dt = x.scalar_type();
   const Cols c = read_cols(cols_);
   const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4, n_seps = static_cast<int64_t>(seps.size()) / 4;
@@ -410,18 +513,44 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
   const at::ScalarType xdt = xs.scalar_type();
   Tensor r = keep ? kept[0] : layout(at::relu(xs), channels_last);
   Tensor dr;
-  TL dfirst;
+  TL xws;
+  for (int64_t i = 0; i < 2 + n_first; ++i) xws.push_back(i < 2 ? params[i] : as(params[i], xdt));
+  TL dfirst(n_first);
+  std::vector<int64_t> offs(n_chains);
   at_w = 2;
   for (int64_t i = 0; i < n_chains; ++i) {
-    const int64_t* sp = specs.data() + 4 * i;
-    const int64_t nw = n_weights(sp);
-    Tensor w0 = as(params[at_w], xdt), w1 = nw == 2 ? as(params[at_w + 1], xdt) : Tensor();
-    Tensor t = (keep && sp[0] == kDwPw) ? kept[1 + i] : Tensor();
-    auto cb = chain_bwd(layout(as(gzs[i], xdt), channels_last), r, sp, w0, w1, t, flip);
-    dr = dr.defined() ? dr + std::get<0>(cb) : std::get<0>(cb);
-    dfirst.push_back(grad_like(std::get<1>(cb), params[at_w]));
-    if (nw == 2) dfirst.push_back(grad_like(std::get<2>(cb), params[at_w + 1]));
-    at_w += nw;
+    offs[i] = at_w;
+    at_w += n_weights(specs.data() + 4 * i);
+  }
+  for (const auto& g : chain_groups(specs, xws, merge)) {
+    Tensor d;
+    if (g.size() == 1) {
+      const int64_t i = g[0];
+      const int64_t* sp = specs.data() + 4 * i;
+      const int64_t nw = n_weights(sp), o = offs[i];
+      Tensor t = (keep && sp[0] == kDwPw) ? kept[1 + i] : Tensor();
+      auto cb = chain_bwd(layout(as(gzs[i], xdt), channels_last), r, sp, xws[o], nw == 2 ? xws[o + 1] : Tensor(), t,
+                          flip);
+      d = std::get<0>(cb);
+      dfirst[o - 2] = grad_like(std::get<1>(cb), params[o]);
+      if (nw == 2) dfirst[o - 1] = grad_like(std::get<2>(cb), params[o + 1]);
+    } else {
+      TL gs, w0s, w1s;
+      for (int64_t i : g) {
+        gs.push_back(layout(as(gzs[i], xdt), channels_last));
+        w0s.push_back(xws[offs[i]]);
+        w1s.push_back(xws[offs[i] + 1]);
+      }
+      const int64_t* sp = specs.data() + 4 * g[0];
+      auto gb = group_bwd(gs, r, sp[1], sp[3], w0s, w1s, keep ? kept[1 + g[0]] : Tensor(), channels_last);
+      d = std::get<0>(gb);
+      for (size_t j = 0; j < g.size(); ++j) {
+        const int64_t o = offs[g[j]];
+        dfirst[o - 2] = grad_like(std::get<1>(gb)[j], params[o]);
+        dfirst[o - 1] = grad_like(std::get<2>(gb)[j], params[o + 1]);
+      }
+    }
+    dr = dr.defined() ? dr + d : d;
   }
   Tensor dxs = dxs_ms + dr * xs.gt(0);
   auto gb = gather_bwd(dxs.contiguous(), x.contiguous(), a.contiguous(), idx.contiguous());
@@ -445,10 +574,10 @@ TORCH_LIBRARY_FRAGMENT(adarts_C, m) {
   m.def("edge_fwd(Tensor x, Tensor? a, Tensor? idx, int n_select, Tensor[] params, Tensor weights, Tensor? ew, "
         "int[] specs, "
         "int[] seps, int[] cols, int stride, float eps, float[] sep_eps, bool keep, bool replay, "
-        "bool channels_last, Tensor[] running, float momentum) -> Tensor[]");
+        "bool channels_last, Tensor[] running, float momentum, bool merge) -> Tensor[]");
   m.def("edge_bwd(Tensor grad, Tensor x, Tensor a, Tensor idx, Tensor xs, Tensor y, Tensor mean, Tensor var, "
         "Tensor? ew, Tensor weights, Tensor[] params, Tensor[] zs, Tensor[] sep_state, Tensor[] kept, int[] specs, "
-        "int[] seps, int[] cols, int stride, float eps, bool channels_last, bool flip) -> Tensor[]");
+        "int[] seps, int[] cols, int stride, float eps, bool channels_last, bool flip, bool merge) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(adarts_C, CompositeExplicitAutograd, m) {

@@ -241,6 +241,7 @@ def test_graphed_fused_search_steps_on_the_gpu_code_paths(monkeypatch, recompute
     monkeypatch.setattr(_common, "on_host", lambda t: False)
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
     monkeypatch.setattr(units, "_flip_pays", lambda t: False)
+    monkeypatch.setattr(units, "_merge_pays", lambda t, channels: False)
     net = _supernet("fused", recompute)
     ref = copy.deepcopy(net)
     w, opt, arch = _search_parts(net)
@@ -513,6 +514,7 @@ def test_a_fused_search_step_makes_no_host_sync(monkeypatch, recompute):
     monkeypatch.setattr(_common, "on_host", lambda t: False)
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
     monkeypatch.setattr(units, "_flip_pays", lambda t: False)
+    monkeypatch.setattr(units, "_merge_pays", lambda t, channels: False)
     net = _supernet("fused", recompute)
     gen = torch.Generator().manual_seed(4)
     # every edge forward and backward, both halves: the C++ host sequences were looked into

@@ -269,11 +269,12 @@ def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
 def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, B, S, monkeypatch):
     """With the GPU's choices injected (NCHW convolutions: ``_channels_last_pays`` -> False; no
     flipped depthwise input gradient: ``_flip_pays`` -> False, which matters from 2048 values
-    per channel: the 4x32x32 case), the C++ and Python host sequences still match the composed
-    ops bit for bit."""
+    per channel: the 4x32x32 case; no merged depthwise convolutions: ``_merge_pays`` -> False),
+    the C++ and Python host sequences still match the composed ops bit for bit."""
     from adarts_kernels.nn import units
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
     monkeypatch.setattr(units, "_flip_pays", lambda t: False)
+    monkeypatch.setattr(units, "_merge_pays", lambda t, channels: False)
     monkeypatch.setattr(FF, "USE_CXX", cxx)
     one, composed = edges(8, 1, 4, None, seed=21)
     x, alpha, beta, g = inputs(B, 8, S, S, seed=22)
@@ -283,3 +284,35 @@ def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, B, S, monkeypatch):
     assert bool(calls.calls) == cxx
     for r in outs:
         assert r.is_contiguous()
+
+
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("merge", [True, False])
+def test_bitwise_equal_with_and_without_merged_depthwise(cxx, stride, merge, monkeypatch):
+    """The merged depthwise convolutions forced on and off (``_merge_pays``, whose CPU rule
+    depends on the size): the C++ and Python host sequences match the composed ops bit for
+    bit, with and without recomputation; merged and separate calls agree within rounding."""
+    from adarts_kernels.nn import units
+    monkeypatch.setattr(units, "_merge_pays", lambda t, channels: merge)
+    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    calls = []
+    real = units._group_fwd
+    monkeypatch.setattr(units, "_group_fwd", lambda *a: calls.append(1) or real(*a))
+    def run(recompute):
+        one, composed = edges(8, stride, 4, None, seed=31)
+        x, alpha, beta, g = inputs(3, 8, 8, 8, seed=32)
+        outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
+        return one, composed, outs, leaves
+
+    for recompute in (False, True):
+        one, composed, outs, leaves = run(recompute)
+        assert_bitwise(one, composed, outs, leaves)
+    assert bool(calls) == merge      # the composed ops (and the Python sequence) merged or not
+    monkeypatch.setattr(units, "_merge_pays", lambda t, channels: not merge)
+    other, _, other_outs, other_leaves = run(False)
+    torch.testing.assert_close(outs[0], other_outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(leaves[0], other_leaves[0]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), (_, q) in zip(one.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -162,3 +162,74 @@ def test_grad_like_keeps_the_weights_strides():
     out2 = grad_like(g2, w2)
     assert out2.stride() == w2.stride() and torch.equal(out2, g2)
     assert grad_like(g2.double(), w2).dtype == torch.float32
+
+
+# the DARTS candidates' chains at stride s: sep_conv 3x3 / 5x5 and dil_conv 3x3 / 5x5 first halves,
+# a non-centred depthwise chain (padding 0: never merged), FactorizedReduce and a dense convolution
+MERGE_SPECS = {s: (("dwpw", s, 1, 1), ("dwpw", s, 2, 1), ("dwpw", s, 2, 2), ("dwpw", s, 4, 2), ("dwpw", s, 0, 1),
+                   ("fr",), ("conv", 1, 0)) for s in (1, 2)}
+
+
+def _merge_weights(n, seed=10):
+    ks = (3, 5, 3, 5, 3)
+    ws = [w for i, k in enumerate(ks) for w in (rnd(n, 1, k, k, seed=seed + 2 * i), rnd(n, n, 1, 1, seed=seed + 2 * i + 1))]
+    return ws + [rnd(2, n, 1, 1, seed=seed + 20), rnd(2, n, 1, 1, seed=seed + 21), rnd(5, n, 1, 1, seed=seed + 22)]
+
+
+def test_merge_groups_rule():
+    """Centred odd kernels with one stride and dilation share a call, in the order of their first
+    chain; other chains (off-centre, even, FactorizedReduce, dense) stay alone."""
+    from adarts_kernels.nn.units import merge_groups
+    specs = MERGE_SPECS[1]
+    outs = (4, 4, 4, 4, 4, -1, -1)
+    assert merge_groups(specs, (3, 5, 3, 5, 3, -1, -1), outs) == ((0, 1), (2, 3), (4,), (5,), (6,))
+    assert merge_groups(specs, (3, 5, 3, 4, 3, -1, -1), outs) == ((0, 1), (2,), (3,), (4,), (5,), (6,))
+    assert merge_groups(specs, (3, 5, 3, 5, 3, -1, -1), (4, 6, 4, 4, 4, -1, -1)) == ((0,), (1,), (2, 3), (4,), (5,),
+                                                                                      (6,))
+    assert merge_groups((("dwpw", 1, 2, 2), ("dwpw", 2, 2, 2), ("dwpw", 1, 4, 2)), (3, 3, 5), (4, 4, 4)) == ((0, 2),
+                                                                                                            (1,))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_merged_depthwise_gradcheck_and_matches_separate(stride, monkeypatch):
+    """With the depthwise convolutions merged (forced): gradcheck in float64, outputs equal to
+    the modules' and outputs and gradients equal to the separate calls', also when a merged
+    chain has no gradient and with the intermediates kept."""
+    from adarts_kernels.nn import units
+    n = 3
+    specs = MERGE_SPECS[stride]
+    u = rnd(2, n, 6, 6, seed=1).requires_grad_()
+    ws = [w.requires_grad_() for w in _merge_weights(n)]
+    monkeypatch.setattr(units, "_merge_pays", lambda t, c: True)
+    calls = []
+    real = units._group_fwd
+    monkeypatch.setattr(units, "_group_fwd", lambda *a: calls.append(1) or real(*a))
+    assert torch.autograd.gradcheck(lambda u, *w: SharedReluConvs.apply(u, specs, False, *w), (u, *ws))
+    assert calls, "the merged path did not run"
+    r = F.relu(u)
+    expect = [F.conv2d(F.conv2d(r, ws[2 * i], None, stride, p, d, n), ws[2 * i + 1])
+              for i, (_, _, p, d) in enumerate(specs[:5])]
+    res = {}
+    for merged in (True, False):
+        monkeypatch.setattr(units, "_merge_pays", lambda t, c, m=merged: m)
+        for keep in (False, True):
+            uu = u.detach().clone().requires_grad_()
+            ww = [w.detach().clone().requires_grad_() for w in ws]
+            outs = SharedReluConvs.apply(uu, specs, keep, *ww)
+            for o, e in zip(outs[:5], expect):
+                torch.testing.assert_close(o, e)
+            (outs[0].square().sum() + outs[1].cos().sum() + outs[2].sin().sum() + outs[3].sum()
+             + outs[4].exp().sum() + outs[5].sum() + outs[6].square().sum()).backward()
+            res[merged, keep] = [uu.grad] + [w.grad for w in ww]
+        # a chain without gradient (None: chain 1, merged with chain 0): None weight gradients
+        gzs = [rnd(*o.shape, seed=30 + i) for i, o in enumerate(outs)]
+        gzs[1] = None
+        du, grads = units.relu_convs_bwd(gzs, u.detach(), specs, [w.detach() for w in ws])
+        res[merged, "none"] = [du] + grads
+        assert grads[2] is None and grads[3] is None and all(g is not None for g in grads[:2] + grads[4:])
+    for key in res:
+        base = res[(False, "none") if key[1] == "none" else (False, False)]
+        for a, b in zip(res[key], base):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)

@@ -251,7 +251,7 @@ def _cxx_forward(run: Run, x, a, idx, weights, ew, params, keep: bool, replay: b
     running, momentum = ([], 0.0) if given is None else given
     res = torch.ops.adarts_C.edge_fwd(x, a, idx, plan.n, list(params), _as(weights, dt), ew, plan.spec_ints,
                                       plan.sep_ints, plan.col_ints, plan.stride, plan.eps, plan.sep_eps, keep, replay,
-                                      units._channels_last_pays(x), running, momentum)
+                                      units._channels_last_pays(x), running, momentum, units._merge_pays(x, plan.n))
     if a is None:       # it computed the attention: a and idx come last
         a, idx = res[-2], res[-1]
         if not replay:
@@ -293,7 +293,7 @@ def _cxx_backward(run: Run, grad, x, weights, ew, params, st: _State):
     dx, dw, dbeta, *dparams = torch.ops.adarts_C.edge_bwd(
         grad, x, st.a, st.idx, st.xs, st.y, st.mean, st.var, ew, _as(weights, x.dtype), list(params), list(st.zs),
         sep_state, kept, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride, plan.eps,
-        units._channels_last_pays(x), units._flip_pays(x))
+        units._channels_last_pays(x), units._flip_pays(x), units._merge_pays(x, plan.n))
     return (dx, _as(dw, weights.dtype), None if ew is None else dbeta, *dparams)
 
 

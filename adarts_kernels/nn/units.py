@@ -17,6 +17,7 @@ gradients are out. Nothing here moves BatchNorm running statistics: the callers 
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -70,6 +71,116 @@ def _flip_pays(t: Tensor) -> bool:
     """The one device check of the flipped depthwise input gradient (oneDNN's forward beats its
     backward-data on CPU; tests replace it to run the GPU's choice on CPU)."""
     return t.device.type == "cpu"
+
+
+#: On CPU, the depthwise convolutions of the chains that share one ReLU output, stride and
+#: dilation run as one convolution (channel multiplier m, the smaller kernels zero-padded to
+#: the largest) while that input has at most this many values (B * n * H * W). Each oneDNN
+#: convolution call has a fixed host cost (40-100 us for a depthwise forward or backward),
+#: which dominates small inputs; the merged call computes the zero taps too (sep_conv_3x3's
+#: kernel as 5x5), which dominates large ones. Measured on CPU, one thread, sep_conv_3x3 + 5x5
+#: forward and backward, separate against merged (us, 2026-12-07): 2x2x8x8: 269 / 158;
+#: 8x4x8x8: 341 / 209; 8x4x16x16: 468 / 345; 32x4x8x8: 502 / 358; 16x4x16x16: 624 / 505;
+#: 8x8x16x16: 494 / 535; 32x4x32x32 (forward alone): 497 / 782. On a GPU the merge is not
+#: made: it trades one convolution launch for several small ones (the kernel's packing, the
+#: pointwise inputs' copies). csrc/edge.cpp takes the decision as an argument.
+MERGE_MAX_VALUES = 8192
+
+
+def _merge_pays(t: Tensor, channels: int) -> bool:
+    """Whether the depthwise convolutions of chains on a shared input of ``channels`` channels,
+    with ``t``'s device, batch and plane size, run merged (:data:`MERGE_MAX_VALUES`): the one
+    device check of the merge (tests replace it to run either choice anywhere)."""
+    return t.device.type == "cpu" and t.shape[0] * t.shape[-2] * t.shape[-1] * channels <= MERGE_MAX_VALUES
+
+
+@functools.lru_cache(maxsize=256)
+def merge_groups(specs: Tuple[Spec, ...], ks: Tuple[int, ...], outs: Tuple[int, ...]) -> Tuple[Tuple[int, ...], ...]:
+    """The chains of ``specs`` as groups that share their convolution calls, in the order of
+    their first chain: ``dwpw`` chains with the same stride, dilation and pointwise output
+    channels (``outs[i]``) whose square depthwise kernel (odd size ``ks[i]``; -1 for other
+    chains) is centred (``2 * padding == dilation * (k - 1)``: a smaller kernel zero-padded to
+    the largest computes the same sums) form one group; every other chain is a group of its
+    own. csrc/edge.cpp groups by the same rule."""
+    groups: List[List[int]] = []
+    where = {}
+    for i, (spec, k, o) in enumerate(zip(specs, ks, outs)):
+        if spec[0] == "dwpw" and k % 2 == 1 and 2 * spec[2] == spec[3] * (k - 1):
+            key = (spec[1], spec[3], o)
+            if key in where:
+                groups[where[key]].append(i)
+                continue
+            where[key] = len(groups)
+        groups.append([i])
+    return tuple(tuple(g) for g in groups)
+
+
+def _groups(specs: Tuple[Spec, ...], ws: Sequence[Tensor], r: Tensor) -> Tuple[Tuple[int, ...], ...]:
+    """:func:`merge_groups` of the chains on ``r`` when merging pays (:func:`_merge_pays`), else
+    one group per chain."""
+    if not _merge_pays(r, r.shape[1]):
+        return tuple((i,) for i in range(len(specs)))
+    ks, outs, at = [], [], 0
+    for spec in specs:
+        w = ws[at]
+        dwpw = spec[0] == "dwpw" and w.shape[-1] == w.shape[-2]
+        ks.append(w.shape[-1] if dwpw else -1)
+        outs.append(ws[at + 1].shape[0] if dwpw else -1)
+        at += _n_weights(spec)
+    return merge_groups(tuple(specs), tuple(ks), tuple(outs))
+
+
+def _merged_kernel(w0s: Sequence[Tensor]) -> Tuple[Tensor, int]:
+    """A group's depthwise kernels ``(n, 1, k_j, k_j)`` as one ``(n * m, 1, K, K)`` kernel for a
+    convolution with ``groups=n`` (output channel ``g * m + j``: chain ``j``'s channel ``g``, its
+    kernel zero-padded to ``K``): ``(kernel, K)``."""
+    n, m = w0s[0].shape[0], len(w0s)
+    K = max(w.shape[-1] for w in w0s)
+    wd = w0s[0].new_zeros(n, m, K, K)
+    for j, w in enumerate(w0s):
+        o, k = (K - w.shape[-1]) // 2, w.shape[-1]
+        wd[:, j, o:o + k, o:o + k].copy_(w[:, 0])
+    return wd.reshape(n * m, 1, K, K), K
+
+
+def _group_fwd(r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[List[Tensor], Tensor]:
+    """``(zs, t)``: a merged group's chain outputs and its merged depthwise output
+    ``(B, n * m, H', W')`` (chain ``j``'s channels at ``j::m``): one depthwise convolution, then
+    each chain's pointwise one."""
+    m = len(pairs)
+    wd, K = _merged_kernel([w0 for w0, _ in pairs])
+    t = F.conv2d(r, wd, None, s, d * (K - 1) // 2, d, r.shape[1])
+    return [F.conv2d(_layout(t[:, j::m]), w1) for j, (_, w1) in enumerate(pairs)], t
+
+
+def _group_bwd(gzs: Sequence[Optional[Tensor]], r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]],
+               t: Optional[Tensor] = None) -> Tuple[Tensor, List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """``(dr, dw0s, dw1s)`` of a merged group (a chain without gradient: ``None`` in ``gzs``,
+    zeros for it, ``None`` weight gradients); ``t`` recomputed unless given."""
+    m, n = len(pairs), r.shape[1]
+    wd, K = _merged_kernel([w0 for w0, _ in pairs])
+    P = d * (K - 1) // 2
+    if t is None:
+        t = F.conv2d(r, wd, None, s, P, d, n)
+    dt = torch.empty_like(t)
+    dw1s: List[Optional[Tensor]] = []
+    for j, (gz, (_, w1)) in enumerate(zip(gzs, pairs)):
+        if gz is None:
+            dt[:, j::m].zero_()
+            dw1s.append(None)
+            continue
+        dtj, dw1, _ = _conv_bwd(gz, _layout(t[:, j::m]), w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                [True, True, False])
+        dt[:, j::m].copy_(dtj)
+        dw1s.append(dw1)
+    del t
+    dr, dwd, _ = _conv_bwd(dt, r, wd, None, [s, s], [P, P], [d, d], False, [0, 0], n, [True, True, False])
+    dwd = dwd.reshape(n, m, K, K)
+    dw0s: List[Optional[Tensor]] = []
+    for j, (w0, _) in enumerate(pairs):
+        o, k = (K - w0.shape[-1]) // 2, w0.shape[-1]
+        dw0s.append(None if gzs[j] is None else dwd[:, j, o:o + k, o:o + k].unsqueeze(1))
+    return dr, dw0s, dw1s
 
 
 def _chain_fwd(r: Tensor, spec: Spec, w0: Tensor, w1: Optional[Tensor] = None
@@ -144,13 +255,27 @@ def relu_convs_fwd(u: Tensor, specs: Tuple[Spec, ...], weights: Sequence[Tensor]
     shared ReLU output and ``ts`` the depthwise outputs when ``keep`` (else ``None`` and ``[]``)."""
     r = _layout(F.relu(u))
     ws = [_as(w, u.dtype) for w in weights]
-    zs, ts, at = [], [], 0
-    for spec in specs:
-        z, t = _chain_fwd(r, spec, *ws[at:at + _n_weights(spec)])
-        zs.append(z)
-        ts.append(t)
-        at += _n_weights(spec)
+    at = _offsets(specs)
+    zs: List[Optional[Tensor]] = [None] * len(specs)
+    ts: List[Optional[Tensor]] = [None] * len(specs)
+    for g in _groups(specs, ws, r):
+        if len(g) == 1:
+            i, = g
+            zs[i], ts[i] = _chain_fwd(r, specs[i], *ws[at[i]:at[i] + _n_weights(specs[i])])
+        else:   # one depthwise convolution for the group; each chain keeps the merged output
+            group_zs, t = _group_fwd(r, specs[g[0]][1], specs[g[0]][3], [(ws[at[i]], ws[at[i] + 1]) for i in g])
+            for i, z in zip(g, group_zs):
+                zs[i], ts[i] = z, t
     return (zs, r, ts) if keep else (zs, None, [])
+
+
+def _offsets(specs: Tuple[Spec, ...]) -> List[int]:
+    """Each chain's first weight in the flat weight list."""
+    at, out = 0, []
+    for spec in specs:
+        out.append(at)
+        at += _n_weights(spec)
+    return out
 
 
 def relu_convs_bwd(gzs: Sequence[Optional[Tensor]], u: Tensor, specs: Tuple[Spec, ...], weights: Sequence[Tensor],
@@ -162,18 +287,26 @@ def relu_convs_bwd(gzs: Sequence[Optional[Tensor]], u: Tensor, specs: Tuple[Spec
     if r is None:
         r, ts = _layout(F.relu(u)), [None] * len(specs)
     dr = None
-    grads: List[Optional[Tensor]] = []
-    at = 0
-    for spec, gz, t in zip(specs, gzs, ts):
-        nw = _n_weights(spec)
-        if gz is None:
-            grads += [None] * nw
+    grads: List[Optional[Tensor]] = [None] * len(weights)
+    at = _offsets(specs)
+    for g in _groups(specs, ws, r):
+        if all(gzs[i] is None for i in g):
+            continue
+        if len(g) == 1:
+            i, = g
+            nw = _n_weights(specs[i])
+            pair = list(ws[at[i]:at[i] + nw]) + [None] * (2 - nw)
+            d, dw0, dw1 = _chain_bwd(_layout(_as(gzs[i], u.dtype)), r, specs[i], *pair, t=ts[i])
+            grads[at[i]:at[i] + nw] = [grad_like(gr, w) for gr, w in zip((dw0, dw1)[:nw], weights[at[i]:at[i] + nw])]
         else:
-            pair = list(ws[at:at + nw]) + [None] * (2 - nw)
-            d, dw0, dw1 = _chain_bwd(_layout(_as(gz, u.dtype)), r, spec, *pair, t=t)
-            dr = d if dr is None else dr + d
-            grads += [grad_like(g, w) for g, w in zip((dw0, dw1)[:nw], weights[at:at + nw])]
-        at += nw
+            d, dw0s, dw1s = _group_bwd([None if gzs[i] is None else _layout(_as(gzs[i], u.dtype)) for i in g], r,
+                                       specs[g[0]][1], specs[g[0]][3], [(ws[at[i]], ws[at[i] + 1]) for i in g],
+                                       t=ts[g[0]])
+            for i, dw0, dw1 in zip(g, dw0s, dw1s):
+                if dw0 is not None:
+                    grads[at[i]] = grad_like(dw0, weights[at[i]])
+                    grads[at[i] + 1] = grad_like(dw1, weights[at[i] + 1])
+        dr = d if dr is None else dr + d
     du = None if dr is None else dr * (u > 0)
     return du, grads
 
