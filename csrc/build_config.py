@@ -26,9 +26,10 @@ def _under(csrc, *parts):
 
 
 def cpu_sources(csrc):
-    """adarts.cpp (the schemas), edge.cpp (the fused edge's host sequence, device-generic ATen)
-    and cpu/*.cpp (the CPU kernels)."""
-    return [os.path.join(csrc, "adarts.cpp"), os.path.join(csrc, "edge.cpp")] + _under(csrc, "cpu", "*.cpp")
+    """adarts.cpp (the schemas), edge.cpp (the fused edge's host sequence, device-generic ATen),
+    edge_node.cpp (the fused edge as one autograd node) and cpu/*.cpp (the CPU kernels)."""
+    return [os.path.join(csrc, "adarts.cpp"), os.path.join(csrc, "edge.cpp"),
+            os.path.join(csrc, "edge_node.cpp")] + _under(csrc, "cpu", "*.cpp")
 
 
 def cuda_sources(csrc):

@@ -69,6 +69,16 @@ def assert_bitwise(one, composed, outs, leaves, edge_weight=True):
         assert torch.equal(b1, b2), n
 
 
+#: the one-node path's variants: the autograd node in C++ (adarts_C::edge), FusedEdgeFunction with
+#: the C++ host sequence, FusedEdgeFunction with the Python sequence
+PATHS = ["node", "cxx", "python"]
+
+
+def use_path(path: str, monkeypatch) -> None:
+    monkeypatch.setattr(FF, "USE_CXX_NODE", path == "node")
+    monkeypatch.setattr(FF, "USE_CXX", path != "python")
+
+
 class EdgeCalls(TorchDispatchMode):
     """Records the adarts_C::edge_* calls (the C++ host sequence) made under it."""
 
@@ -86,20 +96,22 @@ class EdgeCalls(TorchDispatchMode):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
-def test_bitwise_equal_to_the_composed_ops(impl, stride, train, recompute, cxx, monkeypatch):
-    """The one-node path, its host sequence in C++ (adarts_C::edge_fwd/edge_bwd: the compiled
-    backends in training mode) or in Python, against the composed ops."""
-    monkeypatch.setattr(FF, "USE_CXX", cxx)
+@pytest.mark.parametrize("path", PATHS)
+def test_bitwise_equal_to_the_composed_ops(impl, stride, train, recompute, path, monkeypatch):
+    """The one-node path (the autograd node in C++, adarts_C::edge, or FusedEdgeFunction), its host
+    sequence in C++ (adarts_C::edge_fwd/edge_bwd: the compiled backends in training mode) or in
+    Python, against the composed ops."""
+    use_path(path, monkeypatch)
     one, composed = edges(12 if stride == 1 else 16, stride, 4, impl, seed=stride + 2 * train)
     one.train(train), composed.train(train)
     x, alpha, beta, g = inputs(3, one.C, 6, 10, seed=5 + stride)
     with EdgeCalls() as calls:
         outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
     assert_bitwise(one, composed, outs, leaves)
-    expect_cxx = cxx and train and impl != "reference"
+    expect_cxx = path != "python" and train and impl != "reference"
     assert calls.calls == (["edge_fwd", "edge_fwd", "edge_bwd"] if recompute else ["edge_fwd", "edge_bwd"]
                            ) * expect_cxx, calls.calls
+    assert ("EdgeNode" in outs[0].grad_fn.name()) == (expect_cxx and path == "node"), outs[0].grad_fn.name()
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -131,15 +143,26 @@ def test_non_contiguous_and_odd_shapes(layout, stride):
     assert_bitwise(one, composed, outs, leaves, edge_weight=False)
 
 
-def test_bf16_autocast_equal_to_the_composed_ops():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bf16_autocast_equal_to_the_composed_ops(path, recompute, monkeypatch):
+    """Under bfloat16 autocast; with recomputation the re-run inside backward (outside the
+    autocast region) replays the forward's autocast state."""
+    use_path(path, monkeypatch)
     one, composed = edges(8, 1, 4, None, seed=2)
     x, alpha, beta, g = inputs(4, 8, 8, 8, seed=3)
     outs, grads = [], []
     for m in (one, composed):
         xi = x.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(xi.to(torch.bfloat16), F.softmax(alpha, 0), torch.sigmoid(beta))
-        out.float().sum().backward()
+        with EdgeCalls() as calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                args = (xi.to(torch.bfloat16), F.softmax(alpha, 0), torch.sigmoid(beta))
+                out = recompute_edge(m, *args) if recompute else m(*args)
+            out.float().sum().backward()
+        if m is one:
+            assert calls.calls == ((["edge_fwd", "edge_fwd", "edge_bwd"] if recompute else ["edge_fwd", "edge_bwd"])
+                                   if path != "python" else [])
+            assert ("EdgeNode" in out.grad_fn.name()) == (path == "node"), out.grad_fn.name()
         outs.append(out)
         grads.append([xi.grad] + [p.grad for p in m.parameters()])
     assert outs[0].dtype == torch.bfloat16
@@ -251,11 +274,11 @@ def test_flip_threshold_is_the_same_in_python_and_cxx():
     assert f"constexpr int64_t kFlipMinValues = {units.FLIP_MIN_VALUES};" in src
 
 
-@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+@pytest.mark.parametrize("cxx", PATHS)
 def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
     """Batch 2 at 8x8 (128 values per channel: one combined convolution backward) and batch 4 at
     32x32 (4096: the flipped forward convolution) against the composed ops."""
-    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    use_path(cxx, monkeypatch)
     for B, S in ((2, 8), (4, 32)):
         one, composed = edges(8, 1, 4, None, seed=B)
         x, alpha, beta, g = inputs(B, 8, S, S, seed=S)
@@ -263,7 +286,7 @@ def test_bitwise_equal_on_both_sides_of_the_flip_threshold(cxx, monkeypatch):
         assert_bitwise(one, composed, outs, leaves)
 
 
-@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+@pytest.mark.parametrize("cxx", PATHS)
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("B,S", [(3, 6), (4, 32)])
 def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, B, S, monkeypatch):
@@ -275,18 +298,18 @@ def test_bitwise_equal_with_the_gpu_layout(cxx, recompute, B, S, monkeypatch):
     monkeypatch.setattr(units, "_channels_last_pays", lambda t: False)
     monkeypatch.setattr(units, "_flip_pays", lambda t: False)
     monkeypatch.setattr(units, "_merge_pays", lambda t, channels: False)
-    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    use_path(cxx, monkeypatch)
     one, composed = edges(8, 1, 4, None, seed=21)
     x, alpha, beta, g = inputs(B, 8, S, S, seed=22)
     with EdgeCalls() as calls:
         outs, leaves = run_pair(one, composed, x, alpha, beta, g, recompute=recompute)
     assert_bitwise(one, composed, outs, leaves)
-    assert bool(calls.calls) == cxx
+    assert bool(calls.calls) == (cxx != "python")
     for r in outs:
         assert r.is_contiguous()
 
 
-@pytest.mark.parametrize("cxx", [True, False], ids=["cxx", "python"])
+@pytest.mark.parametrize("cxx", PATHS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("merge", [True, False])
 def test_bitwise_equal_with_and_without_merged_depthwise(cxx, stride, merge, monkeypatch):
@@ -295,7 +318,7 @@ def test_bitwise_equal_with_and_without_merged_depthwise(cxx, stride, merge, mon
     bit, with and without recomputation; merged and separate calls agree within rounding."""
     from adarts_kernels.nn import units
     monkeypatch.setattr(units, "_merge_pays", lambda t, channels: merge)
-    monkeypatch.setattr(FF, "USE_CXX", cxx)
+    use_path(cxx, monkeypatch)
     calls = []
     real = units._group_fwd
     monkeypatch.setattr(units, "_group_fwd", lambda *a: calls.append(1) or real(*a))

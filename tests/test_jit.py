@@ -155,7 +155,7 @@ def test_jit_plan_cpu(tmp_path):
     changes with any source file."""
     plan = _ext.jit_plan(str(CSRC), cxx_id="g++ (Debian 12.2.0-14) 12.2.0")
     names = sorted(os.path.relpath(s, CSRC) for s in plan["sources"])
-    assert names == sorted(["adarts.cpp", "edge.cpp"] + [f"cpu/{p.name}" for p in (CSRC / "cpu").glob("*.cpp")])
+    assert names == sorted(["adarts.cpp", "edge.cpp", "edge_node.cpp"] + [f"cpu/{p.name}" for p in (CSRC / "cpu").glob("*.cpp")])
     assert plan["with_cuda"] is (torch.version.cuda is not None and plan["with_cuda"])
     assert "-g0" in plan["extra_cflags"] and "-O3" in plan["extra_cflags"]
     if sys.platform.startswith("linux"):

@@ -39,7 +39,7 @@ from ..limits import MAX_Z
 from .batchnorm import batch_norm_keep_output, batchnorm_mode, update_running_stats
 from .edges import Candidates, ChannelAttention, check_edge_input, check_k
 from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero
-from .fused_function import EdgePlan, FusedEdgeFunction, Run, eager_path_ok, edge_forward
+from .fused_function import EdgePlan, Run, apply_edge, eager_path_ok, edge_forward
 from .recompute import ReplayableEdge, checkpoint_edge
 from .selection import ChannelSelectingEdge, ChannelSelector
 from .units import SharedReluConvs, Spec, bn_relu_dw_pw, dwpw_spec
@@ -222,7 +222,7 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
             run = Run(self, self._plan, self._backend(x.device), idx, trusted, replay, recompute and grad and not replay)
             params = self._plan.params()
             if grad:
-                return FusedEdgeFunction.apply(run, x, weights, ew, *params)
+                return apply_edge(run, x, weights, ew, params)
             return edge_forward(run, x, weights, ew, params)[0]      # no graph: nothing kept
         if recompute and torch.is_grad_enabled() and not replay:
             return checkpoint_edge(self, x, weights, edge_weight)

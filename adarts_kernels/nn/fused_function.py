@@ -135,7 +135,11 @@ def _pad4(rest: tuple) -> tuple:
 #: run the fused edge's host sequence in C++ (adarts_C::edge_fwd / edge_bwd) where it can;
 #: ``False`` keeps the Python sequence (same kernels, same order: bitwise the same results)
 USE_CXX = True
+#: and the autograd node too (adarts_C::edge, csrc/edge_node.cpp) where it covers the call
+#: (:func:`apply_edge`); ``False`` keeps :class:`FusedEdgeFunction` (bitwise the same results)
+USE_CXX_NODE = True
 _HAS_CXX: Optional[bool] = None
+_HAS_NODE: Optional[bool] = None
 
 
 def cxx_available() -> bool:
@@ -147,6 +151,34 @@ def cxx_available() -> bool:
     if _HAS_CXX is None:     # asked once the library is loaded
         _HAS_CXX = hasattr(torch.ops.adarts_C, "edge_fwd")
     return _HAS_CXX
+
+
+def node_available() -> bool:
+    """Whether the compiled library has the edge's autograd node (``adarts_C::edge``)."""
+    global _HAS_NODE
+    if not cxx_available():
+        return False
+    if _HAS_NODE is None:
+        _HAS_NODE = hasattr(torch.ops.adarts_C, "edge")
+    return _HAS_NODE
+
+
+def apply_edge(run: "Run", x: Tensor, weights: Tensor, ew: Optional[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The edge output with its autograd node: ``adarts_C::edge`` (the node in C++) for the
+    common case, the built-in top-k of a compiled backend with every BatchNorm on batch
+    statistics and one momentum; :class:`FusedEdgeFunction` otherwise. Bitwise the same."""
+    plan = run.plan
+    if (USE_CXX_NODE and USE_CXX and run.idx is None and not run.keep and run.impl in ("cpp", "cuda")
+            and run.edge.selector is None and plan.batch_stats() and node_available()):
+        given = plan.running(acc_dtype(x.dtype))
+        if given is not None:
+            out, idx = torch.ops.adarts_C.edge(
+                x, weights, ew, params, given[0], plan.n, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride,
+                plan.eps, plan.sep_eps, given[1], units._channels_last_pays(x), units._flip_pays(x),
+                units._merge_pays(x, plan.n), run.recompute)
+            run.edge.last_idx = idx
+            return out
+    return FusedEdgeFunction.apply(run, x, weights, ew, *params)
 
 
 class Run(NamedTuple):

@@ -49,7 +49,7 @@ class Mutant:
 
     @property
     def backend(self) -> str:
-        if self.file.startswith("csrc/cpu/") or self.file == "csrc/edge.cpp":
+        if self.file.startswith("csrc/cpu/") or self.file.startswith("csrc/edge"):
             return "cpp"
         if self.file.startswith("csrc/cuda/"):
             return "cuda"
@@ -127,6 +127,11 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    const int64_t k = w0s[j].size(-1), o = 0;\n    dw0s.push_back(",
            ("tests/test_fused_function.py",), "cpp",
            "the C++ sequence reads a merged group's smaller kernel gradient off centre"),
+    Mutant("cpp_edge_node_saves_var", "variance correction", "csrc/edge_node.cpp",
+           "saved.insert(saved.end(), {res[at], res[at + 1], res[at + 3]});",
+           "saved.insert(saved.end(), {res[at], res[at + 1], res[at + 2]});",
+           ("tests/test_fused_function.py",), "cpp",
+           "the C++ autograd node keeps a sep_conv BN's variance where its backward reads 1/std"),
     # ------------------------------------------------------------ C++ CPU kernels
     Mutant("cpp_score_grad_rel_1e-4", "backward scaling", "csrc/cpu/attention_score_kernel.cpp",
            "dzp[i] = static_cast<acc_t>(gp[i]) * av * (acc_t(1) - av);",
