@@ -11,7 +11,10 @@ every edge variant, per edge forward + backward:
   backward convolutions; their count at stride 1 in brackets), and the rest;
 - non-view aten ops (a proxy for GPU launches), counted by a dispatch mode: every op the
   dispatcher sees, a fused ``adarts::`` op as one, views (``aten.view``, ``unsqueeze``,
-  ``select``...) apart. The counts are exact and do not depend on the machine.
+  ``select``...) apart. The counts are exact and do not depend on the machine. Counted twice:
+  on the CPU path (channels_last copies, and below 8192 input values the depthwise
+  convolutions merged: fewer oneDNN calls for more small copies) and, the proxy proper, on
+  the path a GPU runs (its device choices injected: :class:`gpu_choices`).
 
 Variants: ``pcdarts`` (PartialMixedOp), ``adarts`` (the plain-PyTorch AttentionMixedOp),
 ``adarts-fused`` (FusedAttentionMixedOp), ``adarts-fused-recompute`` (the fused edge under
@@ -135,6 +138,36 @@ def count_ops(step) -> OpCounter:
     return c
 
 
+class gpu_choices:
+    """Within it, the fused edge makes the choices it makes with CUDA tensors whatever the
+    device (NCHW operands, no flipped depthwise input gradient, no merged depthwise
+    convolutions: the device checks of ``adarts_kernels.nn.units`` replaced), so that its
+    operations on CPU are the ones it would launch on a GPU."""
+
+    NAMES = ("_channels_last_pays", "_flip_pays", "_merge_pays")
+
+    def __enter__(self):
+        from adarts_kernels.nn import units
+        self.saved = {k: getattr(units, k) for k in self.NAMES}
+        units._channels_last_pays = lambda t: False
+        units._flip_pays = lambda t: False
+        units._merge_pays = lambda t, channels: False
+        return self
+
+    def __exit__(self, *exc):
+        from adarts_kernels.nn import units
+        for k, v in self.saved.items():
+            setattr(units, k, v)
+        return False
+
+
+def count_gpu_ops(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None) -> OpCounter:
+    """:func:`count_ops` of a fresh case under :class:`gpu_choices`: the operations per edge a GPU
+    would launch (on CPU tensors; the fused kernels' CPU and CUDA paths issue the same ops)."""
+    with gpu_choices():
+        return count_ops(make_case(variant, C, stride, k, B, size, impl))
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":   # GPU-only: run by benchmarks/device_suite.sh
         torch.cuda.synchronize(device)
@@ -166,6 +199,7 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
     """Per-variant host time (ms) and op counts per edge forward + backward; see the module docstring."""
     cases = {(v, s): make_case(v, C, s, k, B, size, impl, device) for v in variants for s in EDGE_MIX}
     counts = {key: count_ops(f) for key, f in cases.items()}
+    gpu_counts = {key: count_gpu_ops(key[0], C, key[1], k, B, size, impl) for key in cases}
     share = {key: conv_share(f) for key, f in cases.items()}
     med = time_rounds(cases, rounds, reps, device)
     total = sum(EDGE_MIX.values())
@@ -173,6 +207,7 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
     for v in variants:
         ms = {s: 1e3 * med[(v, s)] for s in EDGE_MIX}
         ops = {s: sum(counts[(v, s)].ops.values()) for s in EDGE_MIX}
+        gpu_ops = {s: sum(gpu_counts[(v, s)].ops.values()) for s in EDGE_MIX}
         views = {s: sum(counts[(v, s)].views.values()) for s in EDGE_MIX}
         conv_ms = {s: ms[s] * share[(v, s)] for s in EDGE_MIX}
         rows.append({
@@ -183,6 +218,8 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
             "ms_stride1": ms[1], "ms_stride2": ms[2],
             "ops_per_edge": sum(ops[s] * n for s, n in EDGE_MIX.items()) / total,
             "ops_stride1": ops[1], "ops_stride2": ops[2],
+            "gpu_ops_per_edge": sum(gpu_ops[s] * n for s, n in EDGE_MIX.items()) / total,
+            "gpu_ops_stride1": gpu_ops[1], "gpu_ops_stride2": gpu_ops[2],
             "views_stride1": views[1], "views_stride2": views[2],
             "top_ops_stride1": dict(counts[(v, 1)].ops.most_common(12)),
         })
@@ -190,6 +227,7 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
     for r in rows:
         r["time_vs_pcdarts"] = None if base is None else r["ms_per_edge"] / base["ms_per_edge"]
         r["ops_vs_pcdarts"] = None if base is None else r["ops_per_edge"] / base["ops_per_edge"]
+        r["gpu_ops_vs_pcdarts"] = None if base is None else r["gpu_ops_per_edge"] / base["gpu_ops_per_edge"]
     return {"config": {"C": C, "k": k, "batch": B, "size": size, "rounds": rounds, "reps": reps,
                        "threads": torch.get_num_threads(), "edge_mix": EDGE_MIX, "impl": impl, "device": str(device)},
             "rows": rows}
@@ -235,14 +273,15 @@ def network_table(result: dict) -> str:
 
 def table(result: dict) -> str:
     lines = ["| variant | host ms per edge fwd+bwd | vs PC-DARTS | of which in convolutions (calls) | "
-             "the rest, ms | non-view ops per edge | vs PC-DARTS |",
-             "|---|---|---|---|---|---|---|"]
+             "the rest, ms | non-view ops per edge, CPU path | ops, GPU path | vs PC-DARTS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         tv = "" if r["time_vs_pcdarts"] is None else f"{r['time_vs_pcdarts']:.2f}"
-        ov = "" if r["ops_vs_pcdarts"] is None else f"{r['ops_vs_pcdarts']:.2f}"
+        ov = "" if r["gpu_ops_vs_pcdarts"] is None else f"{r['gpu_ops_vs_pcdarts']:.2f}"
         rest = r["ms_per_edge"] - r["conv_ms_per_edge"]
         lines.append(f"| {r['variant']} | {r['ms_per_edge']:.3f} | {tv} | {r['conv_ms_per_edge']:.3f} "
-                     f"({r['conv_calls_stride1']}) | {rest:.3f} | {r['ops_per_edge']:.0f} | {ov} |")
+                     f"({r['conv_calls_stride1']}) | {rest:.3f} | {r['ops_per_edge']:.0f} | "
+                     f"{r['gpu_ops_per_edge']:.0f} | {ov} |")
     return "\n".join(lines)
 
 

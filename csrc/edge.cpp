@@ -156,6 +156,46 @@ std::vector<std::vector<int64_t>> chain_groups(at::IntArrayRef specs, const TL& 
   return groups;
 }
 
+// units._sep_groups: the sep_convs' second halves grouped by the rule of chain_groups (merge and
+// one input shape), else one each. seps: 4 ints per half (chain, stride, padding, dilation).
+std::vector<std::vector<int64_t>> sep_groups(at::IntArrayRef seps, const TL& us, const TL& wds, const TL& wps,
+                                             bool merge) {
+  const int64_t n_seps = static_cast<int64_t>(seps.size()) / 4;
+  bool same = true;
+  for (const auto& u : us) same = same && u.sizes() == us[0].sizes();
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, size_t>> where;
+  for (int64_t i = 0; i < n_seps; ++i) {
+    const int64_t* sp = seps.data() + 4 * i;
+    const int64_t k = wds[i].size(-1);
+    if (merge && same && k == wds[i].size(-2) && k % 2 == 1 && 2 * sp[2] == sp[3] * (k - 1)) {
+      const std::tuple<int64_t, int64_t, int64_t> key{sp[1], sp[3], wps[i].size(0)};
+      auto it = std::find_if(where.begin(), where.end(), [&](const auto& e) { return e.first == key; });
+      if (it != where.end()) {
+        groups[it->second].push_back(i);
+        continue;
+      }
+      where.push_back({key, groups.size()});
+    }
+    groups.push_back({i});
+  }
+  return groups;
+}
+
+// units._stacked_kernel: depthwise kernels (n, 1, k_j, k_j) as one (m * n, 1, K, K), chain j's for
+// channels j*n:(j+1)*n
+std::pair<Tensor, int64_t> stacked_kernel(const TL& w0s) {
+  const int64_t m = static_cast<int64_t>(w0s.size()), n = w0s[0].size(0);
+  int64_t K = 0;
+  for (const auto& w : w0s) K = std::max(K, w.size(-1));
+  Tensor wk = w0s[0].new_zeros({m, n, K, K});
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
+    wk.select(0, j).slice(1, o, o + k).slice(2, o, o + k).copy_(w0s[j].select(1, 0));
+  }
+  return {wk.reshape({m * n, 1, K, K}), K};
+}
+
 // units._merged_kernel: the group's depthwise kernels (n, 1, k_j, k_j) as one (n * m, 1, K, K)
 std::pair<Tensor, int64_t> merged_kernel(const TL& w0s) {
   const int64_t m = static_cast<int64_t>(w0s.size()), n = w0s[0].size(0);
@@ -398,24 +438,52 @@ TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optiona
       }
     }
   }
-  // the sep_convs' second halves (units.bn_relu_dw_pw_fwd, batch statistics)
-  TL sep_out;
+  // the sep_convs' second halves (units.seps_fwd, batch statistics; merged where it pays)
+  TL us, wds, wps;
   for (int64_t i = 0; i < n_seps; ++i) {
-    const int64_t* sp = seps.data() + 4 * i;
-    const int64_t ch = sp[0];
-    const Tensor u = zs[ch];
-    const at::ScalarType acc = acc_type(u.scalar_type());
-    auto vm = at::var_mean(as(u, acc), at::IntArrayRef{0, 2, 3}, /*unbiased=*/false);
-    Tensor var1 = std::get<0>(vm), mean1 = std::get<1>(vm);
-    Tensor rstd1 = at::rsqrt(var1 + sep_eps[i]);
-    Tensor h = layout(at::relu(as((as(u, acc) - channel(mean1)) * channel(rstd1), u.scalar_type())), channels_last);
-    const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
-    auto zt = chain_fwd(h, dwpw, as(params[at_w], u.scalar_type()), as(params[at_w + 1], u.scalar_type()));
-    zs[ch] = zt.first;
-    sep_out.insert(sep_out.end(), {u, mean1, var1, rstd1});
-    if (keep) sep_out.insert(sep_out.end(), {h, zt.second});
-    at_w += 2;
+    us.push_back(zs[seps[4 * i]]);
+    wds.push_back(params[at_w + 2 * i]);
+    wps.push_back(params[at_w + 2 * i + 1]);
   }
+  std::vector<TL> per_sep(n_seps);   // u, mean1, var1, rstd1[, h, t]
+  for (const auto& g : sep_groups(seps, us, wds, wps, merge)) {
+    TL hs;
+    for (int64_t i : g) {
+      const Tensor& u = us[i];
+      const at::ScalarType acc = acc_type(u.scalar_type());
+      auto vm = at::var_mean(as(u, acc), at::IntArrayRef{0, 2, 3}, /*unbiased=*/false);
+      Tensor var1 = std::get<0>(vm), mean1 = std::get<1>(vm);
+      Tensor rstd1 = at::rsqrt(var1 + sep_eps[i]);
+      hs.push_back(
+          layout(at::relu(as((as(u, acc) - channel(mean1)) * channel(rstd1), u.scalar_type())), channels_last));
+      per_sep[i] = {u, mean1, var1, rstd1};
+    }
+    const int64_t* sp = seps.data() + 4 * g[0];
+    const at::ScalarType udt = us[g[0]].scalar_type();
+    if (g.size() == 1) {
+      const int64_t i = g[0];
+      const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
+      auto zt = chain_fwd(hs[0], dwpw, as(wds[i], udt), as(wps[i], udt));
+      zs[sp[0]] = zt.first;
+      if (keep) per_sep[i].insert(per_sep[i].end(), {hs[0], zt.second});
+      continue;
+    }
+    Tensor h = layout(at::cat(hs, 1), channels_last);
+    hs.clear();
+    const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
+    TL w0s;
+    for (int64_t i : g) w0s.push_back(as(wds[i], udt));
+    auto [wk, K] = stacked_kernel(w0s);
+    const int64_t P = d * (K - 1) / 2;
+    Tensor t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = g[j];
+      zs[seps[4 * i]] = at::conv2d(layout(t.slice(1, j * n, (j + 1) * n), channels_last), as(wps[i], udt));
+      if (keep) per_sep[i].insert(per_sep[i].end(), {h, t});
+    }
+  }
+  TL sep_out;
+  for (const auto& e : per_sep) sep_out.insert(sep_out.end(), e.begin(), e.end());
   for (auto& z : zs) z = z.contiguous();   // the mixed sum reads NCHW; keep those
   Tensor zw = columns(weights, c.z), pw = columns(weights, c.pool);
   auto ms = mixed_fwd(zs, xs, zw.contiguous(), pw.contiguous(), identity_weight(weights, c), stride, eps);
@@ -482,32 +550,83 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
   // the sep_convs' second halves (units.bn_relu_dw_pw_bwd, batch statistics)
   int64_t n_first = 0;
   for (int64_t i = 0; i < n_chains; ++i) n_first += n_weights(specs.data() + 4 * i);
-  TL dsep;
-  int64_t at_s = 0, at_w = 2 + n_first;
+  // (units.seps_bwd: grouped as the forward grouped them)
+  const int64_t per = keep ? 5 : 3, at_w0 = 2 + n_first;
+  TL us, wds, wps;
   for (int64_t i = 0; i < n_seps; ++i) {
-    const int64_t* sp = seps.data() + 4 * i;
-    const int64_t ch = sp[0];
-    const Tensor &u = sep_state[at_s], &mean1 = sep_state[at_s + 1], &rstd1 = sep_state[at_s + 2];
-    const at::ScalarType udt = u.scalar_type(), acc = acc_type(udt);
-    Tensor uh = (as(u, acc) - channel(mean1)) * channel(rstd1);
+    us.push_back(sep_state[per * i]);
+    wds.push_back(params[at_w0 + 2 * i]);
+    wps.push_back(params[at_w0 + 2 * i + 1]);
+  }
+  TL dsep(2 * n_seps);
+  // the folded BN's backward of half i from dh, the gradient of its normalised ReLU output
+  auto bn_bwd = [&](int64_t i, const Tensor& dh, const Tensor& uh) {
+    const Tensor& rstd1 = sep_state[per * i + 2];
+    const at::ScalarType udt = us[i].scalar_type(), acc = acc_type(udt);
+    Tensor g = as(dh, acc) * uh.gt(0);
+    g = g - g.mean({0, 2, 3}, true) - uh * (g * uh).mean({0, 2, 3}, true);
+    gzs[seps[4 * i]] = as(g * channel(rstd1), udt);
+  };
+  for (const auto& g : sep_groups(seps, us, wds, wps, merge)) {
+    TL uhs;
+    for (int64_t i : g) {
+      const at::ScalarType acc = acc_type(us[i].scalar_type());
+      uhs.push_back((as(us[i], acc) - channel(sep_state[per * i + 1])) * channel(sep_state[per * i + 2]));
+    }
+    const int64_t* sp = seps.data() + 4 * g[0];
+    const at::ScalarType udt = us[g[0]].scalar_type();
+    if (g.size() == 1) {
+      const int64_t i = g[0];
+      Tensor h, t;
+      if (keep) {
+        h = sep_state[per * i + 3];
+        t = sep_state[per * i + 4];
+      } else {
+        h = layout(as(at::relu(uhs[0]), udt), channels_last);
+      }
+      const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
+      auto cb = chain_bwd(layout(as(gzs[sp[0]], udt), channels_last), h, dwpw, as(wds[i], udt), as(wps[i], udt), t,
+                          flip);
+      bn_bwd(i, std::get<0>(cb), uhs[0]);
+      dsep[2 * i] = grad_like(std::get<1>(cb), wds[i]);
+      dsep[2 * i + 1] = grad_like(std::get<2>(cb), wps[i]);
+      continue;
+    }
     Tensor h, t;
     if (keep) {
-      h = sep_state[at_s + 3];
-      t = sep_state[at_s + 4];
-      at_s += 5;
+      h = sep_state[per * g[0] + 3];
+      t = sep_state[per * g[0] + 4];
     } else {
-      h = layout(as(at::relu(uh), udt), channels_last);
-      at_s += 3;
+      TL hs;
+      for (const auto& uh : uhs) hs.push_back(layout(as(at::relu(uh), udt), channels_last));
+      h = layout(at::cat(hs, 1), channels_last);
     }
-    const Tensor &wd = params[at_w], &wp = params[at_w + 1];
-    const int64_t dwpw[4] = {kDwPw, sp[1], sp[2], sp[3]};
-    auto cb = chain_bwd(layout(as(gzs[ch], udt), channels_last), h, dwpw, as(wd, udt), as(wp, udt), t, flip);
-    Tensor g = as(std::get<0>(cb), acc) * uh.gt(0);
-    g = g - g.mean({0, 2, 3}, true) - uh * (g * uh).mean({0, 2, 3}, true);
-    gzs[ch] = as(g * channel(rstd1), udt);
-    dsep.push_back(grad_like(std::get<1>(cb), wd));
-    dsep.push_back(grad_like(std::get<2>(cb), wp));
-    at_w += 2;
+    const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
+    TL w0s;
+    for (int64_t i : g) w0s.push_back(as(wds[i], udt));
+    auto [wk, K] = stacked_kernel(w0s);
+    const int64_t P = d * (K - 1) / 2;
+    if (!t.defined()) t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
+    Tensor dtt = at::empty_like(t);
+    TL dwps;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = g[j];
+      auto pw = at::convolution_backward(layout(as(gzs[seps[4 * i]], udt), channels_last),
+                                         layout(t.slice(1, j * n, (j + 1) * n), channels_last), as(wps[i], udt),
+                                         c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+      dtt.slice(1, j * n, (j + 1) * n).copy_(std::get<0>(pw));
+      dwps.push_back(std::get<1>(pw));
+    }
+    t.reset();
+    auto dw = at::convolution_backward(dtt, h, wk, c10::nullopt, {s, s}, {P, P}, {d, d}, false, {0, 0}, m * n,
+                                       {true, true, false});
+    const Tensor dh = std::get<0>(dw), dwk = std::get<1>(dw).reshape({m, n, K, K});
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = g[j], k = wds[i].size(-1), o = (K - k) / 2;
+      bn_bwd(i, dh.slice(1, j * n, (j + 1) * n), uhs[j]);
+      dsep[2 * i] = grad_like(dwk.select(0, j).slice(1, o, o + k).slice(2, o, o + k).unsqueeze(1), wds[i]);
+      dsep[2 * i + 1] = grad_like(dwps[j], wps[i]);
+    }
   }
   // the shared ReLU and the chains (units.relu_convs_bwd)
   const at::ScalarType xdt = xs.scalar_type();
@@ -517,7 +636,7 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
   for (int64_t i = 0; i < 2 + n_first; ++i) xws.push_back(i < 2 ? params[i] : as(params[i], xdt));
   TL dfirst(n_first);
   std::vector<int64_t> offs(n_chains);
-  at_w = 2;
+  int64_t at_w = 2;
   for (int64_t i = 0; i < n_chains; ++i) {
     offs[i] = at_w;
     at_w += n_weights(specs.data() + 4 * i);

@@ -14,18 +14,30 @@ from adarts_kernels.backend import why_unavailable  # noqa: E402
 HAS_CPP = why_unavailable("cpp", "cpu") is None
 
 
+CONVS = ("conv2d", "convolution", "convolution_backward")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_fused_edge_dispatches_fewer_operations_than_pcdarts(stride):
-    """Non-view operations per edge forward + backward (a proxy for GPU launches), the fused
-    edge's C++ host sequence counted op by op: fewer than PC-DARTS's, at either stride."""
-    counts = {v: H.count_ops(H.make_case(v, 8, stride, 4, 2, 8)) for v in ("pcdarts", "adarts-fused")}
-    fused, pc = counts["adarts-fused"], counts["pcdarts"]
-    assert sum(fused.ops.values()) < sum(pc.ops.values()), (fused.ops, pc.ops)
+    """Non-view operations per edge forward + backward on the path a GPU runs (a proxy for its
+    launches), the fused edge's C++ host sequence counted op by op: fewer than PC-DARTS's, with
+    and without recomputation, at either stride. On the CPU path the merged depthwise
+    convolutions make fewer convolution calls than on the GPU path."""
+    variants = ("pcdarts", "adarts-fused", "adarts-fused-recompute")
+    gpu = {v: H.count_gpu_ops(v, 8, stride, 4, 2, 8) for v in variants}
+    cpu = {v: H.count_ops(H.make_case(v, 8, stride, 4, 2, 8)) for v in variants}
+    pc = sum(gpu["pcdarts"].ops.values())
+    assert pc == sum(cpu["pcdarts"].ops.values())      # PC-DARTS makes no device choices
+    for v in variants[1:]:
+        assert sum(gpu[v].ops.values()) < pc, (v, gpu[v].ops, gpu["pcdarts"].ops)
+    fused = gpu["adarts-fused"]
     # the C++ sequence is looked into, not counted as one op
-    assert not any(k.startswith("adarts_C.edge_") for k in fused.ops)
+    assert not any(k.startswith("adarts_C.edge") for k in fused.ops)
     if HAS_CPP:
-        convs = sum(fused.ops[k] for k in ("conv2d", "convolution", "convolution_backward"))
+        convs = sum(fused.ops[k] for k in CONVS)
         assert convs >= 12 + 12, fused.ops      # forward, recomputed and backward convolutions
+        cpu_convs = sum(cpu["adarts-fused"].ops[k] for k in CONVS)
+        assert cpu_convs < convs and cpu_convs <= sum(cpu["pcdarts"].ops[k] for k in CONVS), (cpu_convs, convs)
 
 
 def test_counter_counts_copies_but_not_views():

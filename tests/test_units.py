@@ -233,3 +233,39 @@ def test_merged_depthwise_gradcheck_and_matches_separate(stride, monkeypatch):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_merged_sep_halves_gradcheck_and_match_separate(training, monkeypatch):
+    """The sep_convs' second halves (3x3 and 5x5 at dilation 1, a dilated 3x3 that stays alone)
+    merged: gradcheck in float64 and, with and without kept intermediates, outputs, statistics
+    and gradients equal to the halves run one by one (BnReluDwPw)."""
+    from adarts_kernels.nn.units import BnReluDwPwSeps
+    n = 3
+    confs = ((1, 1, 1, training, 1e-5), (1, 2, 1, training, 1e-5), (1, 2, 2, training, 1e-3))
+    us = [rnd(2, n, 5, 5, seed=40 + i).mul(1 + i).add(i).requires_grad_() for i in range(3)]
+    wds = [rnd(n, 1, k, k, seed=50 + i).requires_grad_() for i, k in enumerate((3, 5, 3))]
+    wps = [rnd(n, n, 1, 1, seed=60 + i).requires_grad_() for i in range(3)]
+    rms = [None] * 3 if training else [rnd(n, seed=70 + i) for i in range(3)]
+    rvs = [None] * 3 if training else [rnd(n, seed=80 + i).abs() + 0.5 for i in range(3)]
+    calls = []
+    from adarts_kernels.nn import units
+    real = units._stacked_kernel
+    monkeypatch.setattr(units, "_stacked_kernel", lambda w: calls.append(len(w)) or real(w))
+    assert torch.autograd.gradcheck(
+        lambda *t: BnReluDwPwSeps.apply(confs, True, False, rms, rvs, *t)[:3], (*us, *wds, *wps))
+    assert calls and set(calls) == {2}          # the two dilation-1 halves merged, the dilated one alone
+    g = [rnd(2, n, 5, 5, seed=90 + i) for i in range(3)]
+    expect = []
+    for i, (s, p, d, tr, eps) in enumerate(confs):
+        z, mean, var = BnReluDwPw.apply(us[i], wds[i], wps[i], s, p, d, tr, rms[i], rvs[i], eps, False)
+        expect.append((z, mean, var, torch.autograd.grad(z, (us[i], wds[i], wps[i]), g[i])))
+    for keep in (False, True):
+        out = BnReluDwPwSeps.apply(confs, True, keep, rms, rvs, *us, *wds, *wps)
+        grads = torch.autograd.grad(out[:3], (*us, *wds, *wps), g)
+        for i, (z, mean, var, gr) in enumerate(expect):
+            torch.testing.assert_close(out[i], z)
+            torch.testing.assert_close(out[3 + i], mean)
+            torch.testing.assert_close(out[6 + i], var)
+            for a, b in zip((grads[i], grads[3 + i], grads[6 + i]), gr):
+                torch.testing.assert_close(a, b)

@@ -42,7 +42,8 @@ from .operations import PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN,
 from .fused_function import EdgePlan, Run, apply_edge, eager_path_ok, edge_forward
 from .recompute import ReplayableEdge, checkpoint_edge
 from .selection import ChannelSelectingEdge, ChannelSelector
-from .units import SharedReluConvs, Spec, bn_relu_dw_pw, dwpw_spec
+from . import units
+from .units import BnReluDwPwSeps, SharedReluConvs, Spec, dwpw_spec
 
 
 class _BnInput(NamedTuple):
@@ -247,12 +248,20 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         roles = self.roles
         zs = list(SharedReluConvs.apply(xs, roles.specs(), replay, *roles.first_weights()))
         count = xs.shape[0] * (xs.shape[2] // self.stride) * (xs.shape[3] // self.stride)
-        for i, b in enumerate(roles.bn_inputs):   # second half of each sep_conv, its first BN folded in
-            if isinstance(b.module, SepConv):
-                L = b.module.layers()
-                zs[i], m1, v1 = bn_relu_dw_pw(zs[i], L.bn1, L.dw2, L.pw2, keep=replay)
-                if not replay:
-                    update_running_stats([L.bn1], m1[None], v1[None], count)    # no-op in eval mode
+        # the second half of each sep_conv, its first BN folded in (merged where it pays)
+        seps = [(i, b.module.layers()) for i, b in enumerate(roles.bn_inputs) if isinstance(b.module, SepConv)]
+        if seps:
+            modes = [batchnorm_mode(L.bn1) for _, L in seps]
+            confs = tuple((L.dw2.stride[0], L.dw2.padding[0], L.dw2.dilation[0], md[0], L.bn1.eps)
+                          for (_, L), md in zip(seps, modes))
+            out = BnReluDwPwSeps.apply(confs, units._merge_pays(xs, xs.shape[1]), replay, [md[1] for md in modes],
+                                       [md[2] for md in modes], *[zs[i] for i, _ in seps],
+                                       *[L.dw2.weight for _, L in seps], *[L.pw2.weight for _, L in seps])
+            S = len(seps)
+            for j, (i, L) in enumerate(seps):
+                zs[i] = out[j]
+                if not replay:      # no-op in eval mode
+                    update_running_stats([L.bn1], out[S + j][None], out[2 * S + j][None], count)
         z_w, pool_w, id_w = roles.split(weights)
         training, _, _ = batchnorm_mode(roles.bns[0])
         if training:

@@ -46,7 +46,7 @@ from .batchnorm import batchnorm_mode, update_running_stats_rows
 from .operations import SepConv
 from . import units
 from .recompute import selected_only
-from .units import _as, bn_relu_dw_pw_bwd, bn_relu_dw_pw_fwd, relu_convs_bwd, relu_convs_fwd
+from .units import _as, relu_convs_bwd, relu_convs_fwd, seps_bwd, seps_fwd
 
 Tensor = torch.Tensor
 _MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
@@ -243,17 +243,19 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     rows_m: List[Tensor] = []
     rows_v: List[Tensor] = []
     sep_state = []
-    at = 2 + plan.n_first
-    for s in plan.seps:
-        training1, rm1, rv1 = batchnorm_mode(s.bn1)
-        u = zs[s.at]
-        z, m1, v1, rstd1, kept = bn_relu_dw_pw_fwd(u, params[at], params[at + 1], s.dw2.stride[0], s.dw2.padding[0],
-                                                   s.dw2.dilation[0], training1, rm1, rv1, s.bn1.eps, keep)
-        zs[s.at] = z
-        sep_state.append((u, m1, rstd1, kept, (s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], training1)))
-        rows_m.append(m1)
-        rows_v.append(v1)
-        at += 2
+    if plan.seps:
+        S, at = len(plan.seps), 2 + plan.n_first
+        modes = [batchnorm_mode(s.bn1) for s in plan.seps]
+        confs = tuple((s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], md[0], s.bn1.eps)
+                      for s, md in zip(plan.seps, modes))
+        us = [zs[s.at] for s in plan.seps]
+        res = seps_fwd(us, params[at:at + 2 * S:2], params[at + 1:at + 2 * S:2], confs, [md[1] for md in modes],
+                       [md[2] for md in modes], keep, units._merge_pays(xs, n))
+        for s, u, conf, (z, m1, v1, rstd1, kept) in zip(plan.seps, us, confs, res):
+            zs[s.at] = z
+            sep_state.append((u, m1, rstd1, kept, conf[:4]))
+            rows_m.append(m1)
+            rows_v.append(v1)
     # the mixed sum reads NCHW: convert the BN inputs once here, and keep those (the kernels'
     # own contiguous() would copy channels_last ones again in backward)
     zs = [z.contiguous() for z in zs]
@@ -343,12 +345,15 @@ def edge_backward(run: Run, grad: Tensor, x: Tensor, weights: Tensor, ew: Option
                                                      st.var, stride, roles.eps, st.training, impl)
     gzs: List[Optional[Tensor]] = list(dz)
     dsep: List[Tensor] = []
-    at = 2 + plan.n_first
-    for s, (u, m1, rstd1, kept, conf) in zip(plan.seps, st.sep):
-        du, dwd, dwp = bn_relu_dw_pw_bwd(gzs[s.at], u, params[at], params[at + 1], m1, rstd1, *conf, kept=kept)
-        gzs[s.at] = du
-        dsep += [dwd, dwp]
-        at += 2
+    if plan.seps:
+        S, at = len(plan.seps), 2 + plan.n_first
+        confs = [conf + (s.bn1.eps,) for s, (_, _, _, _, conf) in zip(plan.seps, st.sep)]
+        res = seps_bwd([gzs[s.at] for s in plan.seps], [e[0] for e in st.sep], params[at:at + 2 * S:2],
+                       params[at + 1:at + 2 * S:2], [e[1] for e in st.sep], [e[2] for e in st.sep], confs,
+                       [e[3] for e in st.sep], units._merge_pays(st.xs, plan.n))
+        for s, (du, dwd, dwp) in zip(plan.seps, res):
+            gzs[s.at] = du
+            dsep += [dwd, dwp]
     dxs_relu, dfirst = relu_convs_bwd(gzs, st.xs, plan.specs, params[2:2 + plan.n_first], st.r, st.ts)
     dxs = dxs_ms + dxs_relu
     dx_g, da_g = gather_bwd_kernel(dxs.contiguous(), x, st.a, st.idx, impl)

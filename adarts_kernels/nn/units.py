@@ -405,3 +405,141 @@ def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d,
     training, rm, rv = batchnorm_mode(bn)
     return BnReluDwPw.apply(u, dw.weight, pw.weight, dw.stride[0], dw.padding[0], dw.dilation[0],
                             training, rm, rv, bn.eps, keep)
+
+
+# ----------------------------------------------------------------- the sep_convs' second halves, merged
+#
+# An edge's sep_convs (3x3 and 5x5) continue, each from its own first BN's input, with
+# BN -> ReLU -> depthwise -> pointwise. Where merging pays (the caller's :func:`_merge_pays`
+# decision for the edge), the depthwise convolutions of halves with one stride, dilation and
+# output width run as one call on their inputs side by side (``groups = m * n``, kernels
+# zero-padded to the largest; chain ``j``'s channels at ``j*n:(j+1)*n``). ``confs[i]`` is
+# ``(stride, padding, dilation, training, eps)`` of half ``i``.
+
+
+def _sep_groups(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tensor], confs: Sequence[tuple],
+                merge: bool) -> Tuple[Tuple[int, ...], ...]:
+    """:func:`merge_groups` of the halves (of one input shape) when ``merge``, else one each."""
+    if merge and all(u.shape == us[0].shape for u in us):
+        specs = tuple(("dwpw", c[0], c[1], c[2]) for c in confs)
+        ks = tuple(w.shape[-1] if w.shape[-1] == w.shape[-2] else -1 for w in w_dws)
+        return merge_groups(specs, ks, tuple(w.shape[0] for w in w_pws))
+    return tuple((i,) for i in range(len(us)))
+
+
+def _stacked_kernel(w0s: Sequence[Tensor]) -> Tuple[Tensor, int]:
+    """Depthwise kernels ``(n, 1, k_j, k_j)`` as one ``(m * n, 1, K, K)``: chain ``j``'s kernel,
+    zero-padded to ``K``, for channels ``j*n:(j+1)*n``. ``(kernel, K)``."""
+    n, m = w0s[0].shape[0], len(w0s)
+    K = max(w.shape[-1] for w in w0s)
+    wk = w0s[0].new_zeros(m, n, K, K)
+    for j, w in enumerate(w0s):
+        o, k = (K - w.shape[-1]) // 2, w.shape[-1]
+        wk[j, :, o:o + k, o:o + k].copy_(w[:, 0])
+    return wk.reshape(m * n, 1, K, K), K
+
+
+def seps_fwd(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tensor], confs: Sequence[tuple],
+             run_means: Sequence[Optional[Tensor]], run_vars: Sequence[Optional[Tensor]], keep: bool, merge: bool
+             ) -> List[tuple]:
+    """Every half's :func:`bn_relu_dw_pw_fwd` result ``(z, mean, var, rstd, kept)``, merged halves'
+    depthwise convolutions in one call (their ``kept``: the inputs side by side and the merged
+    depthwise output)."""
+    out: List[Optional[tuple]] = [None] * len(us)
+    for g in _sep_groups(us, w_dws, w_pws, confs, merge):
+        if len(g) == 1:
+            i, = g
+            s, p, d, training, eps = confs[i]
+            out[i] = bn_relu_dw_pw_fwd(us[i], w_dws[i], w_pws[i], s, p, d, training, run_means[i], run_vars[i], eps,
+                                       keep)
+            continue
+        stats, hs = [], []
+        for i in g:
+            u = us[i]
+            mean, var, rstd = affine_free_stats(u, confs[i][3], run_means[i], run_vars[i], confs[i][4])
+            stats.append((mean, var, rstd))
+            hs.append(_layout(F.relu(((u.to(rstd.dtype) - channel(mean)) * channel(rstd)).to(u.dtype))))
+        dt = us[g[0]].dtype
+        h = _layout(torch.cat(hs, 1))
+        del hs
+        n, m = us[g[0]].shape[1], len(g)
+        wk, K = _stacked_kernel([_as(w_dws[i], dt) for i in g])
+        s, _, d = confs[g[0]][:3]
+        t = F.conv2d(h, wk, None, s, d * (K - 1) // 2, d, m * n)
+        for j, i in enumerate(g):
+            z = F.conv2d(_layout(t[:, j * n:(j + 1) * n]), _as(w_pws[i], dt))
+            out[i] = (z, *stats[j], ((h, t) if keep else ()))
+    return out
+
+
+def seps_bwd(gzs: Sequence[Tensor], us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tensor],
+             means: Sequence[Tensor], rstds: Sequence[Tensor], confs: Sequence[tuple], kepts: Sequence[tuple],
+             merge: bool) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Every half's ``(du, dw_dw, dw_pw)`` (:func:`bn_relu_dw_pw_bwd`), grouped as :func:`seps_fwd`."""
+    out: List[Optional[tuple]] = [None] * len(us)
+    for g in _sep_groups(us, w_dws, w_pws, confs, merge):
+        if len(g) == 1:
+            i, = g
+            out[i] = bn_relu_dw_pw_bwd(gzs[i], us[i], w_dws[i], w_pws[i], means[i], rstds[i], *confs[i][:4],
+                                       kept=kepts[i])
+            continue
+        dt = us[g[0]].dtype
+        uhs = [(us[i].to(rstds[i].dtype) - channel(means[i])) * channel(rstds[i]) for i in g]
+        if kepts[g[0]]:
+            h, t = kepts[g[0]]
+        else:
+            h, t = _layout(torch.cat([_layout(F.relu(uh).to(dt)) for uh in uhs], 1)), None
+        n, m = us[g[0]].shape[1], len(g)
+        wk, K = _stacked_kernel([_as(w_dws[i], dt) for i in g])
+        s, _, d = confs[g[0]][:3]
+        P = d * (K - 1) // 2
+        if t is None:
+            t = F.conv2d(h, wk, None, s, P, d, m * n)
+        dtt = torch.empty_like(t)
+        dwps = []
+        for j, i in enumerate(g):
+            dtj, dwp, _ = _conv_bwd(_layout(_as(gzs[i], dt)), _layout(t[:, j * n:(j + 1) * n]), _as(w_pws[i], dt),
+                                    None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+            dtt[:, j * n:(j + 1) * n].copy_(dtj)
+            dwps.append(dwp)
+        del t
+        dh, dwk, _ = _conv_bwd(dtt, h, wk, None, [s, s], [P, P], [d, d], False, [0, 0], m * n, [True, True, False])
+        dwk = dwk.reshape(m, n, K, K)
+        for j, i in enumerate(g):
+            uh, rstd = uhs[j], rstds[i]
+            du = affine_free_backward(dh[:, j * n:(j + 1) * n].to(rstd.dtype) * (uh > 0), uh, rstd, confs[i][3])
+            o, k = (K - w_dws[i].shape[-1]) // 2, w_dws[i].shape[-1]
+            out[i] = (du.to(dt), grad_like(dwk[j, :, o:o + k, o:o + k].unsqueeze(1), w_dws[i]),
+                      grad_like(dwps[j], w_pws[i]))
+    return out
+
+
+class BnReluDwPwSeps(torch.autograd.Function):
+    """Every sep_conv second half of an edge (:class:`BnReluDwPw` each), merged where ``merge``
+    (see :func:`seps_fwd`): ``apply(confs, merge, keep, run_means, run_vars, *us, *w_dws, *w_pws)``
+    -> ``(*zs, *means, *vars)`` (statistics not differentiable). Saved: each half's input, weights
+    and ``mean, rstd`` (and with ``keep`` the kept intermediates)."""
+
+    @staticmethod
+    def forward(ctx, confs: tuple, merge: bool, keep: bool, run_means, run_vars, *tensors: Tensor):
+        S = len(confs)
+        us, wds, wps = tensors[:S], tensors[S:2 * S], tensors[2 * S:]
+        res = seps_fwd(us, wds, wps, confs, run_means, run_vars, keep, merge)
+        ctx.confs, ctx.merge, ctx.n_kept = confs, merge, [len(r[4]) for r in res]
+        ctx.save_for_backward(*us, *wds, *wps, *[r[1] for r in res], *[r[3] for r in res],
+                              *[t for r in res for t in r[4]])
+        means, variances = [r[1] for r in res], [r[2] for r in res]
+        ctx.mark_non_differentiable(*means, *variances)
+        return (*[r[0] for r in res], *means, *variances)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        S = len(ctx.confs)
+        saved = ctx.saved_tensors
+        us, wds, wps, means, rstds = (saved[i * S:(i + 1) * S] for i in range(5))
+        kepts, at = [], 5 * S
+        for nk in ctx.n_kept:
+            kepts.append(tuple(saved[at:at + nk]))
+            at += nk
+        res = seps_bwd(grads[:S], us, wds, wps, means, rstds, ctx.confs, kepts, ctx.merge)
+        return (None,) * 5 + tuple(r[0] for r in res) + tuple(r[1] for r in res) + tuple(r[2] for r in res)

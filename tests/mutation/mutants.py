@@ -132,6 +132,11 @@ MUTANTS: Tuple[Mutant, ...] = (
            "saved.insert(saved.end(), {res[at], res[at + 1], res[at + 2]});",
            ("tests/test_fused_function.py",), "cpp",
            "the C++ autograd node keeps a sep_conv BN's variance where its backward reads 1/std"),
+    Mutant("cpp_edge_merged_sep_first_slice", "boundary condition", "csrc/edge.cpp",
+           "      bn_bwd(i, dh.slice(1, j * n, (j + 1) * n), uhs[j]);\n",
+           "      bn_bwd(i, dh.slice(1, 0, n), uhs[j]);\n",
+           ("tests/test_fused_function.py",), "cpp",
+           "every merged sep_conv half's folded BN backward reads the first half's input gradient"),
     # ------------------------------------------------------------ C++ CPU kernels
     Mutant("cpp_score_grad_rel_1e-4", "backward scaling", "csrc/cpu/attention_score_kernel.cpp",
            "dzp[i] = static_cast<acc_t>(gp[i]) * av * (acc_t(1) - av);",
