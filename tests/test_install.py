@@ -1,6 +1,7 @@
 """As users install it: the sdist, the wheel, ``pip install .`` and ``pip install <sdist>``
-with and without build isolation, each into a fresh virtual environment outside the checkout
-(torch installed first, as the README says), used from a folder outside the checkout.
+with build isolation and the wheel built from the sdist without it, each into a fresh virtual
+environment outside the checkout (torch installed first, as the README says), used from a
+folder outside the checkout.
 
 Every install must give compiled fused ops on CPU at first use: the prebuilt library, or the
 first-use build where the build could not see torch (``python -m build`` with isolation). The
@@ -90,7 +91,9 @@ def make_venv(path: Path, env) -> Path:
 @pytest.fixture(scope="module")
 def dists(work, env):
     """``python -m build --no-isolation``: the sdist, and the wheel built from it (the extension
-    compiled against this environment's torch)."""
+    compiled against this environment's torch). That wheel is the build of ``pip install
+    --no-build-isolation <sdist>`` (the same PEP 517 hooks on the unpacked sdist, torch
+    importable); its install is tested by ``test_wheel_install_as_a_user``."""
     out = work / "dist"
     p = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, REPO], cwd=work, env=env)
     sdist, = out.glob("adarts_kernels-*.tar.gz")
@@ -250,11 +253,6 @@ def reinstall(py, args, cwd, env):
     """Uninstall the package (if there) and install it again (its dependencies if missing)."""
     run([py, "-m", "pip", "uninstall", "-q", "-y", "adarts_kernels"], cwd=cwd, env=env, check=False)
     return run([py, "-m", "pip", "install", "-q", *args], cwd=cwd, env=env)
-
-
-def test_sdist_install_without_build_isolation(venv_sdist, dists, outside, env, work):
-    reinstall(venv_sdist, ["--no-build-isolation", dists["sdist"]], work, env)
-    assert_compiled(state(venv_sdist, outside, env), venv_sdist, "prebuilt")
 
 
 def test_checkout_install_with_build_isolation(venv_sdist, outside, env, work):
