@@ -17,7 +17,6 @@ gradients are out. Nothing here moves BatchNorm running statistics: the callers 
 
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -94,7 +93,6 @@ def _merge_pays(t: Tensor, channels: int) -> bool:
     return t.device.type == "cpu" and t.shape[0] * t.shape[-2] * t.shape[-1] * channels <= MERGE_MAX_VALUES
 
 
-@functools.lru_cache(maxsize=256)
 def merge_groups(specs: Tuple[Spec, ...], ks: Tuple[int, ...], outs: Tuple[int, ...]) -> Tuple[Tuple[int, ...], ...]:
     """The chains of ``specs`` as groups that share their convolution calls, in the order of
     their first chain: ``dwpw`` chains with the same stride, dilation and pointwise output
