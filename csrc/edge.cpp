@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -125,95 +126,84 @@ std::tuple<Tensor, Tensor, Tensor> chain_bwd(const Tensor& gz, const Tensor& r, 
 
 int64_t n_weights(const int64_t* sp) { return sp[0] == kConv ? 1 : 2; }
 
-// units.merge_groups / units._groups: the chains that share their convolution calls (merge: the
-// caller's units._merge_pays): depthwise-then-pointwise chains with one stride, dilation and
-// pointwise output width and a centred odd square kernel, grouped in the order of their first
-// chain; every other chain alone. ws: the chains' weights, from offset 2 (after the attention's two).
-std::vector<std::vector<int64_t>> chain_groups(at::IntArrayRef specs, const TL& ws, bool merge) {
-  const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4;
+using GroupKey = std::tuple<int64_t, int64_t, int64_t>;   // stride, dilation, pointwise output width
+
+// units.merge_groups: entries with a key (the mergeable ones) group by key, in the order of their
+// first entry; every entry without one is alone
+std::vector<std::vector<int64_t>> group_by_key(const std::vector<std::optional<GroupKey>>& keys) {
   std::vector<std::vector<int64_t>> groups;
-  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, size_t>> where;
-  int64_t at_w = 2;
-  for (int64_t i = 0; i < n_chains; ++i) {
-    const int64_t* sp = specs.data() + 4 * i;
-    const int64_t o = at_w;
-    at_w += n_weights(sp);
-    if (merge && sp[0] == kDwPw) {
-      const Tensor& w = ws[o];
-      const int64_t k = w.size(-1);
-      if (k == w.size(-2) && k % 2 == 1 && 2 * sp[2] == sp[3] * (k - 1)) {
-        const std::tuple<int64_t, int64_t, int64_t> key{sp[1], sp[3], ws[o + 1].size(0)};
-        auto it = std::find_if(where.begin(), where.end(), [&](const auto& e) { return e.first == key; });
-        if (it != where.end()) {
-          groups[it->second].push_back(i);
-          continue;
-        }
-        where.push_back({key, groups.size()});
+  std::vector<std::pair<GroupKey, size_t>> where;
+  for (int64_t i = 0; i < static_cast<int64_t>(keys.size()); ++i) {
+    if (keys[i].has_value()) {
+      auto it = std::find_if(where.begin(), where.end(), [&](const auto& e) { return e.first == *keys[i]; });
+      if (it != where.end()) {
+        groups[it->second].push_back(i);
+        continue;
       }
+      where.push_back({*keys[i], groups.size()});
     }
     groups.push_back({i});
   }
   return groups;
 }
 
-// units._sep_groups: the sep_convs' second halves grouped by the rule of chain_groups (merge and
-// one input shape), else one each. seps: 4 ints per half (chain, stride, padding, dilation).
+// a depthwise-then-pointwise chain (stride s, padding p, dilation d; weights wd, wp) may share a
+// call when its kernel is square, odd and centred: then its key, else none
+std::optional<GroupKey> merge_key(int64_t s, int64_t p, int64_t d, const Tensor& wd, const Tensor& wp) {
+  const int64_t k = wd.size(-1);
+  if (k == wd.size(-2) && k % 2 == 1 && 2 * p == d * (k - 1)) return GroupKey{s, d, wp.size(0)};
+  return c10::nullopt;
+}
+
+// units._groups: the chains that share their convolution calls (merge: the caller's
+// units._merge_pays). ws: the chains' weights, from offset 2 (after the attention's two).
+std::vector<std::vector<int64_t>> chain_groups(at::IntArrayRef specs, const TL& ws, bool merge) {
+  const int64_t n_chains = static_cast<int64_t>(specs.size()) / 4;
+  std::vector<std::optional<GroupKey>> keys(n_chains);
+  int64_t at_w = 2;
+  for (int64_t i = 0; i < n_chains; ++i) {
+    const int64_t* sp = specs.data() + 4 * i;
+    if (merge && sp[0] == kDwPw) keys[i] = merge_key(sp[1], sp[2], sp[3], ws[at_w], ws[at_w + 1]);
+    at_w += n_weights(sp);
+  }
+  return group_by_key(keys);
+}
+
+// units._sep_groups: the sep_convs' second halves by the same rule (merge and one input shape).
+// seps: 4 ints per half (chain, stride, padding, dilation).
 std::vector<std::vector<int64_t>> sep_groups(at::IntArrayRef seps, const TL& us, const TL& wds, const TL& wps,
                                              bool merge) {
   const int64_t n_seps = static_cast<int64_t>(seps.size()) / 4;
   bool same = true;
   for (const auto& u : us) same = same && u.sizes() == us[0].sizes();
-  std::vector<std::vector<int64_t>> groups;
-  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, size_t>> where;
-  for (int64_t i = 0; i < n_seps; ++i) {
+  std::vector<std::optional<GroupKey>> keys(n_seps);
+  for (int64_t i = 0; i < n_seps && merge && same; ++i) {
     const int64_t* sp = seps.data() + 4 * i;
-    const int64_t k = wds[i].size(-1);
-    if (merge && same && k == wds[i].size(-2) && k % 2 == 1 && 2 * sp[2] == sp[3] * (k - 1)) {
-      const std::tuple<int64_t, int64_t, int64_t> key{sp[1], sp[3], wps[i].size(0)};
-      auto it = std::find_if(where.begin(), where.end(), [&](const auto& e) { return e.first == key; });
-      if (it != where.end()) {
-        groups[it->second].push_back(i);
-        continue;
-      }
-      where.push_back({key, groups.size()});
-    }
-    groups.push_back({i});
+    keys[i] = merge_key(sp[1], sp[2], sp[3], wds[i], wps[i]);
   }
-  return groups;
+  return group_by_key(keys);
 }
 
-// units._stacked_kernel: depthwise kernels (n, 1, k_j, k_j) as one (m * n, 1, K, K), chain j's for
-// channels j*n:(j+1)*n
-std::pair<Tensor, int64_t> stacked_kernel(const TL& w0s) {
+// units._packed_kernel: depthwise kernels (n, 1, k_j, k_j) zero-padded to the largest, K, as one
+// (n * m, 1, K, K): chain_major, chain j's for channels j*n:(j+1)*n (inputs side by side), else
+// channel g * m + j (one input, channel multiplier m)
+std::pair<Tensor, int64_t> packed_kernel(const TL& w0s, bool chain_major) {
   const int64_t m = static_cast<int64_t>(w0s.size()), n = w0s[0].size(0);
   int64_t K = 0;
   for (const auto& w : w0s) K = std::max(K, w.size(-1));
-  Tensor wk = w0s[0].new_zeros({m, n, K, K});
+  Tensor wk = chain_major ? w0s[0].new_zeros({m, n, K, K}) : w0s[0].new_zeros({n, m, K, K});
   for (int64_t j = 0; j < m; ++j) {
     const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
-    wk.select(0, j).slice(1, o, o + k).slice(2, o, o + k).copy_(w0s[j].select(1, 0));
+    wk.select(chain_major ? 0 : 1, j).slice(1, o, o + k).slice(2, o, o + k).copy_(w0s[j].select(1, 0));
   }
   return {wk.reshape({m * n, 1, K, K}), K};
-}
-
-// units._merged_kernel: the group's depthwise kernels (n, 1, k_j, k_j) as one (n * m, 1, K, K)
-std::pair<Tensor, int64_t> merged_kernel(const TL& w0s) {
-  const int64_t m = static_cast<int64_t>(w0s.size()), n = w0s[0].size(0);
-  int64_t K = 0;
-  for (const auto& w : w0s) K = std::max(K, w.size(-1));
-  Tensor wd = w0s[0].new_zeros({n, m, K, K});
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
-    wd.select(1, j).slice(1, o, o + k).slice(2, o, o + k).copy_(w0s[j].select(1, 0));
-  }
-  return {wd.reshape({n * m, 1, K, K}), K};
 }
 
 // units._group_fwd: (zs, t), t the merged depthwise output, chain j's channels at j::m
 std::pair<TL, Tensor> group_fwd(const Tensor& r, int64_t s, int64_t d, const TL& w0s, const TL& w1s,
                                 bool channels_last) {
   const int64_t m = static_cast<int64_t>(w0s.size());
-  auto [wd, K] = merged_kernel(w0s);
+  auto [wd, K] = packed_kernel(w0s, false);
   const int64_t P = d * (K - 1) / 2;
   Tensor t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, r.size(1));
   TL zs;
@@ -226,7 +216,7 @@ std::pair<TL, Tensor> group_fwd(const Tensor& r, int64_t s, int64_t d, const TL&
 std::tuple<Tensor, TL, TL> group_bwd(const TL& gzs, const Tensor& r, int64_t s, int64_t d, const TL& w0s,
                                      const TL& w1s, Tensor t, bool channels_last) {
   const int64_t m = static_cast<int64_t>(w0s.size()), n = r.size(1);
-  auto [wd, K] = merged_kernel(w0s);
+  auto [wd, K] = packed_kernel(w0s, false);
   const int64_t P = d * (K - 1) / 2;
   if (!t.defined()) t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, n);
   Tensor dt = at::empty_like(t);
@@ -473,7 +463,7 @@ TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optiona
     const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
     TL w0s;
     for (int64_t i : g) w0s.push_back(as(wds[i], udt));
-    auto [wk, K] = stacked_kernel(w0s);
+    auto [wk, K] = packed_kernel(w0s, true);
     const int64_t P = d * (K - 1) / 2;
     Tensor t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
     for (int64_t j = 0; j < m; ++j) {
@@ -604,7 +594,7 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
     const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
     TL w0s;
     for (int64_t i : g) w0s.push_back(as(wds[i], udt));
-    auto [wk, K] = stacked_kernel(w0s);
+    auto [wk, K] = packed_kernel(w0s, true);
     const int64_t P = d * (K - 1) / 2;
     if (!t.defined()) t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
     Tensor dtt = at::empty_like(t);

@@ -250,8 +250,8 @@ def test_merged_sep_halves_gradcheck_and_match_separate(training, monkeypatch):
     rvs = [None] * 3 if training else [rnd(n, seed=80 + i).abs() + 0.5 for i in range(3)]
     calls = []
     from adarts_kernels.nn import units
-    real = units._stacked_kernel
-    monkeypatch.setattr(units, "_stacked_kernel", lambda w: calls.append(len(w)) or real(w))
+    real = units._packed_kernel
+    monkeypatch.setattr(units, "_packed_kernel", lambda w, chain_major=False: calls.append(len(w)) or real(w, chain_major))
     assert torch.autograd.gradcheck(
         lambda *t: BnReluDwPwSeps.apply(confs, True, False, rms, rvs, *t)[:3], (*us, *wds, *wps))
     assert calls and set(calls) == {2}          # the two dilation-1 halves merged, the dilated one alone

@@ -128,17 +128,19 @@ def _groups(specs: Tuple[Spec, ...], ws: Sequence[Tensor], r: Tensor) -> Tuple[T
     return merge_groups(tuple(specs), tuple(ks), tuple(outs))
 
 
-def _merged_kernel(w0s: Sequence[Tensor]) -> Tuple[Tensor, int]:
-    """A group's depthwise kernels ``(n, 1, k_j, k_j)`` as one ``(n * m, 1, K, K)`` kernel for a
-    convolution with ``groups=n`` (output channel ``g * m + j``: chain ``j``'s channel ``g``, its
-    kernel zero-padded to ``K``): ``(kernel, K)``."""
+def _packed_kernel(w0s: Sequence[Tensor], chain_major: bool = False) -> Tuple[Tensor, int]:
+    """Depthwise kernels ``(n, 1, k_j, k_j)``, zero-padded to the largest size ``K``, as one
+    ``(n * m, 1, K, K)`` kernel: ``(kernel, K)``. Not ``chain_major`` (one input, ``groups=n``,
+    channel multiplier ``m``): output channel ``g * m + j`` is chain ``j``'s channel ``g``;
+    ``chain_major`` (the inputs side by side, ``groups = m * n``): chain ``j``'s channels are
+    ``j*n:(j+1)*n``."""
     n, m = w0s[0].shape[0], len(w0s)
     K = max(w.shape[-1] for w in w0s)
-    wd = w0s[0].new_zeros(n, m, K, K)
+    wk = w0s[0].new_zeros((m, n, K, K) if chain_major else (n, m, K, K))
     for j, w in enumerate(w0s):
         o, k = (K - w.shape[-1]) // 2, w.shape[-1]
-        wd[:, j, o:o + k, o:o + k].copy_(w[:, 0])
-    return wd.reshape(n * m, 1, K, K), K
+        (wk[j] if chain_major else wk[:, j])[:, o:o + k, o:o + k].copy_(w[:, 0])
+    return wk.reshape(n * m, 1, K, K), K
 
 
 def _group_fwd(r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[List[Tensor], Tensor]:
@@ -146,7 +148,7 @@ def _group_fwd(r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]]
     ``(B, n * m, H', W')`` (chain ``j``'s channels at ``j::m``): one depthwise convolution, then
     each chain's pointwise one."""
     m = len(pairs)
-    wd, K = _merged_kernel([w0 for w0, _ in pairs])
+    wd, K = _packed_kernel([w0 for w0, _ in pairs])
     t = F.conv2d(r, wd, None, s, d * (K - 1) // 2, d, r.shape[1])
     return [F.conv2d(_layout(t[:, j::m]), w1) for j, (_, w1) in enumerate(pairs)], t
 
@@ -156,7 +158,7 @@ def _group_bwd(gzs: Sequence[Optional[Tensor]], r: Tensor, s: int, d: int, pairs
     """``(dr, dw0s, dw1s)`` of a merged group (a chain without gradient: ``None`` in ``gzs``,
     zeros for it, ``None`` weight gradients); ``t`` recomputed unless given."""
     m, n = len(pairs), r.shape[1]
-    wd, K = _merged_kernel([w0 for w0, _ in pairs])
+    wd, K = _packed_kernel([w0 for w0, _ in pairs])
     P = d * (K - 1) // 2
     if t is None:
         t = F.conv2d(r, wd, None, s, P, d, n)
@@ -425,18 +427,6 @@ def _sep_groups(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[T
     return tuple((i,) for i in range(len(us)))
 
 
-def _stacked_kernel(w0s: Sequence[Tensor]) -> Tuple[Tensor, int]:
-    """Depthwise kernels ``(n, 1, k_j, k_j)`` as one ``(m * n, 1, K, K)``: chain ``j``'s kernel,
-    zero-padded to ``K``, for channels ``j*n:(j+1)*n``. ``(kernel, K)``."""
-    n, m = w0s[0].shape[0], len(w0s)
-    K = max(w.shape[-1] for w in w0s)
-    wk = w0s[0].new_zeros(m, n, K, K)
-    for j, w in enumerate(w0s):
-        o, k = (K - w.shape[-1]) // 2, w.shape[-1]
-        wk[j, :, o:o + k, o:o + k].copy_(w[:, 0])
-    return wk.reshape(m * n, 1, K, K), K
-
-
 def seps_fwd(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tensor], confs: Sequence[tuple],
              run_means: Sequence[Optional[Tensor]], run_vars: Sequence[Optional[Tensor]], keep: bool, merge: bool
              ) -> List[tuple]:
@@ -461,7 +451,7 @@ def seps_fwd(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tens
         h = _layout(torch.cat(hs, 1))
         del hs
         n, m = us[g[0]].shape[1], len(g)
-        wk, K = _stacked_kernel([_as(w_dws[i], dt) for i in g])
+        wk, K = _packed_kernel([_as(w_dws[i], dt) for i in g], chain_major=True)
         s, _, d = confs[g[0]][:3]
         t = F.conv2d(h, wk, None, s, d * (K - 1) // 2, d, m * n)
         for j, i in enumerate(g):
@@ -488,7 +478,7 @@ def seps_bwd(gzs: Sequence[Tensor], us: Sequence[Tensor], w_dws: Sequence[Tensor
         else:
             h, t = _layout(torch.cat([_layout(F.relu(uh).to(dt)) for uh in uhs], 1)), None
         n, m = us[g[0]].shape[1], len(g)
-        wk, K = _stacked_kernel([_as(w_dws[i], dt) for i in g])
+        wk, K = _packed_kernel([_as(w_dws[i], dt) for i in g], chain_major=True)
         s, _, d = confs[g[0]][:3]
         P = d * (K - 1) // 2
         if t is None:
