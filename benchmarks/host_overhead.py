@@ -161,11 +161,13 @@ class gpu_choices:
         return False
 
 
-def count_gpu_ops(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None) -> OpCounter:
+def count_gpu_ops(variant: str, C: int, stride: int, k: int, B: int, size: int, impl=None,
+                  device="cpu") -> OpCounter:
     """:func:`count_ops` of a fresh case under :class:`gpu_choices`: the operations per edge a GPU
-    would launch (on CPU tensors; the fused kernels' CPU and CUDA paths issue the same ops)."""
+    would launch (on CPU tensors the same: the fused kernels' CPU and CUDA paths issue the same
+    ops; with CUDA tensors the injected choices are the ones made anyway)."""
     with gpu_choices():
-        return count_ops(make_case(variant, C, stride, k, B, size, impl))
+        return count_ops(make_case(variant, C, stride, k, B, size, impl, device))
 
 
 def _sync(device) -> None:
@@ -199,7 +201,7 @@ def measure(variants=VARIANTS, C: int = 8, k: int = 4, B: int = 2, size: int = 8
     """Per-variant host time (ms) and op counts per edge forward + backward; see the module docstring."""
     cases = {(v, s): make_case(v, C, s, k, B, size, impl, device) for v in variants for s in EDGE_MIX}
     counts = {key: count_ops(f) for key, f in cases.items()}
-    gpu_counts = {key: count_gpu_ops(key[0], C, key[1], k, B, size, impl) for key in cases}
+    gpu_counts = {key: count_gpu_ops(key[0], C, key[1], k, B, size, impl, device) for key in cases}
     share = {key: conv_share(f) for key, f in cases.items()}
     med = time_rounds(cases, rounds, reps, device)
     total = sum(EDGE_MIX.values())
