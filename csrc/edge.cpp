@@ -199,42 +199,54 @@ std::pair<Tensor, int64_t> packed_kernel(const TL& w0s, bool chain_major) {
   return {wk.reshape({m * n, 1, K, K}), K};
 }
 
-// units._group_fwd: (zs, t), t the merged depthwise output, chain j's channels at j::m
+// units._part: chain j's channels of a merged group's depthwise output (or its gradient): j::m
+// (one shared input, channel multiplier m) or the j-th of m blocks (inputs side by side)
+Tensor part(const Tensor& t, int64_t j, int64_t m, bool side_by_side) {
+  if (side_by_side) {
+    const int64_t n = t.size(1) / m;
+    return t.slice(1, j * n, (j + 1) * n);
+  }
+  return t.slice(1, j, c10::nullopt, m);
+}
+
+// units._group_fwd: (zs, t), t the merged depthwise output (groups: the input's channels)
 std::pair<TL, Tensor> group_fwd(const Tensor& r, int64_t s, int64_t d, const TL& w0s, const TL& w1s,
-                                bool channels_last) {
+                                bool channels_last, bool side_by_side) {
   const int64_t m = static_cast<int64_t>(w0s.size());
-  auto [wd, K] = packed_kernel(w0s, false);
+  auto [wd, K] = packed_kernel(w0s, side_by_side);
   const int64_t P = d * (K - 1) / 2;
   Tensor t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, r.size(1));
   TL zs;
-  for (int64_t j = 0; j < m; ++j) zs.push_back(at::conv2d(layout(t.slice(1, j, c10::nullopt, m), channels_last), w1s[j]));
+  for (int64_t j = 0; j < m; ++j) zs.push_back(at::conv2d(layout(part(t, j, m, side_by_side), channels_last), w1s[j]));
   return {zs, t};
 }
 
 // units._group_bwd: (dr, dw0s, dw1s), every chain with a gradient (the mixed sum gives each one);
 // t recomputed unless given
 std::tuple<Tensor, TL, TL> group_bwd(const TL& gzs, const Tensor& r, int64_t s, int64_t d, const TL& w0s,
-                                     const TL& w1s, Tensor t, bool channels_last) {
+                                     const TL& w1s, Tensor t, bool channels_last, bool side_by_side) {
   const int64_t m = static_cast<int64_t>(w0s.size()), n = r.size(1);
-  auto [wd, K] = packed_kernel(w0s, false);
+  auto [wd, K] = packed_kernel(w0s, side_by_side);
   const int64_t P = d * (K - 1) / 2;
   if (!t.defined()) t = at::conv2d(r, wd, {}, {s, s}, {P, P}, {d, d}, n);
   Tensor dt = at::empty_like(t);
   TL dw1s;
   for (int64_t j = 0; j < m; ++j) {
-    auto pw = at::convolution_backward(gzs[j], layout(t.slice(1, j, c10::nullopt, m), channels_last), w1s[j],
+    auto pw = at::convolution_backward(gzs[j], layout(part(t, j, m, side_by_side), channels_last), w1s[j],
                                        c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-    dt.slice(1, j, c10::nullopt, m).copy_(std::get<0>(pw));
+    part(dt, j, m, side_by_side).copy_(std::get<0>(pw));
     dw1s.push_back(std::get<1>(pw));
   }
   t.reset();
   auto dw = at::convolution_backward(dt, r, wd, c10::nullopt, {s, s}, {P, P}, {d, d}, false, {0, 0}, n,
                                      {true, true, false});
-  Tensor dwd = std::get<1>(dw).reshape({n, m, K, K});
+  // chain j's kernel gradient at [j] of (m, n, K, K)
+  Tensor dwd = side_by_side ? std::get<1>(dw).reshape({m, n / m, K, K})
+                            : std::get<1>(dw).reshape({n, m, K, K}).transpose(0, 1);
   TL dw0s;
   for (int64_t j = 0; j < m; ++j) {
     const int64_t k = w0s[j].size(-1), o = (K - k) / 2;
-    dw0s.push_back(dwd.select(1, j).slice(1, o, o + k).slice(2, o, o + k).unsqueeze(1));
+    dw0s.push_back(dwd.select(0, j).slice(1, o, o + k).slice(2, o, o + k).unsqueeze(1));
   }
   return {std::get<0>(dw), dw0s, dw1s};
 }
@@ -421,7 +433,7 @@ TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optiona
         w1s.push_back(ws[offs[i] + 1]);
       }
       const int64_t* sp = specs.data() + 4 * g[0];
-      auto zt = group_fwd(r, sp[1], sp[3], w0s, w1s, channels_last);
+      auto zt = group_fwd(r, sp[1], sp[3], w0s, w1s, channels_last, false);
       for (size_t j = 0; j < g.size(); ++j) {
         zs[g[j]] = zt.first[j];
         ts[g[j]] = zt.second;
@@ -460,16 +472,16 @@ TL edge_fwd(const Tensor& x, const std::optional<Tensor>& a_, const std::optiona
     }
     Tensor h = layout(at::cat(hs, 1), channels_last);
     hs.clear();
-    const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
-    TL w0s;
-    for (int64_t i : g) w0s.push_back(as(wds[i], udt));
-    auto [wk, K] = packed_kernel(w0s, true);
-    const int64_t P = d * (K - 1) / 2;
-    Tensor t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
-    for (int64_t j = 0; j < m; ++j) {
+    TL w0s, w1s;
+    for (int64_t i : g) {
+      w0s.push_back(as(wds[i], udt));
+      w1s.push_back(as(wps[i], udt));
+    }
+    auto zt = group_fwd(h, sp[1], sp[3], w0s, w1s, channels_last, true);
+    for (size_t j = 0; j < g.size(); ++j) {
       const int64_t i = g[j];
-      zs[seps[4 * i]] = at::conv2d(layout(t.slice(1, j * n, (j + 1) * n), channels_last), as(wps[i], udt));
-      if (keep) per_sep[i].insert(per_sep[i].end(), {h, t});
+      zs[seps[4 * i]] = zt.first[j];
+      if (keep) per_sep[i].insert(per_sep[i].end(), {h, zt.second});
     }
   }
   TL sep_out;
@@ -591,31 +603,20 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
       for (const auto& uh : uhs) hs.push_back(layout(as(at::relu(uh), udt), channels_last));
       h = layout(at::cat(hs, 1), channels_last);
     }
-    const int64_t n = us[g[0]].size(1), m = static_cast<int64_t>(g.size()), s = sp[1], d = sp[3];
-    TL w0s;
-    for (int64_t i : g) w0s.push_back(as(wds[i], udt));
-    auto [wk, K] = packed_kernel(w0s, true);
-    const int64_t P = d * (K - 1) / 2;
-    if (!t.defined()) t = at::conv2d(h, wk, {}, {s, s}, {P, P}, {d, d}, m * n);
-    Tensor dtt = at::empty_like(t);
-    TL dwps;
+    TL gs, w0s, w1s;
+    for (int64_t i : g) {
+      gs.push_back(layout(as(gzs[seps[4 * i]], udt), channels_last));
+      w0s.push_back(as(wds[i], udt));
+      w1s.push_back(as(wps[i], udt));
+    }
+    auto gb = group_bwd(gs, h, sp[1], sp[3], w0s, w1s, t, channels_last, true);
+    t.reset();
+    const int64_t m = static_cast<int64_t>(g.size());
     for (int64_t j = 0; j < m; ++j) {
       const int64_t i = g[j];
-      auto pw = at::convolution_backward(layout(as(gzs[seps[4 * i]], udt), channels_last),
-                                         layout(t.slice(1, j * n, (j + 1) * n), channels_last), as(wps[i], udt),
-                                         c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-      dtt.slice(1, j * n, (j + 1) * n).copy_(std::get<0>(pw));
-      dwps.push_back(std::get<1>(pw));
-    }
-    t.reset();
-    auto dw = at::convolution_backward(dtt, h, wk, c10::nullopt, {s, s}, {P, P}, {d, d}, false, {0, 0}, m * n,
-                                       {true, true, false});
-    const Tensor dh = std::get<0>(dw), dwk = std::get<1>(dw).reshape({m, n, K, K});
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t i = g[j], k = wds[i].size(-1), o = (K - k) / 2;
-      bn_bwd(i, dh.slice(1, j * n, (j + 1) * n), uhs[j]);
-      dsep[2 * i] = grad_like(dwk.select(0, j).slice(1, o, o + k).slice(2, o, o + k).unsqueeze(1), wds[i]);
-      dsep[2 * i + 1] = grad_like(dwps[j], wps[i]);
+      bn_bwd(i, part(std::get<0>(gb), j, m, true), uhs[j]);
+      dsep[2 * i] = grad_like(std::get<1>(gb)[j], wds[i]);
+      dsep[2 * i + 1] = grad_like(std::get<2>(gb)[j], wps[i]);
     }
   }
   // the shared ReLU and the chains (units.relu_convs_bwd)
@@ -651,7 +652,7 @@ TL edge_bwd(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& 
         w1s.push_back(xws[offs[i] + 1]);
       }
       const int64_t* sp = specs.data() + 4 * g[0];
-      auto gb = group_bwd(gs, r, sp[1], sp[3], w0s, w1s, keep ? kept[1 + g[0]] : Tensor(), channels_last);
+      auto gb = group_bwd(gs, r, sp[1], sp[3], w0s, w1s, keep ? kept[1 + g[0]] : Tensor(), channels_last, false);
       d = std::get<0>(gb);
       for (size_t j = 0; j < g.size(); ++j) {
         const int64_t o = offs[g[j]];

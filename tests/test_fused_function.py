@@ -321,7 +321,7 @@ def test_bitwise_equal_with_and_without_merged_depthwise(cxx, stride, merge, mon
     use_path(cxx, monkeypatch)
     calls = []
     real = units._group_fwd
-    monkeypatch.setattr(units, "_group_fwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(units, "_group_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     def run(recompute):
         one, composed = edges(8, stride, 4, None, seed=31)
         x, alpha, beta, g = inputs(3, 8, 8, 8, seed=32)

@@ -203,7 +203,7 @@ def test_merged_depthwise_gradcheck_and_matches_separate(stride, monkeypatch):
     monkeypatch.setattr(units, "_merge_pays", lambda t, c: True)
     calls = []
     real = units._group_fwd
-    monkeypatch.setattr(units, "_group_fwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(units, "_group_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     assert torch.autograd.gradcheck(lambda u, *w: SharedReluConvs.apply(u, specs, False, *w), (u, *ws))
     assert calls, "the merged path did not run"
     r = F.relu(u)
@@ -251,7 +251,7 @@ def test_merged_sep_halves_gradcheck_and_match_separate(training, monkeypatch):
     calls = []
     from adarts_kernels.nn import units
     real = units._packed_kernel
-    monkeypatch.setattr(units, "_packed_kernel", lambda w, chain_major=False: calls.append(len(w)) or real(w, chain_major))
+    monkeypatch.setattr(units, "_packed_kernel", lambda w, side_by_side=False: calls.append(len(w)) or real(w, side_by_side))
     assert torch.autograd.gradcheck(
         lambda *t: BnReluDwPwSeps.apply(confs, True, False, rms, rvs, *t)[:3], (*us, *wds, *wps))
     assert calls and set(calls) == {2}          # the two dilation-1 halves merged, the dilated one alone

@@ -251,12 +251,10 @@ class FusedAttentionMixedOp(ReplayableEdge, ChannelSelectingEdge):
         # the second half of each sep_conv, its first BN folded in (merged where it pays)
         seps = [(i, b.module.layers()) for i, b in enumerate(roles.bn_inputs) if isinstance(b.module, SepConv)]
         if seps:
-            modes = [batchnorm_mode(L.bn1) for _, L in seps]
-            confs = tuple((L.dw2.stride[0], L.dw2.padding[0], L.dw2.dilation[0], md[0], L.bn1.eps)
-                          for (_, L), md in zip(seps, modes))
-            out = BnReluDwPwSeps.apply(confs, units._merge_pays(xs, xs.shape[1]), replay, [md[1] for md in modes],
-                                       [md[2] for md in modes], *[zs[i] for i, _ in seps],
-                                       *[L.dw2.weight for _, L in seps], *[L.pw2.weight for _, L in seps])
+            confs, rms, rvs = units.sep_settings([L for _, L in seps])
+            out = BnReluDwPwSeps.apply(confs, units._merge_pays(xs, xs.shape[1]), replay, rms, rvs,
+                                       *[zs[i] for i, _ in seps], *[L.dw2.weight for _, L in seps],
+                                       *[L.pw2.weight for _, L in seps])
             S = len(seps)
             for j, (i, L) in enumerate(seps):
                 zs[i] = out[j]

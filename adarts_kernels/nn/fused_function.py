@@ -169,9 +169,9 @@ def apply_edge(run: "Run", x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     statistics and one momentum; :class:`FusedEdgeFunction` otherwise. Bitwise the same."""
     plan = run.plan
     if (USE_CXX_NODE and USE_CXX and run.idx is None and not run.keep and run.impl in ("cpp", "cuda")
-            and run.edge.selector is None and plan.batch_stats() and node_available()):
+            and run.edge.selector is None and node_available()):
         given = plan.running(acc_dtype(x.dtype))
-        if given is not None:
+        if given is not None:       # every BN training and tracking: batch statistics throughout
             out, idx = torch.ops.adarts_C.edge(
                 x, weights, ew, params, given[0], plan.n, plan.spec_ints, plan.sep_ints, plan.col_ints, plan.stride,
                 plan.eps, plan.sep_eps, given[1], units._channels_last_pays(x), units._flip_pays(x),
@@ -200,7 +200,7 @@ class _State(NamedTuple):
     zs: List[Tensor]
     r: Optional[Tensor]
     ts: List[Optional[Tensor]]
-    sep: List[tuple]        # per sep_conv: (u, mean, rstd, kept)
+    sep: List[tuple]        # per sep_conv: (u, mean, rstd, kept, conf: units.sep_settings)
     y: Tensor
     mean: Tensor
     var: Tensor
@@ -245,15 +245,13 @@ def edge_forward(run: Run, x: Tensor, weights: Tensor, ew: Optional[Tensor], par
     sep_state = []
     if plan.seps:
         S, at = len(plan.seps), 2 + plan.n_first
-        modes = [batchnorm_mode(s.bn1) for s in plan.seps]
-        confs = tuple((s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], md[0], s.bn1.eps)
-                      for s, md in zip(plan.seps, modes))
+        confs, rms, rvs = units.sep_settings(plan.seps)
         us = [zs[s.at] for s in plan.seps]
-        res = seps_fwd(us, params[at:at + 2 * S:2], params[at + 1:at + 2 * S:2], confs, [md[1] for md in modes],
-                       [md[2] for md in modes], keep, units._merge_pays(xs, n))
+        res = seps_fwd(us, params[at:at + 2 * S:2], params[at + 1:at + 2 * S:2], confs, rms, rvs, keep,
+                       units._merge_pays(xs, n))
         for s, u, conf, (z, m1, v1, rstd1, kept) in zip(plan.seps, us, confs, res):
             zs[s.at] = z
-            sep_state.append((u, m1, rstd1, kept, conf[:4]))
+            sep_state.append((u, m1, rstd1, kept, conf))
             rows_m.append(m1)
             rows_v.append(v1)
     # the mixed sum reads NCHW: convert the BN inputs once here, and keep those (the kernels'
@@ -299,7 +297,7 @@ def _cxx_forward(run: Run, x, a, idx, weights, ew, params, keep: bool, replay: b
     for s in plan.seps:
         u, m1, v1, rstd1 = res[at:at + 4]
         kept = tuple(res[at + 4:at + 6]) if keep else ()
-        sep.append((u, m1, rstd1, kept, (s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], True)))
+        sep.append((u, m1, rstd1, kept, (s.dw2.stride[0], s.dw2.padding[0], s.dw2.dilation[0], True, s.bn1.eps)))
         rows_m.append(m1)
         rows_v.append(v1)
         at += per
@@ -347,10 +345,9 @@ def edge_backward(run: Run, grad: Tensor, x: Tensor, weights: Tensor, ew: Option
     dsep: List[Tensor] = []
     if plan.seps:
         S, at = len(plan.seps), 2 + plan.n_first
-        confs = [conf + (s.bn1.eps,) for s, (_, _, _, _, conf) in zip(plan.seps, st.sep)]
         res = seps_bwd([gzs[s.at] for s in plan.seps], [e[0] for e in st.sep], params[at:at + 2 * S:2],
-                       params[at + 1:at + 2 * S:2], [e[1] for e in st.sep], [e[2] for e in st.sep], confs,
-                       [e[3] for e in st.sep], units._merge_pays(st.xs, plan.n))
+                       params[at + 1:at + 2 * S:2], [e[1] for e in st.sep], [e[2] for e in st.sep],
+                       [e[4] for e in st.sep], [e[3] for e in st.sep], units._merge_pays(st.xs, plan.n))
         for s, (du, dwd, dwp) in zip(plan.seps, res):
             gzs[s.at] = du
             dsep += [dwd, dwp]

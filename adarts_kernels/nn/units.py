@@ -128,37 +128,47 @@ def _groups(specs: Tuple[Spec, ...], ws: Sequence[Tensor], r: Tensor) -> Tuple[T
     return merge_groups(tuple(specs), tuple(ks), tuple(outs))
 
 
-def _packed_kernel(w0s: Sequence[Tensor], chain_major: bool = False) -> Tuple[Tensor, int]:
+def _packed_kernel(w0s: Sequence[Tensor], side_by_side: bool = False) -> Tuple[Tensor, int]:
     """Depthwise kernels ``(n, 1, k_j, k_j)``, zero-padded to the largest size ``K``, as one
-    ``(n * m, 1, K, K)`` kernel: ``(kernel, K)``. Not ``chain_major`` (one input, ``groups=n``,
-    channel multiplier ``m``): output channel ``g * m + j`` is chain ``j``'s channel ``g``;
-    ``chain_major`` (the inputs side by side, ``groups = m * n``): chain ``j``'s channels are
-    ``j*n:(j+1)*n``."""
+    ``(n * m, 1, K, K)`` kernel: ``(kernel, K)``. For one shared input (``groups=n``, channel
+    multiplier ``m``) output channel ``g * m + j`` is chain ``j``'s channel ``g``; for inputs
+    ``side_by_side`` (``groups = m * n``) chain ``j``'s channels are ``j*n:(j+1)*n``."""
     n, m = w0s[0].shape[0], len(w0s)
     K = max(w.shape[-1] for w in w0s)
-    wk = w0s[0].new_zeros((m, n, K, K) if chain_major else (n, m, K, K))
+    wk = w0s[0].new_zeros((m, n, K, K) if side_by_side else (n, m, K, K))
     for j, w in enumerate(w0s):
         o, k = (K - w.shape[-1]) // 2, w.shape[-1]
-        (wk[j] if chain_major else wk[:, j])[:, o:o + k, o:o + k].copy_(w[:, 0])
+        (wk[j] if side_by_side else wk[:, j])[:, o:o + k, o:o + k].copy_(w[:, 0])
     return wk.reshape(n * m, 1, K, K), K
 
 
-def _group_fwd(r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[List[Tensor], Tensor]:
-    """``(zs, t)``: a merged group's chain outputs and its merged depthwise output
-    ``(B, n * m, H', W')`` (chain ``j``'s channels at ``j::m``): one depthwise convolution, then
-    each chain's pointwise one."""
+def _part(t: Tensor, j: int, m: int, side_by_side: bool) -> Tensor:
+    """Chain ``j``'s channels of a merged group's depthwise output (or its gradient) ``t``:
+    ``j::m`` (one input, channel multiplier ``m``) or the ``j``-th of ``m`` blocks (inputs side by side)."""
+    if side_by_side:
+        n = t.shape[1] // m
+        return t[:, j * n:(j + 1) * n]
+    return t[:, j::m]
+
+
+def _group_fwd(r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]], side_by_side: bool = False
+               ) -> Tuple[List[Tensor], Tensor]:
+    """``(zs, t)``: a merged group's chain outputs and its merged depthwise output ``t`` (chain
+    ``j``'s channels: :func:`_part`): one depthwise convolution (``groups`` = the input's channels:
+    ``n`` for one shared input, ``m * n`` for inputs side by side), then each chain's pointwise one."""
     m = len(pairs)
-    wd, K = _packed_kernel([w0 for w0, _ in pairs])
+    wd, K = _packed_kernel([w0 for w0, _ in pairs], side_by_side)
     t = F.conv2d(r, wd, None, s, d * (K - 1) // 2, d, r.shape[1])
-    return [F.conv2d(_layout(t[:, j::m]), w1) for j, (_, w1) in enumerate(pairs)], t
+    return [F.conv2d(_layout(_part(t, j, m, side_by_side)), w1) for j, (_, w1) in enumerate(pairs)], t
 
 
 def _group_bwd(gzs: Sequence[Optional[Tensor]], r: Tensor, s: int, d: int, pairs: Sequence[Tuple[Tensor, Tensor]],
-               t: Optional[Tensor] = None) -> Tuple[Tensor, List[Optional[Tensor]], List[Optional[Tensor]]]:
-    """``(dr, dw0s, dw1s)`` of a merged group (a chain without gradient: ``None`` in ``gzs``,
+               t: Optional[Tensor] = None, side_by_side: bool = False
+               ) -> Tuple[Tensor, List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """``(dr, dw0s, dw1s)`` of :func:`_group_fwd` (a chain without gradient: ``None`` in ``gzs``,
     zeros for it, ``None`` weight gradients); ``t`` recomputed unless given."""
     m, n = len(pairs), r.shape[1]
-    wd, K = _packed_kernel([w0 for w0, _ in pairs])
+    wd, K = _packed_kernel([w0 for w0, _ in pairs], side_by_side)
     P = d * (K - 1) // 2
     if t is None:
         t = F.conv2d(r, wd, None, s, P, d, n)
@@ -166,20 +176,21 @@ def _group_bwd(gzs: Sequence[Optional[Tensor]], r: Tensor, s: int, d: int, pairs
     dw1s: List[Optional[Tensor]] = []
     for j, (gz, (_, w1)) in enumerate(zip(gzs, pairs)):
         if gz is None:
-            dt[:, j::m].zero_()
+            _part(dt, j, m, side_by_side).zero_()
             dw1s.append(None)
             continue
-        dtj, dw1, _ = _conv_bwd(gz, _layout(t[:, j::m]), w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                [True, True, False])
-        dt[:, j::m].copy_(dtj)
+        dtj, dw1, _ = _conv_bwd(gz, _layout(_part(t, j, m, side_by_side)), w1, None, [1, 1], [0, 0], [1, 1], False,
+                                [0, 0], 1, [True, True, False])
+        _part(dt, j, m, side_by_side).copy_(dtj)
         dw1s.append(dw1)
     del t
     dr, dwd, _ = _conv_bwd(dt, r, wd, None, [s, s], [P, P], [d, d], False, [0, 0], n, [True, True, False])
-    dwd = dwd.reshape(n, m, K, K)
+    # chain j's kernel gradient at [j] of (m, n, K, K)
+    dwd = dwd.reshape(m, n // m, K, K) if side_by_side else dwd.reshape(n, m, K, K).transpose(0, 1)
     dw0s: List[Optional[Tensor]] = []
     for j, (w0, _) in enumerate(pairs):
         o, k = (K - w0.shape[-1]) // 2, w0.shape[-1]
-        dw0s.append(None if gzs[j] is None else dwd[:, j, o:o + k, o:o + k].unsqueeze(1))
+        dw0s.append(None if gzs[j] is None else dwd[j, :, o:o + k, o:o + k].unsqueeze(1))
     return dr, dw0s, dw1s
 
 
@@ -417,6 +428,16 @@ def bn_relu_dw_pw(u: Tensor, bn: nn.BatchNorm2d, dw: nn.Conv2d, pw: nn.Conv2d,
 # ``(stride, padding, dilation, training, eps)`` of half ``i``.
 
 
+def sep_settings(halves: Sequence) -> Tuple[Tuple[tuple, ...], List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """``(confs, run_means, run_vars)`` of sep_conv second halves for :func:`seps_fwd`, each half
+    given by its modules ``bn1`` and ``dw2`` (``SepConv.layers()``): ``confs[i] = (stride, padding,
+    dilation, training, eps)``, the statistics as :func:`~adarts_kernels.nn.batchnorm.batchnorm_mode`."""
+    modes = [batchnorm_mode(h.bn1) for h in halves]
+    confs = tuple((h.dw2.stride[0], h.dw2.padding[0], h.dw2.dilation[0], md[0], h.bn1.eps)
+                  for h, md in zip(halves, modes))
+    return confs, [md[1] for md in modes], [md[2] for md in modes]
+
+
 def _sep_groups(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tensor], confs: Sequence[tuple],
                 merge: bool) -> Tuple[Tuple[int, ...], ...]:
     """:func:`merge_groups` of the halves (of one input shape) when ``merge``, else one each."""
@@ -450,13 +471,10 @@ def seps_fwd(us: Sequence[Tensor], w_dws: Sequence[Tensor], w_pws: Sequence[Tens
         dt = us[g[0]].dtype
         h = _layout(torch.cat(hs, 1))
         del hs
-        n, m = us[g[0]].shape[1], len(g)
-        wk, K = _packed_kernel([_as(w_dws[i], dt) for i in g], chain_major=True)
         s, _, d = confs[g[0]][:3]
-        t = F.conv2d(h, wk, None, s, d * (K - 1) // 2, d, m * n)
+        zs, t = _group_fwd(h, s, d, [(_as(w_dws[i], dt), _as(w_pws[i], dt)) for i in g], side_by_side=True)
         for j, i in enumerate(g):
-            z = F.conv2d(_layout(t[:, j * n:(j + 1) * n]), _as(w_pws[i], dt))
-            out[i] = (z, *stats[j], ((h, t) if keep else ()))
+            out[i] = (zs[j], *stats[j], ((h, t) if keep else ()))
     return out
 
 
@@ -477,28 +495,13 @@ def seps_bwd(gzs: Sequence[Tensor], us: Sequence[Tensor], w_dws: Sequence[Tensor
             h, t = kepts[g[0]]
         else:
             h, t = _layout(torch.cat([_layout(F.relu(uh).to(dt)) for uh in uhs], 1)), None
-        n, m = us[g[0]].shape[1], len(g)
-        wk, K = _packed_kernel([_as(w_dws[i], dt) for i in g], chain_major=True)
         s, _, d = confs[g[0]][:3]
-        P = d * (K - 1) // 2
-        if t is None:
-            t = F.conv2d(h, wk, None, s, P, d, m * n)
-        dtt = torch.empty_like(t)
-        dwps = []
-        for j, i in enumerate(g):
-            dtj, dwp, _ = _conv_bwd(_layout(_as(gzs[i], dt)), _layout(t[:, j * n:(j + 1) * n]), _as(w_pws[i], dt),
-                                    None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-            dtt[:, j * n:(j + 1) * n].copy_(dtj)
-            dwps.append(dwp)
-        del t
-        dh, dwk, _ = _conv_bwd(dtt, h, wk, None, [s, s], [P, P], [d, d], False, [0, 0], m * n, [True, True, False])
-        dwk = dwk.reshape(m, n, K, K)
+        dh, dw0s, dw1s = _group_bwd([_layout(_as(gzs[i], dt)) for i in g], h, s, d,
+                                    [(_as(w_dws[i], dt), _as(w_pws[i], dt)) for i in g], t, side_by_side=True)
         for j, i in enumerate(g):
             uh, rstd = uhs[j], rstds[i]
-            du = affine_free_backward(dh[:, j * n:(j + 1) * n].to(rstd.dtype) * (uh > 0), uh, rstd, confs[i][3])
-            o, k = (K - w_dws[i].shape[-1]) // 2, w_dws[i].shape[-1]
-            out[i] = (du.to(dt), grad_like(dwk[j, :, o:o + k, o:o + k].unsqueeze(1), w_dws[i]),
-                      grad_like(dwps[j], w_pws[i]))
+            du = affine_free_backward(_part(dh, j, len(g), True).to(rstd.dtype) * (uh > 0), uh, rstd, confs[i][3])
+            out[i] = (du.to(dt), grad_like(dw0s[j], w_dws[i]), grad_like(dw1s[j], w_pws[i]))
     return out
 
 
